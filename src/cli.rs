@@ -1,0 +1,82 @@
+//! Raw command-line flags, as clap parses them.
+//!
+//! Nothing here is validated beyond its syntax: `config.rs` turns these flags into a
+//! resolved [`crate::config::Config`] and words every error itself, so that bad input always
+//! gets one actionable line.
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run N copies of a server behind one port, each worker with its own SO_REUSEPORT socket.
+#[derive(Debug, Parser)]
+#[command(
+    name = "reuseport-cluster",
+    version,
+    about = "Run N copies of a server behind one port: each worker opens its own SO_REUSEPORT \
+             socket, is pinned to one CPU and gets the socket as LISTEN_FDS (fd 3); the kernel \
+             spreads the connections, the master only supervises.",
+    after_help = "Without --cmd and without `-- PROGRAM ARGS`, every worker runs the built-in demo \
+                  HTTP app.\n\nExit codes: 0 stopped cleanly; 1 start-up or runtime failure; \
+                  2 invalid command line; 3 stopped, but some worker had to be SIGKILLed.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Sub-commands; the default (none) runs the launcher.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The built-in demo app, as a worker process runs it (internal).
+    #[command(name = "__demo-worker", hide = true)]
+    DemoWorker,
+}
+
+/// Flags of the launcher itself.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address every worker listens on, as [NAME=]HOST:PORT: 0.0.0.0:8000, [::]:8000,
+    /// localhost:8000, http=127.0.0.1:8000. Repeat for more sockets: they are fds 3, 4, … in
+    /// the order given. Port 0 picks one free port, the same for every worker.
+    #[arg(long = "bind", value_name = "[NAME=]ADDR", required = true)]
+    pub binds: Vec<String>,
+
+    /// Number of workers [default: the CPUs this process may run on, from its affinity mask
+    /// and cgroup CPU quota]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// CPUs to pin workers to, e.g. 0-3,6: worker i runs on the i-th CPU of the list,
+    /// wrapping around [default: every CPU in this process's affinity mask]
+    #[arg(long, value_name = "LIST", conflicts_with = "no_pin")]
+    pub cpus: Option<String>,
+
+    /// Do not pin workers to CPUs
+    #[arg(long)]
+    pub no_pin: bool,
+
+    /// listen() backlog of each socket (the kernel caps it at net.core.somaxconn)
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub backlog: u32,
+
+    /// How long a worker may take to exit after the stop signal before it is SIGKILLed
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub grace: String,
+
+    /// Signal that asks a worker to stop (sent to its whole process group)
+    #[arg(long, value_name = "SIG", default_value = "TERM")]
+    pub stop_signal: String,
+
+    /// The app: "PROGRAM ARGS", split into words like a shell would (no shell is started).
+    /// PROGRAM is looked up in PATH once, at start-up. [default: the built-in demo app]
+    #[arg(long, value_name = "\"PROGRAM ARGS\"", conflicts_with = "program")]
+    pub cmd: Option<String>,
+
+    /// The app, as separate words after `--`
+    #[arg(last = true, value_name = "PROGRAM ARGS")]
+    pub program: Vec<String>,
+}

@@ -1,0 +1,250 @@
+//! The built-in demo app: a small HTTP/1.1 keep-alive server on the inherited sockets.
+//!
+//! Every request gets `hello from worker <slot> (pid <pid>, cpu <cpu>)` and an
+//! `X-Worker: <slot>` header, so a client can see which worker the kernel chose. It uses
+//! only std: a thread per accepted connection (64 KiB stacks), which serves hundreds of
+//! concurrent keep-alive connections per worker without an event loop.
+//!
+//! On SIGTERM/SIGINT it stops the way a production server should: it stops accepting
+//! (with net.ipv4.tcp_migrate_req=1 the kernel hands its queued connections to the other
+//! workers), finishes the requests in flight, closes idle keep-alive connections, exits 0.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::spawn;
+
+/// Longest request head accepted (request line and headers).
+const MAX_HEAD: usize = 16 * 1024;
+/// How long a stopping worker waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A prepared answer; `head_len` bytes of it are the head (all a HEAD request gets).
+struct Response {
+    bytes: Vec<u8>,
+    head_len: usize,
+}
+
+struct Shared {
+    keep_alive: Response,
+    close: Response,
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    /// Open connections, so that a stop can wake the idle ones.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    drained: Condvar,
+}
+
+/// Runs the demo app on the sockets of LISTEN_FDS until SIGTERM/SIGINT.
+pub fn run() -> anyhow::Result<()> {
+    let listeners = spawn::listeners_from_env()?;
+    anyhow::ensure!(!listeners.is_empty(), "LISTEN_FDS=0: no socket to serve");
+    let slot = std::env::var("REUSEPORT_CLUSTER_WORKER").unwrap_or_else(|_| "?".into());
+    let cpu = std::env::var("REUSEPORT_CLUSTER_CPU").unwrap_or_else(|_| "any".into());
+    let body = format!("hello from worker {slot} (pid {}, cpu {cpu})\n", std::process::id());
+    let response = |connection: &str| {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+             X-Worker: {slot}\r\nConnection: {connection}\r\n\r\n",
+            body.len()
+        );
+        Response {
+            head_len: head.len(),
+            bytes: [head.as_bytes(), body.as_bytes()].concat(),
+        }
+    };
+    let shared = Arc::new(Shared {
+        keep_alive: response("keep-alive"),
+        close: response("close"),
+        stopping: AtomicBool::new(false),
+        next_id: AtomicU64::new(0),
+        conns: Mutex::new(HashMap::new()),
+        drained: Condvar::new(),
+    });
+
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    let mut wakers = Vec::new();
+    for listener in listeners {
+        wakers.push(listener.try_clone().context("duplicating a listening socket")?);
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(listener, shared))
+            .context("starting an accept thread")?;
+    }
+
+    signals.forever().next();
+    shared.stopping.store(true, Ordering::SeqCst);
+    for listener in &wakers {
+        // Wakes the blocked accept() (EINVAL) and closes the queue of this socket.
+        let _ = socket2::SockRef::from(listener).shutdown(Shutdown::Read);
+    }
+    let conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+    for stream in conns.values() {
+        // Idle keep-alive readers see EOF; a request being served still gets its answer.
+        let _ = stream.shutdown(Shutdown::Read);
+    }
+    let _ = shared
+        .drained
+        .wait_timeout_while(conns, DRAIN_TIMEOUT, |c| !c.is_empty());
+    Ok(())
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(_) if shared.stopping.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                eprintln!("demo: accept: {e}");
+                // Out of fds or memory: back off instead of spinning on the error.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+            if shared.stopping.load(Ordering::SeqCst) {
+                continue; // accepted just as the stop began: closing it is the clean answer
+            }
+            match stream.try_clone() {
+                Ok(clone) => conns.insert(id, clone),
+                Err(_) => continue,
+            };
+        }
+        let conn_shared = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                serve(stream, &conn_shared);
+                let mut conns = conn_shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+                conns.remove(&id);
+                if conns.is_empty() {
+                    conn_shared.drained.notify_all();
+                }
+            });
+        if spawned.is_err() {
+            shared.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        }
+    }
+}
+
+/// Serves requests on one connection until the client or a stop closes it.
+fn serve(mut stream: TcpStream, shared: &Shared) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = vec![0u8; 4096];
+    let mut filled = 0;
+    loop {
+        let head_end = loop {
+            if let Some(end) = find_head_end(&buf[..filled]) {
+                break end;
+            }
+            if filled == MAX_HEAD {
+                let _ = stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                return;
+            }
+            if filled == buf.len() {
+                buf.resize((buf.len() * 2).min(MAX_HEAD), 0);
+            }
+            match stream.read(&mut buf[filled..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => filled += n,
+            }
+        };
+        let request = Request::parse(&buf[..head_end]);
+        // Skip a body, if any: the demo answers the same whatever was sent.
+        let mut body_left = request.content_length;
+        let in_buf = (filled - head_end).min(body_left);
+        body_left -= in_buf;
+        buf.copy_within(head_end + in_buf..filled, 0);
+        filled -= head_end + in_buf;
+        if body_left > 0 && std::io::copy(&mut (&stream).take(body_left as u64), &mut std::io::sink()).ok() != Some(body_left as u64) {
+            return;
+        }
+
+        let keep_alive = request.keep_alive && !shared.stopping.load(Ordering::SeqCst);
+        let response = if keep_alive {
+            &shared.keep_alive
+        } else {
+            &shared.close
+        };
+        let bytes = if request.head {
+            &response.bytes[..response.head_len]
+        } else {
+            &response.bytes[..]
+        };
+        if stream.write_all(bytes).is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// What the demo needs to know of a request.
+struct Request {
+    keep_alive: bool,
+    head: bool,
+    content_length: usize,
+}
+
+impl Request {
+    fn parse(head: &[u8]) -> Request {
+        let text = String::from_utf8_lossy(head);
+        let mut lines = text.split("\r\n");
+        let request_line = lines.next().unwrap_or("");
+        let http10 = request_line.ends_with("HTTP/1.0");
+        let mut keep_alive = !http10;
+        let mut content_length = 0;
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("connection") {
+                if value.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if value.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            } else if name.eq_ignore_ascii_case("content-length") {
+                content_length = value.parse().unwrap_or(0);
+            }
+        }
+        Request {
+            keep_alive,
+            head: request_line.starts_with("HEAD "),
+            content_length,
+        }
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_keep_alive_and_length() {
+        let r = Request::parse(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(r.keep_alive && !r.head && r.content_length == 0);
+        let r = Request::parse(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n");
+        assert!(!r.keep_alive);
+        let r = Request::parse(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!r.keep_alive);
+        let r = Request::parse(b"POST / HTTP/1.0\r\nConnection: keep-alive\r\ncontent-length: 12\r\n\r\n");
+        assert!(r.keep_alive && r.content_length == 12);
+        assert!(Request::parse(b"HEAD / HTTP/1.1\r\n\r\n").head);
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nGET"), Some(18));
+    }
+}

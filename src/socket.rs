@@ -1,0 +1,161 @@
+//! The listening socket each worker opens, and the master's start-up check of every address.
+//!
+//! [`open`] runs in the forked child between fork and exec, so it only makes syscalls
+//! through socket2 and never allocates. The master calls the same code once per bind before
+//! any fork ([`reserve`]) so that a port that is taken, privileged or not local is reported
+//! as one clear line instead of N identical worker failures; the socket it keeps is bound
+//! but never listens, so it takes no connections: it only keeps a port-0 choice stable
+//! across worker restarts.
+
+use std::io;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use nix::libc;
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::Bind;
+
+/// A bind prepared before fork: the sockaddr bytes and the options it needs.
+#[derive(Debug, Clone)]
+pub struct ListenSpec {
+    addr: SockAddr,
+    domain: Domain,
+    v6only: bool,
+}
+
+impl ListenSpec {
+    /// Prepares `addr` for [`open`].
+    pub fn new(addr: SocketAddr) -> ListenSpec {
+        ListenSpec {
+            addr: SockAddr::from(addr),
+            domain: Domain::for_address(addr),
+            // Lets 0.0.0.0:P and [::]:P be two separate binds of one cluster.
+            v6only: addr.is_ipv6(),
+        }
+    }
+}
+
+/// The syscall of [`open`] that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketStep {
+    /// socket(2).
+    Socket,
+    /// setsockopt(2): SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY.
+    Options,
+    /// bind(2).
+    Bind,
+    /// listen(2).
+    Listen,
+}
+
+/// Creates a SO_REUSEADDR + SO_REUSEPORT socket bound to `spec`, listening when `backlog` is
+/// given. Close-on-exec and blocking, as systemd passes sockets. Async-signal-safe.
+pub fn open(spec: &ListenSpec, backlog: Option<i32>) -> Result<Socket, (SocketStep, io::Error)> {
+    let socket = Socket::new(spec.domain, Type::STREAM, None).map_err(|e| (SocketStep::Socket, e))?;
+    let options = || -> io::Result<()> {
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if spec.v6only {
+            socket.set_only_v6(true)?;
+        }
+        Ok(())
+    };
+    options().map_err(|e| (SocketStep::Options, e))?;
+    socket.bind(&spec.addr).map_err(|e| (SocketStep::Bind, e))?;
+    if let Some(backlog) = backlog {
+        socket.listen(backlog).map_err(|e| (SocketStep::Listen, e))?;
+    }
+    Ok(socket)
+}
+
+/// Binds every address once in the master, fills in ports given as 0, and keeps the bound
+/// (never listening) sockets so those ports stay ours.
+pub fn reserve(binds: &mut [Bind]) -> anyhow::Result<Vec<Socket>> {
+    let mut kept = Vec::with_capacity(binds.len());
+    for bind in binds.iter_mut() {
+        let socket = open(&ListenSpec::new(bind.addr), None)
+            .map_err(|(step, e)| anyhow::anyhow!(explain(step, bind.addr, &e)))?;
+        if bind.addr.port() == 0 {
+            bind.addr = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .context("reading the port the kernel picked")?;
+        }
+        kept.push(socket);
+    }
+    Ok(kept)
+}
+
+/// One actionable line for a failed socket step on `addr`.
+pub fn explain(step: SocketStep, addr: SocketAddr, err: &io::Error) -> String {
+    let port = addr.port();
+    let hint = match (step, err.raw_os_error()) {
+        (SocketStep::Bind, Some(libc::EADDRINUSE)) => format!(
+            ": the port is held by a socket without SO_REUSEPORT, or by another user's socket \
+             (the kernel only groups SO_REUSEPORT sockets of the same effective uid); \
+             find it with: ss -ltnp 'sport = :{port}'"
+        ),
+        (SocketStep::Bind, Some(libc::EACCES)) => format!(
+            ": port {port} is privileged (below net.ipv4.ip_unprivileged_port_start); run as \
+             root, grant CAP_NET_BIND_SERVICE, or use a port >= 1024"
+        ),
+        (SocketStep::Bind, Some(libc::EADDRNOTAVAIL)) => {
+            ": no interface of this host has that address; use 0.0.0.0 or one of `ip addr`".into()
+        }
+        (SocketStep::Socket, Some(libc::EAFNOSUPPORT)) => {
+            ": this host has no support for that address family".into()
+        }
+        _ => String::new(),
+    };
+    let what = match step {
+        SocketStep::Socket => "creating a socket for",
+        SocketStep::Options => "setting SO_REUSEADDR/SO_REUSEPORT on",
+        SocketStep::Bind => "binding",
+        SocketStep::Listen => "listening on",
+    };
+    format!("{what} {addr}: {err}{hint}")
+}
+
+/// net.core.somaxconn, the kernel's cap on any listen() backlog.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn two_reuseport_sockets_share_a_port_and_a_plain_one_blocks_it() {
+        let a = open(&ListenSpec::new("127.0.0.1:0".parse().unwrap()), Some(8)).unwrap();
+        let addr = a.local_addr().unwrap().as_socket().unwrap();
+        let b = open(&ListenSpec::new(addr), Some(8));
+        assert!(b.is_ok(), "second reuseport socket: {:?}", b.err());
+
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = plain.local_addr().unwrap();
+        let (step, err) = open(&ListenSpec::new(taken), Some(8)).unwrap_err();
+        assert_eq!(step, SocketStep::Bind);
+        assert!(explain(step, taken, &err).contains("without SO_REUSEPORT"));
+    }
+
+    #[test]
+    fn reserve_fills_in_port_zero() {
+        let mut binds = vec![Bind {
+            name: "x".into(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+        }];
+        let kept = reserve(&mut binds).unwrap();
+        assert_ne!(binds[0].addr.port(), 0);
+        assert_eq!(kept.len(), 1);
+        // A worker can still join the reserved port.
+        assert!(open(&ListenSpec::new(binds[0].addr), Some(8)).is_ok());
+    }
+}

@@ -1,0 +1,277 @@
+//! A worker's identity and lifecycle: [`Slot`], [`Worker`], [`WorkerState`], [`ExitReason`].
+//!
+//! A slot is a permanent position in the cluster (index, CPU, restart history); a worker is
+//! one process that fills it for a while. Every state change of a worker goes through
+//! [`Worker::transition`], which is also where its log line is written.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+/// A worker survives this long before it counts as up (and the start-up check passes).
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// First restart delay after a crash.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Restart delays double up to this.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A worker that stayed up this long resets its slot's backoff.
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+
+/// A rolling-restart generation; the first workers are generation 1.
+pub type Generation = u64;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// exit(code).
+    Code(i32),
+    /// Killed by a signal.
+    Signal(Signal),
+}
+
+impl ExitReason {
+    /// Maps a waitpid status to an exit reason; `None` for stops and continues.
+    pub fn from_wait_status(status: WaitStatus) -> Option<(Pid, ExitReason)> {
+        match status {
+            WaitStatus::Exited(pid, code) => Some((pid, ExitReason::Code(code))),
+            WaitStatus::Signaled(pid, sig, _) => Some((pid, ExitReason::Signal(sig))),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::Code(c) => write!(f, "exit status {c}"),
+            ExitReason::Signal(s) => write!(f, "signal {}", s.as_str()),
+        }
+    }
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// exec'd; has not yet stayed up for [`SETTLE`].
+    Starting,
+    /// Up and serving.
+    Ready,
+    /// Sent the stop signal at `since`; SIGKILLed once `killed`.
+    Stopping {
+        /// When the stop signal was sent.
+        since: Instant,
+        /// Whether SIGKILL has been sent too.
+        killed: bool,
+    },
+    /// Reaped.
+    Exited(ExitReason),
+}
+
+/// One process filling a slot.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Its pid, which is also its process group id.
+    pub pid: Pid,
+    /// The slot it fills.
+    pub slot: usize,
+    /// The CPU it is pinned to.
+    pub cpu: Option<usize>,
+    /// The generation it belongs to.
+    pub generation: Generation,
+    /// When it was exec'd.
+    pub started: Instant,
+    /// Where it is in its life.
+    pub state: WorkerState,
+}
+
+impl Worker {
+    /// A freshly exec'd worker, in [`WorkerState::Starting`].
+    pub fn new(pid: Pid, slot: usize, cpu: Option<usize>, generation: Generation, now: Instant) -> Worker {
+        Worker {
+            pid,
+            slot,
+            cpu,
+            generation,
+            started: now,
+            state: WorkerState::Starting,
+        }
+    }
+
+    /// Moves the worker to `to` and returns the log line for the change; the one place a
+    /// worker's state changes. Illegal moves (out of `Exited`, back to `Starting`) are bugs.
+    pub fn transition(&mut self, to: WorkerState, now: Instant) -> String {
+        use WorkerState::*;
+        let legal = matches!(
+            (self.state, to),
+            (Starting, Ready)
+                | (Starting | Ready, Stopping { killed: false, .. })
+                | (Stopping { killed: false, .. }, Stopping { killed: true, .. })
+                | (Starting | Ready | Stopping { .. }, Exited(_))
+        );
+        debug_assert!(legal, "{self}: illegal move {:?} -> {to:?}", self.state);
+        let up = ms(now.saturating_duration_since(self.started));
+        let line = match to {
+            Starting => format!("{self}: started"),
+            Ready => format!("{self}: up after {up}"),
+            Stopping { killed: false, .. } => format!("{self}: stopping"),
+            Stopping { killed: true, since } => format!(
+                "{self}: still running {} after the stop signal; sending SIGKILL",
+                ms(now.saturating_duration_since(since))
+            ),
+            Exited(reason) => format!("{self}: exited ({reason}) after {up}"),
+        };
+        self.state = to;
+        line
+    }
+
+    /// How long it has been running.
+    pub fn uptime(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+}
+
+impl fmt::Display for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker {} (pid {}", self.slot, self.pid)?;
+        if let Some(cpu) = self.cpu {
+            write!(f, ", cpu {cpu}")?;
+        }
+        write!(f, ", gen {})", self.generation)
+    }
+}
+
+/// What a slot holds between workers.
+#[derive(Debug, Clone)]
+pub enum SlotState {
+    /// No worker and none planned (before start, or during shutdown).
+    Empty,
+    /// A worker crashed; the next one starts at `at`.
+    Waiting {
+        /// When to start the next worker.
+        at: Instant,
+    },
+    /// A worker fills the slot.
+    Filled(Worker),
+}
+
+/// A permanent position in the cluster: its CPU and its restart history.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// 0-based index, REUSEPORT_CLUSTER_WORKER.
+    pub index: usize,
+    /// The CPU its workers are pinned to.
+    pub cpu: Option<usize>,
+    /// What fills the slot now.
+    pub state: SlotState,
+    /// Workers started to replace a crashed one.
+    pub restarts: u32,
+    /// How the last worker ended.
+    pub last_exit: Option<ExitReason>,
+    /// The next restart delay.
+    pub backoff: Backoff,
+}
+
+impl Slot {
+    /// An empty slot.
+    pub fn new(index: usize, cpu: Option<usize>) -> Slot {
+        Slot {
+            index,
+            cpu,
+            state: SlotState::Empty,
+            restarts: 0,
+            last_exit: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// The worker in the slot, if any.
+    pub fn worker(&self) -> Option<&Worker> {
+        match &self.state {
+            SlotState::Filled(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Names the slot in a log line when there is no worker to name.
+    pub fn label(&self) -> String {
+        match self.cpu {
+            Some(cpu) => format!("worker {} (cpu {cpu})", self.index),
+            None => format!("worker {}", self.index),
+        }
+    }
+}
+
+/// Exponential restart delay: 100 ms doubling to 30 s, reset after a 10 s run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The delay before restarting a worker that ran for `uptime`, and doubles the next one.
+    pub fn delay(&mut self, uptime: Duration) -> Duration {
+        if uptime >= BACKOFF_RESET_AFTER {
+            self.next = BACKOFF_MIN;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
+
+/// Formats a duration for logs: `41 ms`, `3.2 s`.
+pub fn ms(d: Duration) -> String {
+    if d < Duration::from_secs(10) && d.as_millis() < 1000 {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let mut b = Backoff::default();
+        let short = Duration::from_millis(50);
+        let delays: Vec<_> = (0..11).map(|_| b.delay(short).as_millis()).collect();
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        assert_eq!(b.delay(BACKOFF_RESET_AFTER), BACKOFF_MIN);
+        assert_eq!(b.delay(short), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn transitions_log_one_line_each() {
+        let t0 = Instant::now();
+        let mut w = Worker::new(Pid::from_raw(42), 2, Some(1), 1, t0);
+        assert_eq!(w.to_string(), "worker 2 (pid 42, cpu 1, gen 1)");
+        let line = w.transition(WorkerState::Ready, t0 + Duration::from_millis(41));
+        assert_eq!(line, "worker 2 (pid 42, cpu 1, gen 1): up after 41 ms");
+        w.transition(WorkerState::Stopping { since: t0, killed: false }, t0);
+        let line = w.transition(WorkerState::Exited(ExitReason::Signal(Signal::SIGTERM)), t0);
+        assert!(line.ends_with("exited (signal SIGTERM) after 0 ms"), "{line}");
+    }
+
+    #[test]
+    #[should_panic(expected = "illegal move")]
+    fn exited_is_final() {
+        let t0 = Instant::now();
+        let mut w = Worker::new(Pid::from_raw(1), 0, None, 1, t0);
+        w.transition(WorkerState::Exited(ExitReason::Code(0)), t0);
+        w.transition(WorkerState::Ready, t0);
+    }
+}
