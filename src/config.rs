@@ -382,13 +382,26 @@ mod tests {
     #[test]
     fn binds_parse_every_documented_form() {
         let b = parse_bind("0.0.0.0:8000", 0).unwrap();
-        assert_eq!((b.name.as_str(), b.addr.to_string()), ("bind0", "0.0.0.0:8000".into()));
-        assert_eq!(parse_bind("[::]:8000", 1).unwrap().addr.to_string(), "[::]:8000");
-        assert_eq!(parse_bind("[::1]:80", 1).unwrap().addr.to_string(), "[::1]:80");
+        assert_eq!(
+            (b.name.as_str(), b.addr.to_string()),
+            ("bind0", "0.0.0.0:8000".into())
+        );
+        assert_eq!(
+            parse_bind("[::]:8000", 1).unwrap().addr.to_string(),
+            "[::]:8000"
+        );
+        assert_eq!(
+            parse_bind("[::1]:80", 1).unwrap().addr.to_string(),
+            "[::1]:80"
+        );
         let named = parse_bind("http=127.0.0.1:8080", 0).unwrap();
         assert_eq!(named.name, "http");
         assert_eq!(named.addr.to_string(), "127.0.0.1:8080");
-        assert!(parse_bind("localhost:8000", 0).unwrap().addr.ip().is_loopback());
+        assert!(parse_bind("localhost:8000", 0)
+            .unwrap()
+            .addr
+            .ip()
+            .is_loopback());
     }
 
     #[test]

@@ -48,7 +48,10 @@ pub fn run() -> anyhow::Result<()> {
     anyhow::ensure!(!listeners.is_empty(), "LISTEN_FDS=0: no socket to serve");
     let slot = std::env::var("REUSEPORT_CLUSTER_WORKER").unwrap_or_else(|_| "?".into());
     let cpu = std::env::var("REUSEPORT_CLUSTER_CPU").unwrap_or_else(|_| "any".into());
-    let body = format!("hello from worker {slot} (pid {}, cpu {cpu})\n", std::process::id());
+    let body = format!(
+        "hello from worker {slot} (pid {}, cpu {cpu})\n",
+        std::process::id()
+    );
     let response = |connection: &str| {
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
@@ -73,7 +76,11 @@ pub fn run() -> anyhow::Result<()> {
         .context("installing signal handlers")?;
     let mut wakers = Vec::new();
     for listener in listeners {
-        wakers.push(listener.try_clone().context("duplicating a listening socket")?);
+        wakers.push(
+            listener
+                .try_clone()
+                .context("duplicating a listening socket")?,
+        );
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("accept".into())
@@ -133,7 +140,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 }
             });
         if spawned.is_err() {
-            shared.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         }
     }
 }
@@ -167,7 +178,10 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         body_left -= in_buf;
         buf.copy_within(head_end + in_buf..filled, 0);
         filled -= head_end + in_buf;
-        if body_left > 0 && std::io::copy(&mut (&stream).take(body_left as u64), &mut std::io::sink()).ok() != Some(body_left as u64) {
+        if body_left > 0
+            && std::io::copy(&mut (&stream).take(body_left as u64), &mut std::io::sink()).ok()
+                != Some(body_left as u64)
+        {
             return;
         }
 
@@ -242,7 +256,9 @@ mod tests {
         assert!(!r.keep_alive);
         let r = Request::parse(b"GET / HTTP/1.0\r\n\r\n");
         assert!(!r.keep_alive);
-        let r = Request::parse(b"POST / HTTP/1.0\r\nConnection: keep-alive\r\ncontent-length: 12\r\n\r\n");
+        let r = Request::parse(
+            b"POST / HTTP/1.0\r\nConnection: keep-alive\r\ncontent-length: 12\r\n\r\n",
+        );
         assert!(r.keep_alive && r.content_length == 12);
         assert!(Request::parse(b"HEAD / HTTP/1.1\r\n\r\n").head);
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nGET"), Some(18));

@@ -19,6 +19,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
@@ -83,7 +84,11 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
 }
 
 /// Carries out `actions`; a fork's result comes back as an event.
-fn perform(actions: Vec<Action>, spawner: &Spawner, events: &mut VecDeque<Event>) -> Option<Outcome> {
+fn perform(
+    actions: Vec<Action>,
+    spawner: &Spawner,
+    events: &mut VecDeque<Event>,
+) -> Option<Outcome> {
     for action in actions {
         match action {
             Action::Spawn {
@@ -97,7 +102,7 @@ fn perform(actions: Vec<Action>, spawner: &Spawner, events: &mut VecDeque<Event>
                     error: e.to_string(),
                 },
             }),
-            Action::Signal { pgid, signal } => match killpg(pgid, signal) {
+            Action::Signal { pgid, signal } => match signal_group(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => warn!("sending {signal} to process group {pgid}: {e}"),
             },
@@ -108,13 +113,25 @@ fn perform(actions: Vec<Action>, spawner: &Spawner, events: &mut VecDeque<Event>
     None
 }
 
+/// killpg(2) for a worker's group. A group id of 0 or 1 would mean our own group or every
+/// process (killpg(1) is kill(-1)); no worker has one, and this makes sure of it.
+fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
+    if pgid.as_raw() <= 1 {
+        return Err(Errno::EINVAL);
+    }
+    killpg(pgid, signal)
+}
+
 /// Sleeps until a signal arrives or `deadline` passes.
 fn wait(signals: &SignalDelivery<UnixStream, SignalOnly>, deadline: Option<Instant>) {
     let timeout = match deadline {
         None => PollTimeout::NONE,
         Some(d) => {
             // Round up: waking a little early would spin until the deadline.
-            let ms = d.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
+            let ms = d
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
             PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
         }
     };
@@ -141,7 +158,7 @@ fn reap(supervisor: &Supervisor, events: &mut VecDeque<Event>) {
         if supervisor.is_worker(pid) {
             // While the worker is an unreaped zombie its pid (= its group id) cannot be
             // reused, so this reaches exactly what it left behind in its group.
-            let _ = killpg(pid, Signal::SIGKILL);
+            let _ = signal_group(pid, Signal::SIGKILL);
         }
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)).map(ExitReason::from_wait_status) {
             Ok(Some((pid, reason))) => {

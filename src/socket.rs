@@ -52,7 +52,8 @@ pub enum SocketStep {
 /// Creates a SO_REUSEADDR + SO_REUSEPORT socket bound to `spec`, listening when `backlog` is
 /// given. Close-on-exec and blocking, as systemd passes sockets. Async-signal-safe.
 pub fn open(spec: &ListenSpec, backlog: Option<i32>) -> Result<Socket, (SocketStep, io::Error)> {
-    let socket = Socket::new(spec.domain, Type::STREAM, None).map_err(|e| (SocketStep::Socket, e))?;
+    let socket =
+        Socket::new(spec.domain, Type::STREAM, None).map_err(|e| (SocketStep::Socket, e))?;
     let options = || -> io::Result<()> {
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
@@ -64,7 +65,9 @@ pub fn open(spec: &ListenSpec, backlog: Option<i32>) -> Result<Socket, (SocketSt
     options().map_err(|e| (SocketStep::Options, e))?;
     socket.bind(&spec.addr).map_err(|e| (SocketStep::Bind, e))?;
     if let Some(backlog) = backlog {
-        socket.listen(backlog).map_err(|e| (SocketStep::Listen, e))?;
+        socket
+            .listen(backlog)
+            .map_err(|e| (SocketStep::Listen, e))?;
     }
     Ok(socket)
 }

@@ -85,9 +85,19 @@ pub enum Step {
 impl Step {
     fn from_u8(b: u8) -> Option<Step> {
         use Step::*;
-        [ProcessGroup, DeathSignal, Socket, SocketOptions, Bind, Listen, MoveFd, Affinity, Exec]
-            .into_iter()
-            .find(|s| *s as u8 == b)
+        [
+            ProcessGroup,
+            DeathSignal,
+            Socket,
+            SocketOptions,
+            Bind,
+            Listen,
+            MoveFd,
+            Affinity,
+            Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == b)
     }
 
     fn from_socket(step: SocketStep) -> Step {
@@ -145,18 +155,30 @@ impl Spawner {
         let names: Vec<&str> = config.binds.iter().map(|b| b.name.as_str()).collect();
         Ok(Spawner {
             path: cstring(path.into_vec())?,
-            argv: argv.into_iter().map(|a| cstring(a.into_bytes())).collect::<anyhow::Result<_>>()?,
+            argv: argv
+                .into_iter()
+                .map(|a| cstring(a.into_bytes()))
+                .collect::<anyhow::Result<_>>()?,
             base_env,
             listen_fds: env_entry("LISTEN_FDS", config.binds.len()),
             listen_fdnames: env_entry("LISTEN_FDNAMES", names.join(":")),
             workers: env_entry("REUSEPORT_CLUSTER_WORKERS", config.workers),
-            binds: config.binds.iter().map(|b| (b.addr, ListenSpec::new(b.addr))).collect(),
+            binds: config
+                .binds
+                .iter()
+                .map(|b| (b.addr, ListenSpec::new(b.addr)))
+                .collect(),
             backlog: c_int::try_from(config.backlog).unwrap_or(c_int::MAX),
         })
     }
 
     /// Forks and execs the worker for `slot`; returns once it has exec'd or failed.
-    pub fn spawn(&self, slot: usize, cpu: Option<usize>, generation: u64) -> Result<Pid, SpawnError> {
+    pub fn spawn(
+        &self,
+        slot: usize,
+        cpu: Option<usize>,
+        generation: u64,
+    ) -> Result<Pid, SpawnError> {
         let per_worker = [
             Some(env_entry("REUSEPORT_CLUSTER_WORKER", slot)),
             cpu.map(|c| env_entry("REUSEPORT_CLUSTER_CPU", c)),
@@ -202,7 +224,11 @@ impl Spawner {
         // Block every signal across fork so that no handler of the master runs in the child
         // before the child has reset the dispositions; the child unblocks after resetting.
         let mut old_mask = SigSet::empty();
-        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old_mask));
+        let _ = sigprocmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut old_mask),
+        );
         // SAFETY: the master is single-threaded (see master.rs), so no other thread can hold
         // a lock or be inside the allocator at fork; the child runs only `child`, which makes
         // async-signal-safe calls and never returns.
@@ -237,7 +263,9 @@ impl Spawner {
             (Step::SocketOptions, Some(a)) => socket::explain(SocketStep::Options, a, &err),
             (Step::Bind, Some(a)) => socket::explain(SocketStep::Bind, a, &err),
             (Step::Listen, Some(a)) => socket::explain(SocketStep::Listen, a, &err),
-            (Step::MoveFd, Some(a)) => format!("moving the socket of {a} to fd {}: {err}", 3 + index),
+            (Step::MoveFd, Some(a)) => {
+                format!("moving the socket of {a} to fd {}: {err}", 3 + index)
+            }
             (Step::Exec, _) => format!(
                 "exec {}: {err}{}",
                 self.path.to_string_lossy(),
@@ -283,7 +311,11 @@ fn read_report(fd: &OwnedFd) -> Option<(Step, usize, i32)> {
     }
     let step = Step::from_u8(buf[0]).unwrap_or(Step::Exec);
     let index = u16::from_ne_bytes([buf[2], buf[3]]) as usize;
-    Some((step, index, i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]])))
+    Some((
+        step,
+        index,
+        i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]),
+    ))
 }
 
 /// Everything the child uses, owned or borrowed by the master before fork.
@@ -325,7 +357,12 @@ fn child(plan: &mut ChildPlan) -> ! {
     for (i, (_, spec)) in plan.binds.iter().enumerate() {
         let sock = match socket::open(spec, Some(plan.backlog)) {
             Ok(s) => s,
-            Err((step, e)) => fail(plan.report, Step::from_socket(step), i, e.raw_os_error().unwrap_or(0)),
+            Err((step, e)) => fail(
+                plan.report,
+                Step::from_socket(step),
+                i,
+                e.raw_os_error().unwrap_or(0),
+            ),
         };
         // Park every socket above 3..3+n first, so that moving one into place can never
         // replace another.
@@ -428,7 +465,10 @@ pub fn listeners_from_env() -> anyhow::Result<Vec<TcpListener>> {
         .context("LISTEN_PID is not set: run this under reuseport-cluster")?
         .parse()
         .context("LISTEN_PID is not a number")?;
-    anyhow::ensure!(pid == std::process::id(), "LISTEN_PID {pid} is not this process");
+    anyhow::ensure!(
+        pid == std::process::id(),
+        "LISTEN_PID {pid} is not this process"
+    );
     let n: i32 = std::env::var("LISTEN_FDS")
         .context("LISTEN_FDS is not set")?
         .parse()
@@ -460,7 +500,10 @@ mod tests {
         write_decimal(&mut buf, 0);
         assert_eq!(&buf[..2], b"0\0");
         write_decimal(&mut buf, 4312);
-        assert_eq!(CStr::from_bytes_until_nul(&buf).unwrap().to_str().unwrap(), "4312");
+        assert_eq!(
+            CStr::from_bytes_until_nul(&buf).unwrap().to_str().unwrap(),
+            "4312"
+        );
     }
 
     #[test]

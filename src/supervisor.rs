@@ -123,6 +123,9 @@ pub struct Supervisor {
     phase: Phase,
     generation: Generation,
     started: Instant,
+    /// The next slot of the initial start-up to fork; they are forked one after the other
+    /// so that a failing first worker does not cost N forks.
+    next_initial: usize,
     all_up_logged: bool,
 }
 
@@ -138,6 +141,7 @@ impl Supervisor {
             phase: Phase::Starting,
             generation: 1,
             started: now,
+            next_initial: 0,
             all_up_logged: false,
         }
     }
@@ -150,7 +154,9 @@ impl Supervisor {
 
     /// Whether `pid` is a current worker (as opposed to an adopted orphan).
     pub fn is_worker(&self, pid: Pid) -> bool {
-        self.slots.iter().any(|s| s.worker().is_some_and(|w| w.pid == pid))
+        self.slots
+            .iter()
+            .any(|s| s.worker().is_some_and(|w| w.pid == pid))
     }
 
     /// The earliest moment a [`Event::Tick`] has something to do.
@@ -181,21 +187,15 @@ impl Supervisor {
     pub fn step(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::Start => {
-                for slot in &self.slots {
-                    out.push(Action::Spawn {
-                        slot: slot.index,
-                        cpu: slot.cpu,
-                        generation: self.generation,
-                    });
-                }
-            }
+            Event::Start => self.spawn_next_initial(&mut out),
             Event::Spawned { slot, pid } => self.on_spawned(slot, pid, now, &mut out),
             Event::SpawnFailed { slot, error } => self.on_spawn_failed(slot, error, now, &mut out),
             Event::Exited { pid, reason } => self.on_exited(pid, reason, now, &mut out),
             Event::StopGracefully => {
                 if matches!(self.phase, Phase::Stopping { .. }) {
-                    out.push(Action::Log("second stop request: killing every worker now".into()));
+                    out.push(Action::Log(
+                        "second stop request: killing every worker now".into(),
+                    ));
                     self.kill_all(now, &mut out);
                 } else {
                     self.begin_stop(None, now, &mut out);
@@ -227,9 +227,29 @@ impl Supervisor {
             }
         }
         self.slots[index].state = SlotState::Filled(worker);
+        self.spawn_next_initial(out);
     }
 
-    fn on_spawn_failed(&mut self, index: usize, error: String, now: Instant, out: &mut Vec<Action>) {
+    fn spawn_next_initial(&mut self, out: &mut Vec<Action>) {
+        if let (Phase::Starting | Phase::Running, Some(slot)) =
+            (&self.phase, self.slots.get(self.next_initial))
+        {
+            out.push(Action::Spawn {
+                slot: slot.index,
+                cpu: slot.cpu,
+                generation: self.generation,
+            });
+            self.next_initial += 1;
+        }
+    }
+
+    fn on_spawn_failed(
+        &mut self,
+        index: usize,
+        error: String,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let slot = &mut self.slots[index];
         let line = format!("{}: {error}", slot.label());
         match self.phase {
@@ -361,7 +381,11 @@ impl Supervisor {
         }
         for slot in &mut self.slots {
             if let SlotState::Filled(w) = &mut slot.state {
-                if let WorkerState::Stopping { since, killed: false } = w.state {
+                if let WorkerState::Stopping {
+                    since,
+                    killed: false,
+                } = w.state
+                {
                     out.push(Action::Log(w.transition(killed(since), now)));
                 }
                 out.push(Action::Signal {
@@ -466,13 +490,23 @@ mod tests {
     /// Starts `n` workers with pids 100.. and lets them settle.
     fn running(n: usize) -> (Supervisor, Instant) {
         let (mut s, t0) = sup(n);
-        assert_eq!(spawns(&s.step(Event::Start, t0)), (0..n).collect::<Vec<_>>());
+        assert_eq!(spawns(&s.step(Event::Start, t0)), vec![0]);
         for i in 0..n {
-            s.step(Event::Spawned { slot: i, pid: pid(100 + i as i32) }, t0);
+            let next = spawns(&s.step(
+                Event::Spawned {
+                    slot: i,
+                    pid: pid(100 + i as i32),
+                },
+                t0,
+            ));
+            let expected: Vec<usize> = if i + 1 < n { vec![i + 1] } else { vec![] };
+            assert_eq!(next, expected, "start-up forks one slot after the other");
         }
         assert_eq!(s.next_deadline(), Some(t0 + SETTLE));
         let out = s.step(Event::Tick, t0 + SETTLE);
-        assert!(out.contains(&Action::Log(format!("all {n} workers up, 1.0 s after start"))));
+        assert!(out.contains(&Action::Log(format!(
+            "all {n} workers up, 1.0 s after start"
+        ))));
         assert_eq!(s.phase, Phase::Running);
         assert_eq!(s.next_deadline(), None, "idle means no timer");
         (s, t0 + SETTLE)
@@ -481,39 +515,81 @@ mod tests {
     #[test]
     fn crashed_worker_is_restarted_in_its_slot_after_backoff() {
         let (mut s, t) = running(2);
-        let out = s.step(Event::Exited { pid: pid(101), reason: ExitReason::Code(1) }, t);
+        let out = s.step(
+            Event::Exited {
+                pid: pid(101),
+                reason: ExitReason::Code(1),
+            },
+            t,
+        );
         assert!(matches!(&out[..], [Action::Log(l)] if l.contains("restarting in 100 ms")));
         assert_eq!(s.next_deadline(), Some(t + Duration::from_millis(100)));
         assert!(spawns(&s.step(Event::Tick, t + Duration::from_millis(99))).is_empty());
         let out = s.step(Event::Tick, t + Duration::from_millis(100));
         assert_eq!(
             out,
-            vec![Action::Spawn { slot: 1, cpu: Some(1), generation: 1 }]
+            vec![Action::Spawn {
+                slot: 1,
+                cpu: Some(1),
+                generation: 1
+            }]
         );
         assert_eq!(s.slots()[1].restarts, 1);
 
         // The replacement crashes at once: the delay doubles.
         let t2 = t + Duration::from_millis(100);
-        s.step(Event::Spawned { slot: 1, pid: pid(200) }, t2);
-        let out = s.step(Event::Exited { pid: pid(200), reason: ExitReason::Signal(Signal::SIGKILL) }, t2);
-        assert!(matches!(&out[..], [Action::Log(l)] if l.contains("signal SIGKILL") && l.contains("restarting in 200 ms")), "{out:?}");
+        s.step(
+            Event::Spawned {
+                slot: 1,
+                pid: pid(200),
+            },
+            t2,
+        );
+        let out = s.step(
+            Event::Exited {
+                pid: pid(200),
+                reason: ExitReason::Signal(Signal::SIGKILL),
+            },
+            t2,
+        );
+        assert!(
+            matches!(&out[..], [Action::Log(l)] if l.contains("signal SIGKILL") && l.contains("restarting in 200 ms")),
+            "{out:?}"
+        );
     }
 
     #[test]
     fn failure_before_any_worker_is_up_stops_everything_and_fails() {
         let (mut s, t0) = sup(3);
         s.step(Event::Start, t0);
-        s.step(Event::Spawned { slot: 0, pid: pid(100) }, t0);
-        let out = s.step(Event::SpawnFailed { slot: 1, error: "binding 127.0.0.1:1: denied".into() }, t0);
+        s.step(
+            Event::Spawned {
+                slot: 0,
+                pid: pid(100),
+            },
+            t0,
+        );
+        let out = s.step(
+            Event::SpawnFailed {
+                slot: 1,
+                error: "binding 127.0.0.1:1: denied".into(),
+            },
+            t0,
+        );
         assert_eq!(signals(&out), vec![(100, TERM)]);
-        // Slot 2 was already being forked: it is stopped as soon as it exists.
-        let out = s.step(Event::Spawned { slot: 2, pid: pid(102) }, t0);
-        assert_eq!(signals(&out), vec![(102, TERM)]);
-        s.step(Event::Exited { pid: pid(100), reason: ExitReason::Signal(TERM) }, t0);
-        let out = s.step(Event::Exited { pid: pid(102), reason: ExitReason::Signal(TERM) }, t0);
+        assert!(spawns(&out).is_empty(), "slot 2 is never forked");
+        let out = s.step(
+            Event::Exited {
+                pid: pid(100),
+                reason: ExitReason::Signal(TERM),
+            },
+            t0,
+        );
         assert_eq!(
             exit(&out),
-            Some(Outcome::Failed("worker 1 (cpu 1): binding 127.0.0.1:1: denied".into()))
+            Some(Outcome::Failed(
+                "worker 1 (cpu 1): binding 127.0.0.1:1: denied".into()
+            ))
         );
     }
 
@@ -521,11 +597,26 @@ mod tests {
     fn app_exiting_at_once_is_a_start_up_failure_not_a_restart_loop() {
         let (mut s, t0) = sup(1);
         s.step(Event::Start, t0);
-        s.step(Event::Spawned { slot: 0, pid: pid(100) }, t0);
-        let out = s.step(Event::Exited { pid: pid(100), reason: ExitReason::Code(2) }, t0);
+        s.step(
+            Event::Spawned {
+                slot: 0,
+                pid: pid(100),
+            },
+            t0,
+        );
+        let out = s.step(
+            Event::Exited {
+                pid: pid(100),
+                reason: ExitReason::Code(2),
+            },
+            t0,
+        );
         match exit(&out) {
             Some(Outcome::Failed(msg)) => {
-                assert!(msg.contains("worker 0 (pid 100, cpu 0, gen 1): exited (exit status 2)"), "{msg}")
+                assert!(
+                    msg.contains("worker 0 (pid 100, cpu 0, gen 1): exited (exit status 2)"),
+                    "{msg}"
+                )
             }
             other => panic!("expected failure, got {other:?}"),
         }
@@ -537,8 +628,20 @@ mod tests {
         let out = s.step(Event::StopGracefully, t);
         assert_eq!(signals(&out), vec![(100, TERM), (101, TERM)]);
         assert_eq!(s.next_deadline(), Some(t + Duration::from_secs(5)));
-        s.step(Event::Exited { pid: pid(100), reason: ExitReason::Signal(TERM) }, t);
-        let out = s.step(Event::Exited { pid: pid(101), reason: ExitReason::Code(0) }, t);
+        s.step(
+            Event::Exited {
+                pid: pid(100),
+                reason: ExitReason::Signal(TERM),
+            },
+            t,
+        );
+        let out = s.step(
+            Event::Exited {
+                pid: pid(101),
+                reason: ExitReason::Code(0),
+            },
+            t,
+        );
         assert_eq!(exit(&out), Some(Outcome::Stopped));
     }
 
@@ -546,11 +649,23 @@ mod tests {
     fn grace_expiry_sigkills_and_reports_it() {
         let (mut s, t) = running(2);
         s.step(Event::StopGracefully, t);
-        s.step(Event::Exited { pid: pid(100), reason: ExitReason::Code(0) }, t);
+        s.step(
+            Event::Exited {
+                pid: pid(100),
+                reason: ExitReason::Code(0),
+            },
+            t,
+        );
         let out = s.step(Event::Tick, t + Duration::from_secs(5));
         assert_eq!(signals(&out), vec![(101, Signal::SIGKILL)]);
         assert_eq!(s.next_deadline(), None);
-        let out = s.step(Event::Exited { pid: pid(101), reason: ExitReason::Signal(Signal::SIGKILL) }, t);
+        let out = s.step(
+            Event::Exited {
+                pid: pid(101),
+                reason: ExitReason::Signal(Signal::SIGKILL),
+            },
+            t,
+        );
         assert_eq!(exit(&out), Some(Outcome::Killed));
     }
 
@@ -558,30 +673,71 @@ mod tests {
     fn second_stop_request_or_sigquit_kills_at_once() {
         let (mut s, t) = running(1);
         s.step(Event::StopGracefully, t);
-        assert_eq!(signals(&s.step(Event::StopGracefully, t)), vec![(100, Signal::SIGKILL)]);
+        assert_eq!(
+            signals(&s.step(Event::StopGracefully, t)),
+            vec![(100, Signal::SIGKILL)]
+        );
         let (mut s, t) = running(1);
-        assert_eq!(signals(&s.step(Event::StopNow, t)), vec![(100, TERM), (100, Signal::SIGKILL)]);
+        assert_eq!(
+            signals(&s.step(Event::StopNow, t)),
+            vec![(100, TERM), (100, Signal::SIGKILL)]
+        );
     }
 
     #[test]
     fn stop_cancels_pending_restarts_and_orphans_are_ignored() {
         let (mut s, t) = running(2);
-        s.step(Event::Exited { pid: pid(101), reason: ExitReason::Code(1) }, t);
-        assert!(s.step(Event::Exited { pid: pid(999), reason: ExitReason::Code(0) }, t).is_empty());
+        s.step(
+            Event::Exited {
+                pid: pid(101),
+                reason: ExitReason::Code(1),
+            },
+            t,
+        );
+        assert!(s
+            .step(
+                Event::Exited {
+                    pid: pid(999),
+                    reason: ExitReason::Code(0)
+                },
+                t
+            )
+            .is_empty());
         s.step(Event::StopGracefully, t);
         assert!(spawns(&s.step(Event::Tick, t + Duration::from_secs(1))).is_empty());
-        let out = s.step(Event::Exited { pid: pid(100), reason: ExitReason::Code(0) }, t);
+        let out = s.step(
+            Event::Exited {
+                pid: pid(100),
+                reason: ExitReason::Code(0),
+            },
+            t,
+        );
         assert_eq!(exit(&out), Some(Outcome::Stopped));
     }
 
     #[test]
     fn failed_restart_after_start_up_is_retried_with_backoff() {
         let (mut s, t) = running(1);
-        s.step(Event::Exited { pid: pid(100), reason: ExitReason::Code(1) }, t);
+        s.step(
+            Event::Exited {
+                pid: pid(100),
+                reason: ExitReason::Code(1),
+            },
+            t,
+        );
         let t = t + Duration::from_millis(100);
         s.step(Event::Tick, t);
-        let out = s.step(Event::SpawnFailed { slot: 0, error: "exec ./app: ENOENT".into() }, t);
-        assert!(matches!(&out[..], [Action::Log(l)] if l.ends_with("retrying in 200 ms")), "{out:?}");
+        let out = s.step(
+            Event::SpawnFailed {
+                slot: 0,
+                error: "exec ./app: ENOENT".into(),
+            },
+            t,
+        );
+        assert!(
+            matches!(&out[..], [Action::Log(l)] if l.ends_with("retrying in 200 ms")),
+            "{out:?}"
+        );
         assert!(exit(&out).is_none());
     }
 }

@@ -89,7 +89,13 @@ pub struct Worker {
 
 impl Worker {
     /// A freshly exec'd worker, in [`WorkerState::Starting`].
-    pub fn new(pid: Pid, slot: usize, cpu: Option<usize>, generation: Generation, now: Instant) -> Worker {
+    pub fn new(
+        pid: Pid,
+        slot: usize,
+        cpu: Option<usize>,
+        generation: Generation,
+        now: Instant,
+    ) -> Worker {
         Worker {
             pid,
             slot,
@@ -108,7 +114,10 @@ impl Worker {
             (self.state, to),
             (Starting, Ready)
                 | (Starting | Ready, Stopping { killed: false, .. })
-                | (Stopping { killed: false, .. }, Stopping { killed: true, .. })
+                | (
+                    Stopping { killed: false, .. },
+                    Stopping { killed: true, .. }
+                )
                 | (Starting | Ready | Stopping { .. }, Exited(_))
         );
         debug_assert!(legal, "{self}: illegal move {:?} -> {to:?}", self.state);
@@ -117,7 +126,10 @@ impl Worker {
             Starting => format!("{self}: started"),
             Ready => format!("{self}: up after {up}"),
             Stopping { killed: false, .. } => format!("{self}: stopping"),
-            Stopping { killed: true, since } => format!(
+            Stopping {
+                killed: true,
+                since,
+            } => format!(
                 "{self}: still running {} after the stop signal; sending SIGKILL",
                 ms(now.saturating_duration_since(since))
             ),
@@ -261,9 +273,18 @@ mod tests {
         assert_eq!(w.to_string(), "worker 2 (pid 42, cpu 1, gen 1)");
         let line = w.transition(WorkerState::Ready, t0 + Duration::from_millis(41));
         assert_eq!(line, "worker 2 (pid 42, cpu 1, gen 1): up after 41 ms");
-        w.transition(WorkerState::Stopping { since: t0, killed: false }, t0);
+        w.transition(
+            WorkerState::Stopping {
+                since: t0,
+                killed: false,
+            },
+            t0,
+        );
         let line = w.transition(WorkerState::Exited(ExitReason::Signal(Signal::SIGTERM)), t0);
-        assert!(line.ends_with("exited (signal SIGTERM) after 0 ms"), "{line}");
+        assert!(
+            line.ends_with("exited (signal SIGTERM) after 0 ms"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -1,0 +1,515 @@
+//! The launcher's contract with workers, and its supervision.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A python3 app that takes fd 3 the systemd way and answers with what it was given.
+const PYTHON_APP: &str = r#"
+import http.server, os, socket
+assert int(os.environ["LISTEN_PID"]) == os.getpid(), "LISTEN_PID is not my pid"
+assert os.environ["LISTEN_FDS"] == "1"
+sock = socket.socket(fileno=3)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = "python pid={} worker={} names={}\n".format(
+            os.getpid(), os.environ["REUSEPORT_CLUSTER_WORKER"], os.environ["LISTEN_FDNAMES"]).encode()
+        self.send_response(200)
+        self.send_header("X-Worker", os.environ["REUSEPORT_CLUSTER_WORKER"])
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(http.server.HTTPServer):
+    def server_bind(self): pass
+    def server_activate(self): pass
+server = Server(("", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = sock
+server.serve_forever()
+"#;
+
+#[test]
+fn workers_are_pinned_and_hold_exactly_their_sockets_and_env() {
+    let mut c = Cluster::start(&[
+        "--workers",
+        "3",
+        "--bind",
+        "a=127.0.0.1:0",
+        "--bind",
+        "b=127.0.0.1:0",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let cpus = allowed_cpus();
+    let workers = c.workers();
+    assert_eq!(workers.len(), 3, "workers: {workers:?}");
+    let mut pids: Vec<u32> = workers.values().copied().collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "distinct pids");
+    for (slot, pid) in workers {
+        let expected_cpu = cpus[slot % cpus.len()];
+        assert_eq!(
+            status_field(pid, "Cpus_allowed_list").unwrap(),
+            expected_cpu.to_string(),
+            "worker {slot} pid {pid} pinned to its CPU"
+        );
+        assert_eq!(
+            fds(pid),
+            vec![0, 1, 2, 3, 4],
+            "worker {slot} holds exactly fds 0-4"
+        );
+        for fd in [3, 4] {
+            assert!(
+                fd_target(pid, fd).starts_with("socket:"),
+                "fd {fd} is a socket"
+            );
+        }
+        assert_eq!(
+            pgid(pid),
+            Some(pid),
+            "worker {slot} leads its own process group"
+        );
+        let env = env_of(pid);
+        assert_eq!(env["LISTEN_PID"], pid.to_string());
+        assert_eq!(env["LISTEN_FDS"], "2");
+        assert_eq!(env["LISTEN_FDNAMES"], "a:b");
+        assert_eq!(env["REUSEPORT_CLUSTER_WORKER"], slot.to_string());
+        assert_eq!(env["REUSEPORT_CLUSTER_WORKERS"], "3");
+        assert_eq!(env["REUSEPORT_CLUSTER_CPU"], expected_cpu.to_string());
+        assert_eq!(env["REUSEPORT_CLUSTER_GENERATION"], "1");
+        assert!(
+            env.contains_key("PATH"),
+            "the master's environment is passed on"
+        );
+    }
+    // Both sockets listen on the announced ports.
+    for addr in &c.addrs {
+        assert!(TcpStream::connect(addr).is_ok(), "{addr} accepts");
+    }
+}
+
+#[test]
+fn no_pin_leaves_affinity_alone_and_omits_the_cpu_variable() {
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--no-pin",
+        "--bind",
+        "127.0.0.1:0",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let mine = status_field(std::process::id(), "Cpus_allowed_list").unwrap();
+    for (_, pid) in c.workers() {
+        assert_eq!(status_field(pid, "Cpus_allowed_list").unwrap(), mine);
+        assert!(!env_of(pid).contains_key("REUSEPORT_CLUSTER_CPU"));
+    }
+}
+
+#[test]
+fn master_environment_meant_for_the_master_is_not_passed_on() {
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            "127.0.0.1:0",
+            "--",
+            "sleep",
+            "1000",
+        ],
+        &[
+            ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("LISTEN_FDS", "7"),
+            ("KEEP_ME", "yes"),
+        ],
+    );
+    c.expect_log("workers up");
+    let pid = c.workers()[&0];
+    let env = env_of(pid);
+    assert!(
+        !env.contains_key("NOTIFY_SOCKET"),
+        "NOTIFY_SOCKET belongs to the master"
+    );
+    assert_eq!(env["LISTEN_FDS"], "1");
+    assert_eq!(env["KEEP_ME"], "yes");
+}
+
+#[test]
+fn load_new_connections_spread_over_all_workers() {
+    let c = Cluster::start(&["--workers", "4", "--bind", "127.0.0.1:0"]);
+    let addr = c.addr();
+    let mut share: HashMap<usize, usize> = HashMap::new();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..500)
+                    .map(|_| get(addr).expect("request failed").worker())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for t in threads {
+        for w in t.join().unwrap() {
+            *share.entry(w).or_default() += 1;
+        }
+    }
+    eprintln!("requests per worker: {share:?}");
+    assert_eq!(share.values().sum::<usize>(), 2000);
+    for slot in 0..4 {
+        assert!(
+            share.get(&slot).copied().unwrap_or(0) > 0,
+            "worker {slot} got no connection: {share:?}"
+        );
+    }
+}
+
+#[test]
+fn load_demo_serves_300_concurrent_keep_alive_connections_on_one_worker() {
+    let c = Cluster::start(&["--workers", "1", "--bind", "127.0.0.1:0"]);
+    let mut conns: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let s = TcpStream::connect(c.addr()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s
+        })
+        .collect();
+    for round in 0..2 {
+        for (i, s) in conns.iter_mut().enumerate() {
+            let r = get_on(s).unwrap_or_else(|e| panic!("round {round} conn {i}: {e}"));
+            assert_eq!(r.status, 200);
+            assert!(
+                r.body.starts_with("hello from worker 0 (pid "),
+                "{}",
+                r.body
+            );
+            assert_eq!(r.headers["connection"], "keep-alive");
+        }
+    }
+}
+
+#[test]
+fn unmodified_python_app_takes_fd_3_from_listen_fds() {
+    let app = script("app.py", PYTHON_APP);
+    let cmd = format!("python3 {}", app.display());
+    let mut c = Cluster::start(&["--workers", "2", "--bind", "web=127.0.0.1:0", "--cmd", &cmd]);
+    let workers = c.workers();
+    let mut seen = HashMap::new();
+    assert!(
+        wait_until(TIMEOUT, || {
+            let r = get(c.addr()).expect("python app answers");
+            seen.insert(r.worker(), r.body.clone());
+            seen.len() == 2
+        }),
+        "both python workers answer: {seen:?}"
+    );
+    for (slot, body) in seen {
+        assert_eq!(
+            body,
+            format!("python pid={} worker={slot} names=web\n", workers[&slot])
+        );
+    }
+}
+
+#[test]
+fn killed_worker_is_replaced_in_the_same_slot_and_cpu() {
+    let mut c = Cluster::start(&["--workers", "2", "--bind", "127.0.0.1:0"]);
+    let before = c.workers();
+    let old = before[&1];
+    let cpu = status_field(old, "Cpus_allowed_list").unwrap();
+    signal(old, Signal::SIGKILL);
+    let line = c.expect_log(&format!("pid {old}"));
+    c.expect_log("signal SIGKILL");
+    eprintln!("restart line: {line}");
+    assert!(c.log_contains("restarting in 100 ms"));
+    // Meanwhile the other worker serves every new connection.
+    for _ in 0..20 {
+        assert_eq!(
+            get(c.addr()).expect("request during the restart").status,
+            200
+        );
+    }
+    assert!(wait_until(TIMEOUT, || c
+        .workers()
+        .get(&1)
+        .is_some_and(|p| *p != old)));
+    let new = c.workers()[&1];
+    assert_eq!(
+        status_field(new, "Cpus_allowed_list").unwrap(),
+        cpu,
+        "same CPU"
+    );
+    assert_eq!(
+        c.workers()[&0],
+        before[&0],
+        "the other worker was left alone"
+    );
+    assert!(
+        wait_until(TIMEOUT, || get(c.addr()).is_ok_and(
+            |r| r.worker() == 1 && r.body.contains(&format!("pid {new}"))
+        )),
+        "the replacement serves"
+    );
+}
+
+#[test]
+fn sigterm_stops_every_worker_and_exits_zero() {
+    let mut c = Cluster::start(&["--workers", "3", "--bind", "127.0.0.1:0"]);
+    let pids: Vec<u32> = c.workers().values().copied().collect();
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} still alive");
+    }
+    assert!(
+        TcpStream::connect(c.addr()).is_err(),
+        "nothing listens any more"
+    );
+}
+
+#[test]
+fn app_ignoring_the_stop_signal_is_killed_after_grace_and_exit_code_says_so() {
+    let app = script("stubborn.py", "#!/usr/bin/env python3\nimport signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(1000)\n");
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--grace",
+        "1500ms",
+        "--bind",
+        "127.0.0.1:0",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    let pids: Vec<u32> = c.workers().values().copied().collect();
+    let t0 = Instant::now();
+    c.signal(Signal::SIGTERM);
+    assert_eq!(
+        c.wait_exit(TIMEOUT),
+        Some(3),
+        "exit 3: workers had to be killed"
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400),
+        "waited for the grace period, took {took:?}"
+    );
+    assert!(c.log_contains("sending SIGKILL"));
+    for pid in pids {
+        assert!(!alive(pid));
+    }
+}
+
+#[test]
+fn second_sigterm_kills_at_once() {
+    let app = script("stubborn2.py", "#!/usr/bin/env python3\nimport signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(1000)\n");
+    let mut c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--grace",
+        "60s",
+        "--bind",
+        "127.0.0.1:0",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    c.signal(Signal::SIGTERM);
+    c.expect_log("stopping");
+    let t0 = Instant::now();
+    c.signal(Signal::SIGINT);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(3));
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "did not wait for the 60 s grace"
+    );
+}
+
+#[test]
+fn sigkill_to_the_master_leaves_no_worker_behind() {
+    let tag = unique_tag("sigkill-master");
+    let mut c = Cluster::spawn(
+        &["--workers", "3", "--bind", "127.0.0.1:0"],
+        &[("RC_TEST_TAG", &tag)],
+    );
+    c.expect_log("workers up");
+    assert_eq!(tagged_processes(&tag).len(), 4, "master and 3 workers");
+    c.signal(Signal::SIGKILL);
+    c.wait_exit(TIMEOUT);
+    assert!(
+        wait_until(TIMEOUT, || tagged_processes(&tag).is_empty()),
+        "workers outlived a SIGKILLed master: {:?}",
+        tagged_processes(&tag)
+    );
+    assert!(
+        TcpStream::connect(c.addr()).is_err(),
+        "the port is free again"
+    );
+}
+
+#[test]
+fn orphans_of_a_double_forking_app_are_reaped() {
+    let dir = temp_dir("orphan");
+    let report = dir.join("grandchild-ppid");
+    let app = script(
+        "daemonizer.py",
+        &format!(
+            r#"#!/usr/bin/env python3
+import os, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        time.sleep(0.5)   # by now its parent has exited: it was adopted
+        open("{report}", "w").write(str(os.getppid()))
+        os._exit(0)
+    os._exit(0)
+time.sleep(1000)
+"#,
+            report = report.display()
+        ),
+    );
+    let mut c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    assert!(
+        wait_until(TIMEOUT, || report.exists()),
+        "the grandchild ran"
+    );
+    assert!(wait_until(TIMEOUT, || std::fs::read_to_string(&report)
+        .is_ok_and(|s| !s.is_empty())));
+    let ppid: u32 = std::fs::read_to_string(&report)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        ppid,
+        c.pid(),
+        "the master adopted the orphan (PR_SET_CHILD_SUBREAPER)"
+    );
+    let zombies = || {
+        children(c.pid())
+            .into_iter()
+            .filter(|p| status_field(*p, "State").is_some_and(|s| s.starts_with('Z')))
+            .count()
+    };
+    assert!(
+        wait_until(TIMEOUT, || zombies() == 0),
+        "zombie children of the master remain"
+    );
+    assert_eq!(c.workers().len(), 1, "the worker itself lives on");
+}
+
+#[test]
+fn ipv4_and_ipv6_wildcards_on_one_port_and_localhost() {
+    if !have_ipv6() {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    }
+    let port = free_port();
+    let v4 = format!("0.0.0.0:{port}");
+    let v6 = format!("[::]:{port}");
+    let mut c = Cluster::start(&["--workers", "1", "--bind", &v4, "--bind", &v6]);
+    let pid = c.workers()[&0];
+    for fd in [3, 4] {
+        assert!(
+            fd_target(pid, fd).starts_with("socket:"),
+            "fd {fd} of the worker is a socket"
+        );
+    }
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        assert_eq!(
+            get(addr).unwrap_or_else(|e| panic!("{addr}: {e}")).status,
+            200
+        );
+    }
+    drop(c);
+    let c = Cluster::start(&["--workers", "1", "--bind", "localhost:0"]);
+    assert!(c.addr().ip().is_loopback());
+    assert_eq!(get(c.addr()).unwrap().status, 200);
+}
+
+#[test]
+fn start_up_fails_fast_when_the_app_exits_at_once() {
+    let t0 = Instant::now();
+    let (code, log) = run(&[
+        "--workers",
+        "4",
+        "--bind",
+        "127.0.0.1:0",
+        "--cmd",
+        "sh -c 'exit 7'",
+    ]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("error: worker 0")
+            && log.contains("exit status 7")
+            && log.contains("before any worker was up"),
+        "{log}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn exec_failure_in_the_child_is_reported_with_worker_step_and_os_error() {
+    let app = script("noshebang", "echo not a binary\n");
+    let (code, log) = run(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{log}");
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        error.contains("worker 0")
+            && error.contains("exec ")
+            && error.contains("Exec format error"),
+        "{error}"
+    );
+    assert!(error.contains("#!"), "says how to fix it: {error}");
+}
+
+#[test]
+fn backlog_above_somaxconn_is_warned_about() {
+    let Some(max) = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        eprintln!("skipped: /proc/sys/net/core/somaxconn is not readable");
+        return;
+    };
+    let backlog = (max + 1).to_string();
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--backlog",
+            &backlog,
+            "--bind",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let line = c.expect_log("somaxconn");
+    assert!(
+        line.starts_with("warning:") && line.contains("sysctl -w net.core.somaxconn="),
+        "{line}"
+    );
+}

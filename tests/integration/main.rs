@@ -1,0 +1,8 @@
+//! Integration tests: the real binary, real workers, real TCP clients on 127.0.0.1.
+//!
+//! Compiled as one test binary (one link, shared helpers). Tests whose names start with
+//! `load_` put load on the machine; nextest runs them one at a time (.config/nextest.toml).
+
+mod bad_input;
+mod launcher;
+mod support;

@@ -1,0 +1,401 @@
+//! Helpers shared by the integration tests: start the real binary, read its log, find its
+//! workers in /proc, talk HTTP over real TCP, and clean up even when an assertion fails.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use nix::sys::signal::Signal;
+
+/// Generous upper bound for anything that should take a second or two.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_reuseport-cluster")
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running master, killed with its workers when dropped.
+pub struct Cluster {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    /// The sockets the master announced, in fd order.
+    pub addrs: Vec<SocketAddr>,
+    seen_workers: Vec<u32>,
+    status: Option<ExitStatus>,
+}
+
+impl Cluster {
+    /// Starts the binary with `args` and waits until it says all its workers are up.
+    pub fn start(args: &[&str]) -> Cluster {
+        let mut c = Cluster::spawn(args, &[]);
+        c.expect_log("workers up");
+        c
+    }
+
+    /// Starts the binary and returns at once (after it has announced its sockets, unless
+    /// it exits first).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Cluster {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting reuseport-cluster");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("  | {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut c = Cluster {
+            child,
+            log,
+            addrs: Vec::new(),
+            seen_workers: Vec::new(),
+            status: None,
+        };
+        wait_until(TIMEOUT, || c.log_contains("sockets:") || c.exited());
+        if let Some(line) = c.log().into_iter().find(|l| l.contains("sockets:")) {
+            c.addrs = parse_sockets(&line);
+        }
+        c
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first socket's address, as a client reaches it.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Every line the master has logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Whether some log line contains `needle`.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log if it never comes.
+    pub fn expect_log(&mut self, needle: &str) -> String {
+        let found = wait_until(TIMEOUT, || self.log_contains(needle) || self.exited());
+        let log = self.log();
+        match log.iter().find(|l| l.contains(needle)) {
+            Some(line) if found => line.clone(),
+            _ => panic!("no log line with {needle:?}; log:\n{}", log.join("\n")),
+        }
+    }
+
+    /// The master's children that are workers (not adopted orphans), by slot.
+    pub fn workers(&mut self) -> HashMap<usize, u32> {
+        let mut by_slot = HashMap::new();
+        for pid in children(self.pid()) {
+            if let Some(slot) = env_of(pid).get("REUSEPORT_CLUSTER_WORKER") {
+                by_slot.insert(slot.parse().unwrap(), pid);
+                if !self.seen_workers.contains(&pid) {
+                    self.seen_workers.push(pid);
+                }
+            }
+        }
+        by_slot
+    }
+
+    /// Sends `sig` to the master.
+    pub fn signal(&self, sig: Signal) {
+        signal(self.pid(), sig);
+    }
+
+    /// Whether the master has exited (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().unwrap();
+        }
+        self.status.is_some()
+    }
+
+    /// Waits for the master to exit and returns its exit code (`None`: killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        assert!(
+            wait_until(timeout, || self.exited()),
+            "master still running after {timeout:?}; log:\n{}",
+            self.log().join("\n")
+        );
+        // Let the reader thread take the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        self.status.unwrap().code()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in &self.seen_workers {
+            kill_group(*pid);
+        }
+    }
+}
+
+fn parse_sockets(line: &str) -> Vec<SocketAddr> {
+    // "...; sockets: fd 3 bind0=127.0.0.1:4000, fd 4 http=[::1]:4001"
+    let list = line.split("sockets:").nth(1).unwrap_or("");
+    list.split(',')
+        .filter_map(|s| s.split('=').nth(1))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect()
+}
+
+/// Runs the binary to completion (bounded) and returns (exit code, stderr).
+pub fn run(args: &[&str]) -> (Option<i32>, String) {
+    let mut c = Cluster::spawn(args, &[]);
+    let code = c.wait_exit(TIMEOUT);
+    (code, c.log().join("\n"))
+}
+
+/// Children of `pid` (from /proc/PID/task/PID/children).
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The environment of a process.
+pub fn env_of(pid: u32) -> HashMap<String, String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// A field of /proc/PID/status, e.g. `Cpus_allowed_list`.
+pub fn status_field(pid: u32, field: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+}
+
+/// Whether `pid` is alive and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    matches!(status_field(pid, "State"), Some(s) if !s.starts_with('Z') && !s.starts_with('X'))
+}
+
+/// The open fds of a process, sorted.
+pub fn fds(pid: u32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort_unstable();
+    fds
+}
+
+/// What an fd of a process points to (`socket:[1234]`).
+pub fn fd_target(pid: u32, fd: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// One HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: HashMap<String, String>,
+    /// The body as text.
+    pub body: String,
+}
+
+impl Response {
+    /// The X-Worker header as a slot number.
+    pub fn worker(&self) -> usize {
+        self.headers["x-worker"].parse().unwrap()
+    }
+}
+
+/// GET / on a new connection, `Connection: close`.
+pub fn get(addr: SocketAddr) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw).ok_or_else(|| {
+        std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw)))
+    })
+}
+
+/// Sends one keep-alive GET on `stream` and reads exactly one response.
+pub fn get_on(stream: &mut TcpStream) -> std::io::Result<Response> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + len {
+                return parse_response(&raw).ok_or_else(|| std::io::Error::other("bad response"));
+            }
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed",
+            ));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Option<Response> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(Response {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// CPUs this test process may run on, as a list.
+pub fn allowed_cpus() -> Vec<usize> {
+    let list = status_field(std::process::id(), "Cpus_allowed_list").unwrap();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// Writes an executable script into a fresh temp dir and returns its path.
+pub fn script(name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir(name);
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A fresh, empty directory for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("rc-test-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port that was free a moment ago (for tests that need one fixed port on two binds).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether this host can use IPv6 loopback.
+pub fn have_ipv6() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// The process group of `pid` (field 5 of /proc/PID/stat).
+pub fn pgid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing paren.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// Live processes whose environment holds `RC_TEST_TAG=<tag>`.
+pub fn tagged_processes(tag: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| alive(*pid) && env_of(*pid).get("RC_TEST_TAG").is_some_and(|t| t == tag))
+        .collect()
+}
+
+/// A tag unique to this test run and `name`, for [`tagged_processes`].
+pub fn unique_tag(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// Sends `sig` to one process.
+pub fn signal(pid: u32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+        .unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
+}
+
+/// SIGKILLs the process group `pgid`, if it still exists. Never shells out to kill(1):
+/// procps' `kill -9 -PID` has been seen to send kill(-1, …), i.e. to every process.
+pub fn kill_group(pgid: u32) {
+    assert!(pgid > 1, "refusing to signal process group {pgid}");
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), Signal::SIGKILL);
+}
