@@ -145,6 +145,7 @@ fn master_environment_meant_for_the_master_is_not_passed_on() {
 
 #[test]
 fn load_new_connections_spread_over_all_workers() {
+    let _load = load_lock();
     let c = Cluster::start(&["--workers", "4", "--bind", "127.0.0.1:0"]);
     let addr = c.addr();
     let mut share: HashMap<usize, usize> = HashMap::new();
@@ -174,6 +175,7 @@ fn load_new_connections_spread_over_all_workers() {
 
 #[test]
 fn load_demo_serves_300_concurrent_keep_alive_connections_on_one_worker() {
+    let _load = load_lock();
     let c = Cluster::start(&["--workers", "1", "--bind", "127.0.0.1:0"]);
     let mut conns: Vec<TcpStream> = (0..300)
         .map(|_| {

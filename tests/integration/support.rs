@@ -21,9 +21,11 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_reuseport-cluster")
 }
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+/// Polls `cond` until it holds or `timeout` passes: first every millisecond (so that the
+/// benchmarks can time fast events), backing off to every 20 ms.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
+    let mut interval = Duration::from_millis(1);
     loop {
         if cond() {
             return true;
@@ -31,7 +33,8 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(interval);
+        interval = (interval * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -398,4 +401,22 @@ pub fn signal(pid: u32, sig: Signal) {
 pub fn kill_group(pgid: u32) {
     assert!(pgid > 1, "refusing to signal process group {pgid}");
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), Signal::SIGKILL);
+}
+
+/// Held by a test that puts load on the machine, so that load tests run one at a time
+/// under `cargo test` (threads) as well as under nextest (processes; also grouped there).
+pub struct LoadLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+/// Waits for the machine-wide load-test lock.
+pub fn load_lock() -> LoadLock {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("reuseport-cluster-load-tests.lock"))
+        .unwrap();
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) {
+        Ok(lock) => LoadLock(lock),
+        Err((_, e)) => panic!("locking the load-test lock: {e}"),
+    }
 }
