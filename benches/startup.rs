@@ -50,9 +50,15 @@ fn start_up(n: usize) -> Sample {
     let t0 = Instant::now();
     let c = Cluster::spawn(&["--workers", &workers, "--bind", "127.0.0.1:0"], &[]);
     let port = c.addr().port();
-    assert!(wait_until(TIMEOUT, || listening(port) == n), "{n} sockets listening");
+    assert!(
+        wait_until(TIMEOUT, || listening(port) == n),
+        "{n} sockets listening"
+    );
     let listening = t0.elapsed();
-    assert!(until_all_answer(c.addr(), n, TIMEOUT), "all {n} workers answered");
+    assert!(
+        until_all_answer(c.addr(), n, TIMEOUT),
+        "all {n} workers answered"
+    );
     Sample {
         listening,
         answering: t0.elapsed(),
@@ -65,11 +71,18 @@ fn replacement() -> Sample {
     let old = c.workers()[&0];
     let t0 = Instant::now();
     signal(old, Signal::SIGKILL);
-    assert!(wait_until(TIMEOUT, || listening(port) == 1), "old socket closed");
-    assert!(wait_until(TIMEOUT, || listening(port) == 2), "replacement listening");
+    assert!(
+        wait_until(TIMEOUT, || listening(port) == 1),
+        "old socket closed"
+    );
+    assert!(
+        wait_until(TIMEOUT, || listening(port) == 2),
+        "replacement listening"
+    );
     let listening = t0.elapsed();
     let pid = format!("pid {}", old);
-    assert!(wait_until(TIMEOUT, || get(c.addr()).is_ok_and(|r| r.worker() == 0 && !r.body.contains(&pid))));
+    assert!(wait_until(TIMEOUT, || get(c.addr())
+        .is_ok_and(|r| r.worker() == 0 && !r.body.contains(&pid))));
     Sample {
         listening,
         answering: t0.elapsed(),
@@ -79,11 +92,19 @@ fn replacement() -> Sample {
 fn summary(samples: &[Duration]) -> String {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(|a, b| a.total_cmp(b));
-    format!("{:.1} ms ({:.1}-{:.1})", ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
+    format!(
+        "{:.1} ms ({:.1}-{:.1})",
+        ms[ms.len() / 2],
+        ms[0],
+        ms[ms.len() - 1]
+    )
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let mut runs = 5;
     let mut sizes = Vec::new();
     let mut it = args.iter();
