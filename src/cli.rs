@@ -4,7 +4,7 @@
 //! resolved [`crate::config::Config`] and words every error itself, so that bad input always
 //! gets one actionable line.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Run N copies of a server behind one port, each worker with its own SO_REUSEPORT socket.
 #[derive(Debug, Parser)]
@@ -71,6 +71,27 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIG", default_value = "TERM")]
     pub stop_signal: String,
 
+    /// When a new worker counts as ready: notify (it sends READY=1 to NOTIFY_SOCKET),
+    /// listening (a process of its group waits for connections on its socket), delay:DURATION,
+    /// or auto (the first of notify and listening)
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub ready: String,
+
+    /// How long a new worker may take to become ready; in a rolling restart, a worker that
+    /// is not ready by then fails the restart
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub ready_timeout: String,
+
+    /// Slots replaced at once in a rolling restart (SIGHUP)
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub rolling_batch: usize,
+
+    /// net.ipv4.tcp_migrate_req, which moves the connections queued on a stopping worker's
+    /// socket to the other workers instead of resetting them: auto sets it when it may and
+    /// warns when it may not; on refuses to start without it; off leaves it alone
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = Migrate::Auto)]
+    pub migrate: Migrate,
+
     /// The app: "PROGRAM ARGS", split into words like a shell would (no shell is started).
     /// PROGRAM is looked up in PATH once, at start-up. [default: the built-in demo app]
     #[arg(long, value_name = "\"PROGRAM ARGS\"", conflicts_with = "program")]
@@ -79,4 +100,15 @@ pub struct RunArgs {
     /// The app, as separate words after `--`
     #[arg(last = true, value_name = "PROGRAM ARGS")]
     pub program: Vec<String>,
+}
+
+/// What to do about net.ipv4.tcp_migrate_req.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Migrate {
+    /// Set it to 1 when it is 0 and we may; warn when we may not.
+    Auto,
+    /// Set it to 1, or refuse to start.
+    On,
+    /// Leave it alone.
+    Off,
 }

@@ -14,7 +14,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::{access, AccessFlags};
 
-use crate::cli::RunArgs;
+use crate::cli::{Migrate, RunArgs};
+use crate::readiness::ReadyMode;
 
 /// A command-line value that cannot be used; `main` maps it to exit code 2.
 #[derive(Debug)]
@@ -27,6 +28,13 @@ impl fmt::Display for Invalid {
 }
 
 impl std::error::Error for Invalid {}
+
+/// More workers than this is a typo, not a deployment (and would exhaust memory or pids).
+const MAX_WORKERS: usize = 4096;
+/// CPU_SETSIZE: the highest CPU number an affinity mask can hold, plus one.
+const MAX_CPUS: usize = 1024;
+/// Durations above this are typos (and would overflow the monotonic clock).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 macro_rules! invalid {
     ($($arg:tt)*) => { Invalid(format!($($arg)*)) };
@@ -47,6 +55,14 @@ pub struct Config {
     pub grace: Duration,
     /// Signal that asks a worker to stop.
     pub stop_signal: Signal,
+    /// When a new worker counts as ready.
+    pub ready: ReadyMode,
+    /// How long a new worker may take to become ready.
+    pub ready_timeout: Duration,
+    /// Slots replaced at once in a rolling restart.
+    pub rolling_batch: usize,
+    /// What to do about net.ipv4.tcp_migrate_req.
+    pub migrate: Migrate,
     /// What each worker runs.
     pub app: App,
 }
@@ -117,15 +133,30 @@ impl Config {
 
         let workers = match args.workers {
             Some(0) => return Err(invalid!("--workers 0: at least one worker is needed")),
+            Some(n) if n > MAX_WORKERS => {
+                return Err(invalid!("--workers {n}: at most {MAX_WORKERS} workers"))
+            }
             Some(n) => n,
             None => num_cpus::get().max(1),
         };
-        if args.backlog == 0 {
-            return Err(invalid!("--backlog 0: the backlog must be at least 1"));
+        if args.backlog == 0 || args.backlog > i32::MAX as u32 {
+            return Err(invalid!(
+                "--backlog {}: the backlog must be between 1 and {}",
+                args.backlog,
+                i32::MAX
+            ));
         }
         let grace = parse_duration(&args.grace).map_err(|e| invalid!("--grace {e}"))?;
         let stop_signal = parse_signal(&args.stop_signal)
             .map_err(|e| invalid!("--stop-signal {}: {e}", args.stop_signal))?;
+
+        let ready =
+            ReadyMode::parse(&args.ready).map_err(|e| invalid!("--ready {}: {e}", args.ready))?;
+        let ready_timeout =
+            parse_duration(&args.ready_timeout).map_err(|e| invalid!("--ready-timeout {e}"))?;
+        if args.rolling_batch == 0 {
+            return Err(invalid!("--rolling-batch 0: at least one slot at a time"));
+        }
 
         let words = match (&args.cmd, args.program.is_empty()) {
             (Some(cmd), _) => Some(
@@ -155,8 +186,24 @@ impl Config {
             backlog: args.backlog,
             grace,
             stop_signal,
+            ready,
+            ready_timeout,
+            rolling_batch: args.rolling_batch,
+            migrate: args.migrate,
             app,
         })
+    }
+
+    /// Looks the program up in PATH again, as a rolling restart does (a new binary at the
+    /// same path, or earlier in PATH, is picked up).
+    pub fn resolve_app_again(&self) -> Result<App, Invalid> {
+        match &self.app {
+            App::Demo => Ok(App::Demo),
+            App::Program { argv, .. } => Ok(App::Program {
+                path: resolve_program(&argv[0], std::env::var_os("PATH").as_deref())?,
+                argv: argv.clone(),
+            }),
+        }
     }
 }
 
@@ -250,9 +297,24 @@ pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
                 if lo > hi {
                     return Err(format!("range {part} is backwards"));
                 }
+                if hi >= MAX_CPUS {
+                    return Err(format!(
+                        "CPU {hi} is beyond the highest possible CPU ({})",
+                        MAX_CPUS - 1
+                    ));
+                }
                 cpus.extend(lo..=hi);
             }
-            None => cpus.push(num(part)?),
+            None => {
+                let cpu = num(part)?;
+                if cpu >= MAX_CPUS {
+                    return Err(format!(
+                        "CPU {cpu} is beyond the highest possible CPU ({})",
+                        MAX_CPUS - 1
+                    ));
+                }
+                cpus.push(cpu);
+            }
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -291,28 +353,33 @@ fn allowed_cpus() -> Vec<usize> {
         .unwrap_or_else(|| (0..num_cpus::get()).collect())
 }
 
-/// Parses `30s`, `500ms`, `1m 30s`; a bare number means seconds.
+/// Parses `30s`, `500ms`, `1m 30s`; a bare number means seconds. At most a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.trim().parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let d = match s.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{s:?}: {e} (expected e.g. 30s, 500ms or 1m30s)"))?,
+    };
+    if d > MAX_DURATION {
+        return Err(format!("{s:?}: at most 365 days"));
     }
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?}: {e} (expected e.g. 30s, 500ms or 1m30s)"))
+    Ok(d)
 }
 
 /// Parses `TERM`, `SIGTERM`, `sigterm` or `15`.
 pub fn parse_signal(s: &str) -> Result<Signal, String> {
     let s = s.trim();
-    if let Ok(n) = s.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"));
-    }
-    let upper = s.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
+    let sig = match s.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"))?,
+        Err(_) => {
+            let upper = s.to_ascii_uppercase();
+            let name = match upper.starts_with("SIG") {
+                true => upper,
+                false => format!("SIG{upper}"),
+            };
+            Signal::from_str(&name).map_err(|_| "unknown signal (e.g. TERM, INT, QUIT)")?
+        }
     };
-    let sig = Signal::from_str(&name).map_err(|_| "unknown signal (e.g. TERM, INT, QUIT)")?;
     if sig == Signal::SIGKILL || sig == Signal::SIGSTOP {
         return Err(format!("{sig} can not be used to ask for a graceful stop"));
     }
@@ -422,6 +489,9 @@ mod tests {
         assert!(parse_cpu_list("3-1").is_err());
         assert!(parse_cpu_list("1,1").is_err());
         assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("0-18446744073709551615").is_err());
+        assert!(parse_cpu_list("0-99999999999").is_err());
+        assert!(parse_cpu_list("1024").is_err());
         assert_eq!(format_cpu_list(&[6, 0, 1, 2, 3]), "0-3,6");
         assert_eq!(format_cpu_list(&[1]), "1");
     }
@@ -436,6 +506,8 @@ mod tests {
         assert_eq!(parse_signal("sigint").unwrap(), Signal::SIGINT);
         assert_eq!(parse_signal("3").unwrap(), Signal::SIGQUIT);
         assert!(parse_signal("KILL").is_err());
+        assert!(parse_signal("9").is_err() && parse_signal("19").is_err());
+        assert!(parse_duration("18446744073709551615").is_err());
         assert!(parse_signal("NOPE").is_err());
     }
 

@@ -7,7 +7,9 @@
 //!
 //! On SIGTERM/SIGINT it stops the way a production server should: it stops accepting
 //! (with net.ipv4.tcp_migrate_req=1 the kernel hands its queued connections to the other
-//! workers), finishes the requests in flight, closes idle keep-alive connections, exits 0.
+//! workers), answers every further request with `Connection: close`, closes keep-alive
+//! connections that stay idle for a second (closing them at once would race a client that
+//! is sending its next request), and exits 0 once every connection is closed.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -23,8 +25,11 @@ use crate::spawn;
 
 /// Longest request head accepted (request line and headers).
 const MAX_HEAD: usize = 16 * 1024;
-/// How long a stopping worker waits for requests in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping worker lets idle keep-alive connections send one more request.
+const IDLE_LINGER: Duration = Duration::from_secs(1);
+/// How long a stopping worker waits for requests in flight (the master's --grace decides
+/// in the end).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A prepared answer; `head_len` bytes of it are the head (all a HEAD request gets).
 struct Response {
@@ -95,8 +100,12 @@ pub fn run() -> anyhow::Result<()> {
         let _ = socket2::SockRef::from(listener).shutdown(Shutdown::Read);
     }
     let conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+    let (conns, _) = shared
+        .drained
+        .wait_timeout_while(conns, IDLE_LINGER, |c| !c.is_empty())
+        .unwrap_or_else(|e| e.into_inner());
     for stream in conns.values() {
-        // Idle keep-alive readers see EOF; a request being served still gets its answer.
+        // Idle keep-alive readers see EOF; a request already received still gets its answer.
         let _ = stream.shutdown(Shutdown::Read);
     }
     let _ = shared
@@ -118,16 +127,16 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-            if shared.stopping.load(Ordering::SeqCst) {
-                continue; // accepted just as the stop began: closing it is the clean answer
-            }
-            match stream.try_clone() {
-                Ok(clone) => conns.insert(id, clone),
-                Err(_) => continue,
-            };
-        }
+        // Even when accepted just as the stop began, the connection is served (its answer
+        // says Connection: close): dropping it would fail a request the kernel handed us.
+        match stream.try_clone() {
+            Ok(clone) => shared
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, clone),
+            Err(_) => continue,
+        };
         let conn_shared = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .stack_size(64 * 1024)

@@ -1,9 +1,12 @@
 //! The master: one thread, one place where it waits.
 //!
-//! It blocks in poll(2) on signal-hook's self-pipe, with the supervisor's next timer as the
-//! timeout; an idle cluster means a master asleep in poll with no timeout at all. Each wake
-//! drains the signals, reaps every exited child, and feeds the resulting events to the
-//! [`Supervisor`], whose actions (fork, signal, log, exit) are carried out here.
+//! It blocks in poll(2) on signal-hook's self-pipe and the workers' notify socket, with the
+//! nearest timer as the timeout; an idle cluster means a master asleep in poll with no
+//! timeout at all. Each wake drains the signals and notify messages, reaps every exited
+//! child, and feeds the resulting events to the [`Supervisor`], whose actions (prepare a
+//! generation, fork, signal, log, exit) are carried out here. While a worker is starting in
+//! `--ready listening|auto` mode the master also looks at /proc every few milliseconds
+//! (there is no event for "a process waits on this socket").
 //!
 //! The master must stay single-threaded: `fork` is only safe without other threads, and
 //! PR_SET_PDEATHSIG fires when the forking *thread* exits.
@@ -12,30 +15,34 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
-use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 
 use crate::config::{format_cpu_list, App, Config};
+use crate::notify::NotifySocket;
+use crate::readiness;
 use crate::socket;
-use crate::spawn::Spawner;
+use crate::spawn::{self, Spawner};
 use crate::supervisor::{Action, Event, Outcome, Settings, Supervisor};
-use crate::worker::ExitReason;
-use crate::{debug, info, warn};
+use crate::{debug, info, log, warn};
 
 /// Signals the master handles; every other one keeps its default action.
 const HANDLED: [i32; 7] = [SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU];
 
+/// How often /proc is read for a starting worker's readiness.
+const READINESS_SCAN: Duration = Duration::from_millis(5);
+
 /// Runs the cluster until it has stopped.
 pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
+    spawn::cloexec_inherited_fds();
     nix::sys::prctl::set_child_subreaper(true)
         .context("becoming a child subreaper (PR_SET_CHILD_SUBREAPER)")?;
     // Held, bound but never listening, for the master's whole life: see socket.rs.
@@ -47,7 +54,14 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             config.backlog, config.backlog
         );
     }
-    let spawner = Spawner::new(&config)?;
+    if let Some((level, line)) = socket::apply_migrate(config.migrate)? {
+        log::line(level, &line);
+    }
+    let notify = match config.ready.uses_notify() {
+        true => Some(NotifySocket::bind()?),
+        false => None,
+    };
+    let mut spawner = Spawner::new(&config, notify.as_ref().map(|n| n.env_value()).as_deref())?;
     let (read, write) = UnixStream::pair().context("creating the signal pipe")?;
     let mut signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED)
         .context("installing signal handlers")?;
@@ -58,47 +72,99 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         cpus: (0..config.workers).map(|i| config.cpu_of(i)).collect(),
         grace: config.grace,
         stop_signal: config.stop_signal,
+        ready: config.ready,
+        ready_timeout: config.ready_timeout,
+        rolling_batch: config.rolling_batch,
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
     let mut events = VecDeque::from([Event::Start]);
     loop {
         while let Some(event) = events.pop_front() {
             let actions = supervisor.step(event, Instant::now());
-            if let Some(outcome) = perform(actions, &spawner, &mut events) {
+            // What an action answers (a fork's outcome) is handled before anything else.
+            let mut answers = Vec::new();
+            if let Some(outcome) = perform(actions, &config, &mut spawner, &mut answers) {
                 return Ok(outcome);
             }
+            for answer in answers.into_iter().rev() {
+                events.push_front(answer);
+            }
         }
-        wait(&signals, supervisor.next_deadline());
+
+        let scanning = config.ready.uses_listening() && supervisor.starting().next().is_some();
+        let deadline = match (supervisor.next_deadline(), scanning) {
+            (d, true) => Some(d.map_or(Instant::now() + READINESS_SCAN, |d| {
+                d.min(Instant::now() + READINESS_SCAN)
+            })),
+            (d, false) => d,
+        };
+        wait(&signals, notify.as_ref(), deadline);
+
+        // Exits first: a stop request handled in the same wake as the last worker's exit
+        // must find it gone (and not SIGKILL, nor report exit 3, for nothing).
+        reap(&supervisor, &mut events);
         for signal in signals.pending() {
             match signal {
                 SIGTERM | SIGINT => events.push_back(Event::StopGracefully),
                 SIGQUIT => events.push_back(Event::StopNow),
-                SIGHUP => info!("SIGHUP ignored: this version has no rolling restart"),
+                SIGHUP => events.push_back(Event::Reload),
                 SIGTTIN | SIGTTOU => info!("SIGTTIN/SIGTTOU ignored: this version does not scale"),
                 _ => {} // SIGCHLD: reaped below, on every wake
             }
         }
-        reap(&supervisor, &mut events);
+        if let Some(notify) = &notify {
+            for message in notify.receive() {
+                notify_events(&supervisor, message, &mut events);
+            }
+        }
+        if scanning {
+            for w in supervisor.starting() {
+                if readiness::is_listening(w.pid.as_raw() as u32, &w.sockets) {
+                    events.push_back(Event::Ready { pid: w.pid });
+                }
+            }
+        }
         events.push_back(Event::Tick);
     }
 }
 
-/// Carries out `actions`; a fork's result comes back as an event.
+/// Carries out `actions`; what they answer (a fork's outcome) goes to `answers`.
 fn perform(
     actions: Vec<Action>,
-    spawner: &Spawner,
-    events: &mut VecDeque<Event>,
+    config: &Config,
+    spawner: &mut Spawner,
+    answers: &mut Vec<Event>,
 ) -> Option<Outcome> {
     for action in actions {
         match action {
+            Action::PrepareGeneration { generation } => {
+                let prepared = config
+                    .resolve_app_again()
+                    .map_err(|e| e.to_string())
+                    .and_then(|app| {
+                        spawner
+                            .set_program(generation, &app)
+                            .map_err(|e| format!("{e:#}"))
+                    });
+                answers.push(match prepared {
+                    Ok(()) => Event::GenerationPrepared { generation },
+                    Err(error) => Event::GenerationFailed { generation, error },
+                });
+            }
             Action::Spawn {
                 slot,
                 cpu,
                 generation,
-            } => events.push_back(match spawner.spawn(slot, cpu, generation) {
-                Ok(pid) => Event::Spawned { slot, pid },
+            } => answers.push(match spawner.spawn(slot, cpu, generation) {
+                Ok(spawned) => Event::Spawned {
+                    slot,
+                    generation,
+                    pid: spawned.pid,
+                    sockets: spawned.sockets,
+                },
                 Err(e) => Event::SpawnFailed {
                     slot,
+                    generation,
                     error: e.to_string(),
                 },
             }),
@@ -113,6 +179,35 @@ fn perform(
     None
 }
 
+/// Turns one sd_notify datagram into events, if a worker (or a process of its group) sent it.
+fn notify_events(
+    supervisor: &Supervisor,
+    message: crate::notify::Message,
+    events: &mut VecDeque<Event>,
+) {
+    let sender = Pid::from_raw(message.pid as i32);
+    let worker = if supervisor.is_worker(sender) {
+        Some(sender)
+    } else {
+        readiness::process_group(message.pid)
+            .map(|g| Pid::from_raw(g as i32))
+            .filter(|g| supervisor.is_worker(*g))
+    };
+    let Some(pid) = worker else {
+        return debug!(
+            "notify message from pid {} ignored: not a worker",
+            message.pid
+        );
+    };
+    for (key, value) in message.fields {
+        match key.as_str() {
+            "READY" if value == "1" => events.push_back(Event::Ready { pid }),
+            "STATUS" => events.push_back(Event::Status { pid, text: value }),
+            _ => {} // STOPPING=1, WATCHDOG=1, …: nothing to act on yet
+        }
+    }
+}
+
 /// killpg(2) for a worker's group. A group id of 0 or 1 would mean our own group or every
 /// process (killpg(1) is kill(-1)); no worker has one, and this makes sure of it.
 fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
@@ -122,8 +217,12 @@ fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
     killpg(pgid, signal)
 }
 
-/// Sleeps until a signal arrives or `deadline` passes.
-fn wait(signals: &SignalDelivery<UnixStream, SignalOnly>, deadline: Option<Instant>) {
+/// Sleeps until a signal or notify message arrives or `deadline` passes.
+fn wait(
+    signals: &SignalDelivery<UnixStream, SignalOnly>,
+    notify: Option<&NotifySocket>,
+    deadline: Option<Instant>,
+) {
     let timeout = match deadline {
         None => PollTimeout::NONE,
         Some(d) => {
@@ -135,7 +234,10 @@ fn wait(signals: &SignalDelivery<UnixStream, SignalOnly>, deadline: Option<Insta
             PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
         }
     };
-    let mut fds = [PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN)];
+    let mut fds = vec![PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN)];
+    if let Some(n) = notify {
+        fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
+    }
     match poll(&mut fds, timeout) {
         Ok(_) | Err(Errno::EINTR) => {}
         Err(e) => warn!("poll: {e}"),
@@ -144,24 +246,20 @@ fn wait(signals: &SignalDelivery<UnixStream, SignalOnly>, deadline: Option<Insta
 
 /// Reaps every exited child: workers become events, adopted orphans are just reaped.
 fn reap(supervisor: &Supervisor, events: &mut VecDeque<Event>) {
-    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
     loop {
-        let pid = match waitid(Id::All, flags) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+        let pid = match spawn::exited_child() {
+            Ok(Some(pid)) => pid,
+            Ok(None) | Err(Errno::ECHILD) => return,
             Err(Errno::EINTR) => continue,
             Err(e) => return warn!("waitid: {e}"),
-            Ok(status) => match status.pid() {
-                Some(pid) => pid,
-                None => return,
-            },
         };
         if supervisor.is_worker(pid) {
             // While the worker is an unreaped zombie its pid (= its group id) cannot be
             // reused, so this reaches exactly what it left behind in its group.
             let _ = signal_group(pid, Signal::SIGKILL);
         }
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)).map(ExitReason::from_wait_status) {
-            Ok(Some((pid, reason))) => {
+        match spawn::reap(pid) {
+            Ok(Some(reason)) => {
                 if !supervisor.is_worker(pid) {
                     debug!("reaped orphan pid {pid} ({reason})");
                 }
@@ -186,10 +284,11 @@ fn announce(config: &Config) {
         None => "not pinned".into(),
     };
     info!(
-        "reuseport-cluster {}: master pid {}, {} workers {pinning}; sockets: {}",
+        "reuseport-cluster {}: master pid {}, {} workers {pinning}, ready: {}; sockets: {}",
         env!("CARGO_PKG_VERSION"),
         std::process::id(),
         config.workers,
+        config.ready,
         sockets.join(", ")
     );
     if config.app == App::Demo {

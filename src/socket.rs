@@ -14,7 +14,9 @@ use anyhow::Context;
 use nix::libc;
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use crate::cli::Migrate;
 use crate::config::Bind;
+use crate::log::Level;
 
 /// A bind prepared before fork: the sockaddr bytes and the options it needs.
 #[derive(Debug, Clone)]
@@ -119,6 +121,43 @@ pub fn explain(step: SocketStep, addr: SocketAddr, err: &io::Error) -> String {
         SocketStep::Listen => "listening on",
     };
     format!("{what} {addr}: {err}{hint}")
+}
+
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Applies `--migrate`: when a listening socket of a reuseport group closes, Linux resets the
+/// connections in its accept queue unless net.ipv4.tcp_migrate_req=1 (Linux 5.14+) moves
+/// them to another socket of the group. Returns the line to log, if any.
+pub fn apply_migrate(mode: Migrate) -> anyhow::Result<Option<(Level, String)>> {
+    if mode == Migrate::Off {
+        return Ok(None);
+    }
+    let fix = "run: sysctl -w net.ipv4.tcp_migrate_req=1";
+    let lost = "connections queued on a stopping worker's socket will be reset";
+    match std::fs::read_to_string(MIGRATE_REQ).map(|v| v.trim().to_string()) {
+        Ok(v) if v == "1" => Ok(None),
+        Ok(_) => match std::fs::write(MIGRATE_REQ, "1") {
+            Ok(()) => Ok(Some((
+                Level::Info,
+                "set net.ipv4.tcp_migrate_req=1: a stopping worker's queued connections move to the other workers"
+                    .into(),
+            ))),
+            Err(e) if mode == Migrate::On => anyhow::bail!(
+                "--migrate on: net.ipv4.tcp_migrate_req is 0 and setting it failed ({e}); {fix}"
+            ),
+            Err(e) => Ok(Some((
+                Level::Warn,
+                format!("net.ipv4.tcp_migrate_req is 0 and setting it failed ({e}): {lost}; {fix}"),
+            ))),
+        },
+        Err(_) if mode == Migrate::On => anyhow::bail!(
+            "--migrate on: this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+)"
+        ),
+        Err(_) => Ok(Some((
+            Level::Warn,
+            format!("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+): {lost}"),
+        ))),
+    }
 }
 
 /// net.core.somaxconn, the kernel's cap on any listen() backlog.

@@ -10,8 +10,10 @@
 //! SIGKILL when the master dies (PR_SET_PDEATHSIG), opens its listening sockets (socket2:
 //! SO_REUSEADDR, SO_REUSEPORT, bind, listen) and moves them to fds 3.., marks every other
 //! fd close-on-exec, pins itself to its CPU (core_affinity), fills in LISTEN_PID and execs.
-//! A failing step writes (step, bind index, errno) to a close-on-exec pipe and `_exit`s;
-//! the master reads EOF when exec succeeded, like `std::process::Command` does.
+//! Before exec the child writes each socket's inode to a close-on-exec pipe (for
+//! `--ready listening`, which looks for that socket in /proc); a failing step writes
+//! (step, bind index, errno) and `_exit`s. The master reads until EOF, which comes when
+//! exec succeeded, like `std::process::Command` does.
 //!
 //! **LISTEN_PID** must be the worker's own pid, known only after fork. The envp entry is
 //! built before fork as `LISTEN_PID=` followed by room for 20 digits; the child writes its
@@ -19,6 +21,7 @@
 //! keeps one exec per worker (no helper re-exec), so the app's pid is the worker's pid, the
 //! one the master supervises and signals.
 
+use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsString};
 use std::fmt;
 use std::io;
@@ -36,6 +39,7 @@ use nix::unistd::{pipe2, ForkResult, Pid};
 
 use crate::config::{App, Config};
 use crate::socket::{self, ListenSpec, SocketStep};
+use crate::worker::{ExitReason, Generation};
 
 /// Environment variables the master sets for each worker (and never passes through).
 const MANAGED_ENV: &[&str] = &[
@@ -122,27 +126,32 @@ impl fmt::Display for SpawnError {
 
 /// Forks workers for one configuration; holds what every worker shares, prepared once.
 pub struct Spawner {
-    path: CString,
+    /// The program of each generation: a rolling restart looks it up in PATH again.
+    paths: BTreeMap<Generation, CString>,
     argv: Vec<CString>,
     base_env: Vec<CString>,
     listen_fds: CString,
     listen_fdnames: CString,
     workers: CString,
+    notify_socket: Option<CString>,
     binds: Vec<(SocketAddr, ListenSpec)>,
     backlog: c_int,
 }
 
+/// A worker that exec'd.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid.
+    pub pid: Pid,
+    /// Inodes of its listening sockets, in fd order.
+    pub sockets: Vec<u64>,
+}
+
 impl Spawner {
-    /// Prepares argv, the shared environment and the sockaddrs of `config`.
-    pub fn new(config: &Config) -> anyhow::Result<Spawner> {
-        let (path, argv) = match &config.app {
-            App::Demo => (
-                OsString::from("/proc/self/exe"),
-                vec!["reuseport-cluster".into(), DEMO_SUBCOMMAND.into()],
-            ),
-            App::Program { path, argv } => (path.clone().into_os_string(), argv.clone()),
-        };
-        let cstring = |bytes: Vec<u8>| CString::new(bytes).context("a NUL byte in the command");
+    /// Prepares argv, the shared environment and the sockaddrs of `config`; workers get
+    /// `notify_socket` as NOTIFY_SOCKET.
+    pub fn new(config: &Config, notify_socket: Option<&str>) -> anyhow::Result<Spawner> {
+        let (path, argv) = program_of(&config.app);
         let base_env = std::env::vars_os()
             .filter(|(k, _)| !MANAGED_ENV.iter().any(|m| k.as_bytes() == m.as_bytes()))
             .map(|(k, v)| {
@@ -154,7 +163,7 @@ impl Spawner {
             .collect::<anyhow::Result<_>>()?;
         let names: Vec<&str> = config.binds.iter().map(|b| b.name.as_str()).collect();
         Ok(Spawner {
-            path: cstring(path.into_vec())?,
+            paths: BTreeMap::from([(1, cstring(path.into_vec())?)]),
             argv: argv
                 .into_iter()
                 .map(|a| cstring(a.into_bytes()))
@@ -163,6 +172,7 @@ impl Spawner {
             listen_fds: env_entry("LISTEN_FDS", config.binds.len()),
             listen_fdnames: env_entry("LISTEN_FDNAMES", names.join(":")),
             workers: env_entry("REUSEPORT_CLUSTER_WORKERS", config.workers),
+            notify_socket: notify_socket.map(|n| env_entry("NOTIFY_SOCKET", n)),
             binds: config
                 .binds
                 .iter()
@@ -172,17 +182,31 @@ impl Spawner {
         })
     }
 
+    /// Makes workers of `generation` run `app` (found in PATH again by the caller).
+    pub fn set_program(&mut self, generation: Generation, app: &App) -> anyhow::Result<()> {
+        let (path, _) = program_of(app);
+        self.paths.insert(generation, cstring(path.into_vec())?);
+        Ok(())
+    }
+
     /// Forks and execs the worker for `slot`; returns once it has exec'd or failed.
     pub fn spawn(
         &self,
         slot: usize,
         cpu: Option<usize>,
-        generation: u64,
-    ) -> Result<Pid, SpawnError> {
+        generation: Generation,
+    ) -> Result<Spawned, SpawnError> {
+        let path = self
+            .paths
+            .range(..=generation)
+            .next_back()
+            .map(|(_, p)| p)
+            .ok_or_else(|| SpawnError(format!("no program for generation {generation}")))?;
         let per_worker = [
             Some(env_entry("REUSEPORT_CLUSTER_WORKER", slot)),
             cpu.map(|c| env_entry("REUSEPORT_CLUSTER_CPU", c)),
             Some(env_entry("REUSEPORT_CLUSTER_GENERATION", generation)),
+            self.notify_socket.clone(),
         ];
         let mut envp: Vec<*const c_char> = self
             .base_env
@@ -208,7 +232,7 @@ impl Spawner {
             .map_err(|e| fail("creating the start-up pipe", e))?;
 
         let mut plan = ChildPlan {
-            path: &self.path,
+            path,
             argv: &argv,
             envp,
             listen_pid,
@@ -245,17 +269,17 @@ impl Spawner {
         drop(report_write);
         drop(plan);
 
-        match read_report(&report_read) {
-            None => Ok(pid),
-            Some((step, index, errno)) => {
+        match read_report(&report_read, self.binds.len()) {
+            Ok(sockets) => Ok(Spawned { pid, sockets }),
+            Err((step, index, errno)) => {
                 // The child has _exit'ed or is about to: reap it here, not as a crash.
                 let _ = waitpid(pid, None);
-                Err(SpawnError(self.describe(step, index, errno)))
+                Err(SpawnError(self.describe(path, step, index, errno)))
             }
         }
     }
 
-    fn describe(&self, step: Step, index: usize, errno: i32) -> String {
+    fn describe(&self, path: &CStr, step: Step, index: usize, errno: i32) -> String {
         let err = io::Error::from_raw_os_error(errno);
         let bind = self.binds.get(index).map(|(addr, _)| *addr);
         match (step, bind) {
@@ -268,7 +292,7 @@ impl Spawner {
             }
             (Step::Exec, _) => format!(
                 "exec {}: {err}{}",
-                self.path.to_string_lossy(),
+                path.to_string_lossy(),
                 if errno == libc::ENOEXEC {
                     " (a script needs a #! line)"
                 } else {
@@ -283,6 +307,21 @@ impl Spawner {
     }
 }
 
+/// The path to exec and argv of `app`.
+fn program_of(app: &App) -> (OsString, Vec<String>) {
+    match app {
+        App::Demo => (
+            OsString::from("/proc/self/exe"),
+            vec!["reuseport-cluster".into(), DEMO_SUBCOMMAND.into()],
+        ),
+        App::Program { path, argv } => (path.clone().into_os_string(), argv.clone()),
+    }
+}
+
+fn cstring(bytes: Vec<u8>) -> anyhow::Result<CString> {
+    CString::new(bytes).context("a NUL byte in the command")
+}
+
 fn env_entry(key: &str, value: impl fmt::Display) -> CString {
     CString::new(format!("{key}={value}")).expect("keys and numbers hold no NUL")
 }
@@ -294,28 +333,49 @@ fn move_above(fd: OwnedFd, min: c_int) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Reads the child's report: `None` on EOF (exec succeeded).
-fn read_report(fd: &OwnedFd) -> Option<(Step, usize, i32)> {
-    let mut buf = [0u8; 8];
-    let mut got = 0;
-    while got < buf.len() {
-        match nix::unistd::read(fd, &mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(Errno::EINTR) => continue,
-            Err(_) => break,
+/// One record of the child's report: a socket's inode, or the step that failed.
+const RECORD: usize = 16;
+const RECORD_SOCKET: u8 = 1;
+const RECORD_FAILURE: u8 = 2;
+
+/// Encodes a record: kind, step, bind index, errno, inode.
+fn record(kind: u8, step: u8, index: usize, errno: i32, inode: u64) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    r[0] = kind;
+    r[1] = step;
+    r[2..4].copy_from_slice(&(index as u16).to_ne_bytes());
+    r[4..8].copy_from_slice(&errno.to_ne_bytes());
+    r[8..16].copy_from_slice(&inode.to_ne_bytes());
+    r
+}
+
+/// Reads the child's report until EOF: the sockets' inodes when exec succeeded, or the
+/// failed (step, bind index, errno).
+fn read_report(fd: &OwnedFd, binds: usize) -> Result<Vec<u64>, (Step, usize, i32)> {
+    let mut sockets = Vec::with_capacity(binds);
+    loop {
+        let mut buf = [0u8; RECORD];
+        let mut got = 0;
+        while got < RECORD {
+            match nix::unistd::read(fd, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        if got < RECORD {
+            return Ok(sockets); // EOF: the exec succeeded
+        }
+        let index = u16::from_ne_bytes([buf[2], buf[3]]) as usize;
+        let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        let mut inode = [0u8; 8];
+        inode.copy_from_slice(&buf[8..16]);
+        match buf[0] {
+            RECORD_SOCKET => sockets.push(u64::from_ne_bytes(inode)),
+            _ => return Err((Step::from_u8(buf[1]).unwrap_or(Step::Exec), index, errno)),
         }
     }
-    if got < buf.len() {
-        return None;
-    }
-    let step = Step::from_u8(buf[0]).unwrap_or(Step::Exec);
-    let index = u16::from_ne_bytes([buf[2], buf[3]]) as usize;
-    Some((
-        step,
-        index,
-        i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]),
-    ))
 }
 
 /// Everything the child uses, owned or borrowed by the master before fork.
@@ -382,6 +442,12 @@ fn child(plan: &mut ChildPlan) -> ! {
         if unsafe { libc::dup2(parked, 3 + i as c_int) } < 0 {
             fail(plan.report, Step::MoveFd, i, Errno::last_raw());
         }
+        // SAFETY: fstat(2) is a syscall; `st` is a plain C struct on this stack frame.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; fd 3+i was just made a copy of the socket.
+        if unsafe { libc::fstat(3 + i as c_int, &mut st) } == 0 {
+            report(plan.report, &record(RECORD_SOCKET, 0, i, 0, st.st_ino));
+        }
     }
     // Any fd the master inherited without FD_CLOEXEC would leak into the app: mark them all.
     // Errors (kernels before 5.11) are ignored: every fd the master itself opens is CLOEXEC.
@@ -414,8 +480,9 @@ fn child(plan: &mut ChildPlan) -> ! {
 /// Restores default dispositions and an empty mask, as a freshly exec'd program expects
 /// (Rust's runtime ignores SIGPIPE; the master blocked everything around fork).
 fn reset_signals() {
-    for sig in 1..32 {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+    for sig in 1..=libc::SIGRTMAX() {
+        // KILL and STOP cannot be changed; 32 and 33 belong to glibc's threads.
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || sig == 32 || sig == 33 {
             continue;
         }
         // SAFETY: signal(2) with SIG_DFL is async-signal-safe (glibc's signal is sigaction).
@@ -425,13 +492,15 @@ fn reset_signals() {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&empty), None);
 }
 
-/// Writes the failed step to the master and exits; async-signal-safe.
-fn fail(report: RawFd, step: Step, index: usize, errno: i32) -> ! {
-    let index = (index as u16).to_ne_bytes();
-    let e = errno.to_ne_bytes();
-    let buf = [step as u8, 0, index[0], index[1], e[0], e[1], e[2], e[3]];
+/// Writes one record to the master; async-signal-safe (16 bytes < PIPE_BUF: atomic).
+fn report(fd: RawFd, record: &[u8; RECORD]) {
     // SAFETY: write(2) on our own pipe fd from a stack buffer of the given length.
-    unsafe { libc::write(report, buf.as_ptr().cast(), buf.len()) };
+    unsafe { libc::write(fd, record.as_ptr().cast(), RECORD) };
+}
+
+/// Writes the failed step to the master and exits; async-signal-safe.
+fn fail(fd: RawFd, step: Step, index: usize, errno: i32) -> ! {
+    report(fd, &record(RECORD_FAILURE, step as u8, index, errno, 0));
     exit_now(127)
 }
 
@@ -457,6 +526,67 @@ fn write_decimal(buf: &mut [u8], mut n: u32) {
         buf[i] = tmp[len - 1 - i];
     }
     buf[len] = 0;
+}
+
+/// A child that has exited, left unreaped (waitid with WNOWAIT) so that its pid, which is
+/// also its process group id, cannot be reused while the caller acts on it.
+///
+/// Raw libc rather than nix: nix turns the exit signal into its `Signal` enum, which has no
+/// real-time signals, and fails with EINVAL on a child killed by one, leaving it unreaped.
+pub fn exited_child() -> Result<Option<Pid>, Errno> {
+    // SAFETY: siginfo_t is a plain C struct; all zeroes is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: waitid(2) writes only into `info`, which lives on this stack frame.
+    if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: after a successful waitid, si_pid is set (0 when no child has exited).
+    let pid = unsafe { info.si_pid() };
+    Ok((pid != 0).then(|| Pid::from_raw(pid)))
+}
+
+/// Reaps `pid` if it has exited: its exit code or signal number.
+pub fn reap(pid: Pid) -> Result<Option<ExitReason>, Errno> {
+    let mut status = 0;
+    // SAFETY: waitpid(2) writes only into `status`, on this stack frame.
+    let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::WNOHANG) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    Ok(if libc::WIFEXITED(status) {
+        Some(ExitReason::Code(libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(ExitReason::Signal(libc::WTERMSIG(status)))
+    } else {
+        None
+    })
+}
+
+/// Marks every fd this process inherited (3 and up) close-on-exec, so that none reaches a
+/// worker even where close_range(2) is missing (kernels before 5.11, some seccomp profiles).
+pub fn cloexec_inherited_fds() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= 3)
+        .collect();
+    for fd in fds {
+        // SAFETY: fcntl(F_GETFD/F_SETFD) only reads and sets a flag; an fd that is no longer
+        // open (the directory's own) makes it fail with EBADF, which is ignored.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// The app side of the hand-off: takes the sockets named by LISTEN_FDS/LISTEN_PID.
@@ -504,6 +634,26 @@ mod tests {
             CStr::from_bytes_until_nul(&buf).unwrap().to_str().unwrap(),
             "4312"
         );
+    }
+
+    #[test]
+    fn report_records_round_trip_through_a_pipe() {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+        report(
+            w.as_raw_fd(),
+            &record(RECORD_SOCKET, 0, 0, 0, 0xdead_beef_1234),
+        );
+        report(w.as_raw_fd(), &record(RECORD_SOCKET, 0, 1, 0, 7));
+        drop(w);
+        assert_eq!(read_report(&r, 2), Ok(vec![0xdead_beef_1234, 7]));
+        let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+        report(w.as_raw_fd(), &record(RECORD_SOCKET, 0, 0, 0, 9));
+        report(
+            w.as_raw_fd(),
+            &record(RECORD_FAILURE, Step::Exec as u8, 0, libc::ENOENT, 0),
+        );
+        drop(w);
+        assert_eq!(read_report(&r, 1), Err((Step::Exec, 0, libc::ENOENT)));
     }
 
     #[test]

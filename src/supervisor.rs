@@ -1,16 +1,24 @@
 //! The supervision state machine: `step(event, now) -> actions`, with no syscalls.
 //!
-//! The master's loop (`master.rs`) turns signals, child exits and timers into [`Event`]s
-//! and carries out the [`Action`]s returned here (fork, signal a process group, log, exit).
-//! Keeping the decisions free of I/O is what lets the unit tests below drive a whole
-//! cluster's life (start-up failure, crash loops, grace expiry) in microseconds.
+//! The master's loop (`master.rs`) turns signals, child exits, readiness and timers into
+//! [`Event`]s and carries out the [`Action`]s returned here (prepare a generation, fork,
+//! signal a process group, log, exit). Keeping the decisions free of I/O is what lets the
+//! unit tests below drive a whole cluster's life (start-up failure, crash loops, rolling
+//! restarts and their rollback, grace expiry) in microseconds.
+//!
+//! Every live worker process is in `workers`, whatever its role: a slot's current worker,
+//! the new worker of a rolling restart's surge, or an old worker being stopped. Stopping,
+//! killing and reaping treat them all alike.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::worker::{ms, ExitReason, Generation, Slot, SlotState, Worker, WorkerState, SETTLE};
+use crate::readiness::ReadyMode;
+use crate::rolling::{RollingRestart, SurgeStep};
+use crate::worker::{ms, ExitReason, Generation, Slot, SlotState, Worker, WorkerState};
 
 /// Something that happened to the cluster.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,13 +29,19 @@ pub enum Event {
     Spawned {
         /// The slot it fills.
         slot: usize,
+        /// Its generation.
+        generation: Generation,
         /// Its pid (and process group).
         pid: Pid,
+        /// Inodes of its listening sockets.
+        sockets: Vec<u64>,
     },
     /// Starting a worker for `slot` failed before or at exec.
     SpawnFailed {
-        /// The slot that stays empty.
+        /// The slot.
         slot: usize,
+        /// The generation it was for.
+        generation: Generation,
         /// What failed, as one line.
         error: String,
     },
@@ -37,6 +51,32 @@ pub enum Event {
         pid: Pid,
         /// How it ended.
         reason: ExitReason,
+    },
+    /// The worker `pid` showed it is ready (READY=1, or waiting for connections).
+    Ready {
+        /// The worker.
+        pid: Pid,
+    },
+    /// The worker `pid` sent sd_notify STATUS=.
+    Status {
+        /// The worker.
+        pid: Pid,
+        /// The text.
+        text: String,
+    },
+    /// SIGHUP: roll every slot over to a new generation.
+    Reload,
+    /// The master prepared `generation` (its program was found again).
+    GenerationPrepared {
+        /// The generation.
+        generation: Generation,
+    },
+    /// The master could not prepare `generation`.
+    GenerationFailed {
+        /// The generation.
+        generation: Generation,
+        /// Why, as one line.
+        error: String,
     },
     /// SIGTERM / SIGINT: stop gracefully; a second one escalates.
     StopGracefully,
@@ -49,7 +89,12 @@ pub enum Event {
 /// Something the master must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Fork and exec a worker for `slot`.
+    /// Find the program again for a new generation; answer with GenerationPrepared/Failed.
+    PrepareGeneration {
+        /// The new generation.
+        generation: Generation,
+    },
+    /// Fork and exec a worker for `slot`; answer with Spawned/SpawnFailed.
     Spawn {
         /// The slot to fill.
         slot: usize,
@@ -85,15 +130,13 @@ pub enum Outcome {
 /// Where the cluster as a whole is.
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
-    /// No worker has stayed up yet: any failure ends the master.
+    /// No worker has been ready yet: any failure ends the master.
     Starting,
     /// Supervising: crashed workers are restarted with backoff.
     Running,
     /// Shutting down.
     Stopping {
-        /// When the grace period ends.
-        deadline: Instant,
-        /// Whether SIGKILL was sent.
+        /// Whether a worker had to be SIGKILLed.
         forced: bool,
         /// The start-up failure that caused the stop, if any.
         failure: Option<String>,
@@ -113,6 +156,12 @@ pub struct Settings {
     pub grace: Duration,
     /// Signal that asks a worker to stop.
     pub stop_signal: Signal,
+    /// How readiness is decided.
+    pub ready: ReadyMode,
+    /// How long a new worker may take to become ready.
+    pub ready_timeout: Duration,
+    /// Slots replaced at once in a rolling restart.
+    pub rolling_batch: usize,
 }
 
 /// The cluster's state and the rules that change it.
@@ -120,13 +169,19 @@ pub struct Settings {
 pub struct Supervisor {
     settings: Settings,
     slots: Vec<Slot>,
+    /// Every live worker process, whatever its role.
+    workers: BTreeMap<Pid, Worker>,
     phase: Phase,
+    /// The newest generation started (rolling restarts count up from 1).
     generation: Generation,
     started: Instant,
     /// The next slot of the initial start-up to fork; they are forked one after the other
     /// so that a failing first worker does not cost N forks.
     next_initial: usize,
-    all_up_logged: bool,
+    all_ready_logged: bool,
+    rolling: Option<RollingRestart>,
+    /// A reload that arrived during start-up, to run once a worker is ready.
+    reload_queued: bool,
 }
 
 impl Supervisor {
@@ -138,11 +193,14 @@ impl Supervisor {
         Supervisor {
             settings,
             slots,
+            workers: BTreeMap::new(),
             phase: Phase::Starting,
             generation: 1,
             started: now,
             next_initial: 0,
-            all_up_logged: false,
+            all_ready_logged: false,
+            rolling: None,
+            reload_queued: false,
         }
     }
 
@@ -152,35 +210,46 @@ impl Supervisor {
         &self.slots
     }
 
-    /// Whether `pid` is a current worker (as opposed to an adopted orphan).
+    /// Whether `pid` is a worker (as opposed to an adopted orphan).
     pub fn is_worker(&self, pid: Pid) -> bool {
-        self.slots
-            .iter()
-            .any(|s| s.worker().is_some_and(|w| w.pid == pid))
+        self.workers.contains_key(&pid)
+    }
+
+    /// Workers that have not shown readiness yet, with their socket inodes.
+    pub fn starting(&self) -> impl Iterator<Item = &Worker> {
+        self.workers
+            .values()
+            .filter(|w| w.state == WorkerState::Starting)
     }
 
     /// The earliest moment a [`Event::Tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        for slot in &self.slots {
-            match &slot.state {
-                SlotState::Filled(w) if w.state == WorkerState::Starting => {
-                    consider(w.started + SETTLE)
+        let mut deadlines = Vec::new();
+        if self.initial_pending() {
+            // The next initial fork is due now: the master reaps and reads signals first.
+            deadlines.push(self.started);
+        }
+        for w in self.workers.values() {
+            match w.state {
+                WorkerState::Starting => {
+                    deadlines.push(w.started + self.settings.ready_timeout);
+                    if let ReadyMode::Delay(d) = self.settings.ready {
+                        deadlines.push(w.started + d);
+                    }
                 }
-                SlotState::Waiting { at } => consider(*at),
+                WorkerState::Stopping {
+                    since,
+                    killed: false,
+                } => deadlines.push(since + self.settings.grace),
                 _ => {}
             }
         }
-        if let Phase::Stopping {
-            deadline,
-            forced: false,
-            ..
-        } = self.phase
-        {
-            consider(deadline);
+        for slot in &self.slots {
+            if let SlotState::Waiting { at } = slot.state {
+                deadlines.push(at);
+            }
         }
-        next
+        deadlines.into_iter().min()
     }
 
     /// Applies one event and returns what the master must do, in order.
@@ -188,9 +257,40 @@ impl Supervisor {
         let mut out = Vec::new();
         match event {
             Event::Start => self.spawn_next_initial(&mut out),
-            Event::Spawned { slot, pid } => self.on_spawned(slot, pid, now, &mut out),
-            Event::SpawnFailed { slot, error } => self.on_spawn_failed(slot, error, now, &mut out),
+            Event::Spawned {
+                slot,
+                generation,
+                pid,
+                sockets,
+            } => self.on_spawned(slot, generation, pid, sockets, now, &mut out),
+            Event::SpawnFailed {
+                slot,
+                generation,
+                error,
+            } => self.on_spawn_failed(slot, generation, error, now, &mut out),
             Event::Exited { pid, reason } => self.on_exited(pid, reason, now, &mut out),
+            Event::Ready { pid } => self.on_ready(pid, now, &mut out),
+            Event::Status { pid, text } => {
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    w.status = Some(text);
+                }
+            }
+            Event::Reload => self.on_reload(now, &mut out),
+            Event::GenerationPrepared { generation } => {
+                if let Some(r) = self.rolling.as_mut().filter(|r| r.generation == generation) {
+                    r.prepared = true;
+                    self.advance_rolling(now, &mut out);
+                }
+            }
+            Event::GenerationFailed { generation, error } => {
+                if self
+                    .rolling
+                    .as_ref()
+                    .is_some_and(|r| r.generation == generation)
+                {
+                    self.abort_rolling(error, now, &mut out);
+                }
+            }
             Event::StopGracefully => {
                 if matches!(self.phase, Phase::Stopping { .. }) {
                     out.push(Action::Log(
@@ -213,48 +313,80 @@ impl Supervisor {
         out
     }
 
-    fn on_spawned(&mut self, index: usize, pid: Pid, now: Instant, out: &mut Vec<Action>) {
-        let slot = &mut self.slots[index];
-        let mut worker = Worker::new(pid, index, slot.cpu, self.generation, now);
-        out.push(Action::Log(format!("{worker}: started")));
-        if let Phase::Stopping { forced, .. } = self.phase {
-            // Forked just before the stop was decided (the rest of a start-up batch).
-            out.push(Action::Log(worker.transition(stopping(now), now)));
-            out.push(self.signal(pid, self.settings.stop_signal));
-            if forced {
-                out.push(Action::Log(worker.transition(killed(now), now)));
-                out.push(self.signal(pid, Signal::SIGKILL));
-            }
-        }
-        self.slots[index].state = SlotState::Filled(worker);
-        self.spawn_next_initial(out);
+    /// Whether the initial start-up still has slots to fork.
+    fn initial_pending(&self) -> bool {
+        matches!(self.phase, Phase::Starting | Phase::Running)
+            && self.next_initial < self.slots.len()
     }
 
+    /// Forks the next slot of the initial start-up: one per wake of the master, so that a
+    /// failure or a stop request is seen before the next fork.
     fn spawn_next_initial(&mut self, out: &mut Vec<Action>) {
-        if let (Phase::Starting | Phase::Running, Some(slot)) =
-            (&self.phase, self.slots.get(self.next_initial))
-        {
+        if let (true, Some(slot)) = (self.initial_pending(), self.slots.get(self.next_initial)) {
             out.push(Action::Spawn {
                 slot: slot.index,
                 cpu: slot.cpu,
-                generation: self.generation,
+                generation: slot.generation,
             });
             self.next_initial += 1;
+        }
+    }
+
+    fn on_spawned(
+        &mut self,
+        index: usize,
+        generation: Generation,
+        pid: Pid,
+        sockets: Vec<u64>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let mut worker = Worker::new(pid, index, self.slots[index].cpu, generation, now);
+        worker.sockets = sockets;
+        out.push(Action::Log(format!("{worker}: started")));
+        self.workers.insert(pid, worker);
+        let surging = self.rolling.as_ref().is_some_and(|r| {
+            r.generation == generation
+                && r.surge(index)
+                    .is_some_and(|s| s.step == SurgeStep::Spawning)
+        });
+        if matches!(self.phase, Phase::Stopping { .. } | Phase::Done) {
+            // Forked just before the stop was decided.
+            self.stop_worker(pid, now, out);
+        } else if surging {
+            if let Some(r) = self.rolling.as_mut() {
+                r.set_step(index, SurgeStep::Starting(pid));
+            }
+        } else if self.slots[index].pid().is_some() {
+            // The surge it was forked for was abandoned meanwhile: the slot is served.
+            self.stop_worker(pid, now, out);
+        } else {
+            let slot = &mut self.slots[index];
+            slot.state = SlotState::Filled(pid);
+            slot.generation = generation;
         }
     }
 
     fn on_spawn_failed(
         &mut self,
         index: usize,
+        generation: Generation,
         error: String,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let slot = &mut self.slots[index];
-        let line = format!("{}: {error}", slot.label());
+        let line = format!("{} (gen {generation}): {error}", self.slots[index].label());
+        let surging = self
+            .rolling
+            .as_ref()
+            .is_some_and(|r| r.generation == generation && r.surge(index).is_some());
+        if surging {
+            return self.abort_rolling(line, now, out);
+        }
         match self.phase {
             Phase::Starting => self.begin_stop(Some(line), now, out),
             Phase::Running => {
+                let slot = &mut self.slots[index];
                 let delay = slot.backoff.delay(Duration::ZERO);
                 slot.state = SlotState::Waiting { at: now + delay };
                 out.push(Action::Log(format!("{line}; retrying in {}", ms(delay))));
@@ -264,24 +396,42 @@ impl Supervisor {
     }
 
     fn on_exited(&mut self, pid: Pid, reason: ExitReason, now: Instant, out: &mut Vec<Action>) {
-        let Some(slot) = self
-            .slots
-            .iter_mut()
-            .find(|s| s.worker().is_some_and(|w| w.pid == pid))
-        else {
+        let Some(mut worker) = self.workers.remove(&pid) else {
             return; // an orphan adopted as subreaper: reaping it was all that was owed
-        };
-        let SlotState::Filled(mut worker) = std::mem::replace(&mut slot.state, SlotState::Empty)
-        else {
-            unreachable!("found by its worker")
         };
         let uptime = worker.uptime(now);
         let line = worker.transition(WorkerState::Exited(reason), now);
+        let surge_step = self
+            .rolling
+            .as_mut()
+            .and_then(|r| r.surge_of_pid(pid))
+            .map(|s| s.step);
+        match surge_step {
+            Some(SurgeStep::Starting(_)) => {
+                return self.abort_rolling(format!("{line} before it was ready"), now, out);
+            }
+            Some(SurgeStep::Retiring(_)) => {
+                out.push(Action::Log(line));
+                if let Some(r) = self.rolling.as_mut() {
+                    r.set_step(worker.slot, SurgeStep::Done);
+                }
+                return self.advance_rolling(now, out);
+            }
+            _ => {}
+        }
+        let slot = &mut self.slots[worker.slot];
+        if slot.pid() != Some(pid) {
+            // An old or abandoned worker we had asked to stop.
+            return out.push(Action::Log(line));
+        }
+        slot.state = SlotState::Empty;
         slot.last_exit = Some(reason);
         match self.phase {
-            Phase::Starting => {
-                self.begin_stop(Some(format!("{line}, before any worker was up")), now, out)
-            }
+            Phase::Starting => self.begin_stop(
+                Some(format!("{line}, before any worker was ready")),
+                now,
+                out,
+            ),
             Phase::Running => {
                 let delay = slot.backoff.delay(uptime);
                 slot.state = SlotState::Waiting { at: now + delay };
@@ -291,55 +441,224 @@ impl Supervisor {
         }
     }
 
-    fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let stopping = matches!(self.phase, Phase::Stopping { .. } | Phase::Done);
-        for slot in &mut self.slots {
-            match &mut slot.state {
-                SlotState::Filled(w)
-                    if w.state == WorkerState::Starting && now >= w.started + SETTLE =>
-                {
-                    out.push(Action::Log(w.transition(WorkerState::Ready, now)));
-                    if self.phase == Phase::Starting {
-                        self.phase = Phase::Running;
-                    }
+    fn on_ready(&mut self, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if worker.state != WorkerState::Starting {
+            return;
+        }
+        let line = worker.transition(WorkerState::Ready, now);
+        let (index, generation) = (worker.slot, worker.generation);
+        let surging = self
+            .rolling
+            .as_ref()
+            .and_then(|r| r.surge(index))
+            .is_some_and(|s| s.step == SurgeStep::Starting(pid));
+        if surging {
+            // The new worker takes the slot; the old one, if any, is asked to stop.
+            let slot = &mut self.slots[index];
+            let old = slot.pid();
+            slot.state = SlotState::Filled(pid);
+            slot.generation = generation;
+            out.push(Action::Log(line));
+            let step = match old {
+                Some(old) => {
+                    self.stop_worker(old, now, out);
+                    SurgeStep::Retiring(old)
                 }
-                SlotState::Waiting { at } if *at <= now && !stopping => {
-                    slot.state = SlotState::Empty;
-                    slot.restarts += 1;
-                    out.push(Action::Spawn {
-                        slot: slot.index,
-                        cpu: slot.cpu,
-                        generation: self.generation,
-                    });
-                }
-                _ => {}
+                None => SurgeStep::Done,
+            };
+            if let Some(r) = self.rolling.as_mut() {
+                r.set_step(index, step);
+            }
+            self.advance_rolling(now, out);
+        } else {
+            out.push(Action::Log(line));
+            if self.phase == Phase::Starting {
+                self.phase = Phase::Running;
             }
         }
-        let all_up = self
-            .slots
-            .iter()
-            .all(|s| s.worker().is_some_and(|w| w.state == WorkerState::Ready));
-        if all_up && !self.all_up_logged {
-            self.all_up_logged = true;
+        let all_ready = self.slots.iter().all(|s| {
+            s.pid()
+                .and_then(|p| self.workers.get(&p))
+                .is_some_and(|w| w.state == WorkerState::Ready)
+        });
+        if all_ready && !self.all_ready_logged {
+            self.all_ready_logged = true;
             out.push(Action::Log(format!(
-                "all {} workers up, {} after start",
+                "all {} workers ready, {} after start",
                 self.slots.len(),
                 ms(now.saturating_duration_since(self.started))
             )));
-        }
-        if let Phase::Stopping {
-            deadline,
-            forced: false,
-            ..
-        } = self.phase
-        {
-            if now >= deadline {
-                out.push(Action::Log(format!(
-                    "grace period of {} is over",
-                    ms(self.settings.grace)
-                )));
-                self.kill_all(now, out);
+            if std::mem::take(&mut self.reload_queued) {
+                self.on_reload(now, out);
             }
+        }
+    }
+
+    fn on_reload(&mut self, now: Instant, out: &mut Vec<Action>) {
+        match (&self.phase, self.rolling.as_mut()) {
+            (Phase::Stopping { .. } | Phase::Done, _) => {
+                out.push(Action::Log("reload ignored: stopping".into()))
+            }
+            (_, Some(r)) => {
+                if !r.again {
+                    out.push(Action::Log(format!(
+                        "reload during the rolling restart to generation {}: one more pass follows it",
+                        r.generation
+                    )));
+                }
+                r.again = true;
+            }
+            (Phase::Starting, None) => {
+                self.reload_queued = true;
+                out.push(Action::Log(
+                    "reload during start-up: the rolling restart follows once all workers are ready"
+                        .into(),
+                ));
+            }
+            (Phase::Running, None) => {
+                self.generation += 1;
+                out.push(Action::Log(format!(
+                    "rolling restart to generation {} of {} workers ({} at a time)",
+                    self.generation,
+                    self.slots.len(),
+                    self.settings.rolling_batch
+                )));
+                self.rolling = Some(RollingRestart::new(self.generation, self.slots.len(), now));
+                out.push(Action::PrepareGeneration {
+                    generation: self.generation,
+                });
+            }
+        }
+    }
+
+    /// Starts the next slots of the rolling restart, or finishes it.
+    fn advance_rolling(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(r) = self.rolling.as_mut().filter(|r| r.prepared) else {
+            return;
+        };
+        for index in r.next_slots(self.settings.rolling_batch) {
+            let slot = &self.slots[index];
+            out.push(Action::Spawn {
+                slot: index,
+                cpu: slot.cpu,
+                generation: r.generation,
+            });
+        }
+        if r.is_complete() {
+            let (replaced, _) = r.progress();
+            out.push(Action::Log(format!(
+                "rolling restart to generation {} done: {replaced} workers replaced in {}",
+                r.generation,
+                ms(now.saturating_duration_since(r.started))
+            )));
+            let again = r.again;
+            self.rolling = None;
+            if again {
+                self.on_reload(now, out);
+            }
+        }
+    }
+
+    /// Ends the rolling restart at the first failure: every worker still serving stays.
+    fn abort_rolling(&mut self, why: String, now: Instant, out: &mut Vec<Action>) {
+        let Some(r) = self.rolling.take() else {
+            return;
+        };
+        let starting: Vec<Pid> = r.starting().collect();
+        for pid in starting {
+            self.stop_worker(pid, now, out);
+        }
+        let mut serving: Vec<Generation> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.pid().and(Some(s.generation)))
+            .collect();
+        serving.sort_unstable();
+        serving.dedup();
+        let serving: Vec<String> = serving.iter().map(|g| g.to_string()).collect();
+        out.push(Action::Log(format!(
+            "rolling restart to generation {} failed: {why}; stopped it there: generation {} \
+             still serving; send SIGHUP to try again",
+            r.generation,
+            serving.join(" and ")
+        )));
+    }
+
+    fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.spawn_next_initial(out);
+        let stopping = matches!(self.phase, Phase::Stopping { .. } | Phase::Done);
+        let surging = |s: usize| self.rolling.as_ref().is_some_and(|r| r.surge(s).is_some());
+        let mut due = Vec::new();
+        for slot in &mut self.slots {
+            if let SlotState::Waiting { at } = slot.state {
+                // A slot being rolled over gets its new worker from the surge instead.
+                if at <= now && !stopping && !surging(slot.index) {
+                    slot.state = SlotState::Empty;
+                    slot.restarts += 1;
+                    due.push(Action::Spawn {
+                        slot: slot.index,
+                        cpu: slot.cpu,
+                        generation: slot.generation,
+                    });
+                }
+            }
+        }
+        out.extend(due);
+
+        let mut ready = Vec::new();
+        let mut late = Vec::new();
+        let mut overdue = Vec::new();
+        for w in self.workers.values() {
+            match w.state {
+                WorkerState::Starting => {
+                    if matches!(self.settings.ready, ReadyMode::Delay(d) if now >= w.started + d) {
+                        ready.push(w.pid);
+                    } else if now >= w.started + self.settings.ready_timeout {
+                        late.push(w.pid);
+                    }
+                }
+                WorkerState::Stopping {
+                    since,
+                    killed: false,
+                } if now >= since + self.settings.grace => overdue.push(w.pid),
+                _ => {}
+            }
+        }
+        for pid in ready {
+            self.on_ready(pid, now, out);
+        }
+        for pid in late {
+            self.on_ready_timeout(pid, now, out);
+        }
+        for pid in overdue {
+            self.kill_worker(pid, now, out);
+        }
+    }
+
+    fn on_ready_timeout(&mut self, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        let why = format!(
+            "{w}: not ready after {} ({})",
+            ms(self.settings.ready_timeout),
+            self.settings.ready.not_ready_hint()
+        );
+        let surging = self
+            .rolling
+            .as_mut()
+            .and_then(|r| r.surge_of_pid(pid))
+            .is_some();
+        if surging {
+            self.abort_rolling(why, now, out);
+        } else {
+            // At start-up or after a crash the worker is the slot's only one: it runs, we
+            // just cannot see that it serves. Counting it as ready beats killing it.
+            out.push(Action::Log(format!("{why}; counting it as ready")));
+            self.on_ready(pid, now, out);
         }
     }
 
@@ -348,62 +667,88 @@ impl Supervisor {
         if let Some(f) = &failure {
             out.push(Action::Log(format!("start-up failed: {f}")));
         }
+        if let Some(r) = self.rolling.take() {
+            out.push(Action::Log(format!(
+                "rolling restart to generation {} abandoned: stopping",
+                r.generation
+            )));
+        }
         out.push(Action::Log(format!(
             "stopping {} workers (grace {})",
-            self.slots.iter().filter(|s| s.worker().is_some()).count(),
+            self.workers.len(),
             ms(self.settings.grace)
         )));
         self.phase = Phase::Stopping {
-            deadline: now + self.settings.grace,
             forced: false,
             failure,
         };
-        let stop_signal = self.settings.stop_signal;
         for slot in &mut self.slots {
-            match &mut slot.state {
-                SlotState::Waiting { .. } => slot.state = SlotState::Empty,
-                SlotState::Filled(w) if !matches!(w.state, WorkerState::Stopping { .. }) => {
-                    out.push(Action::Log(w.transition(stopping(now), now)));
-                    out.push(Action::Signal {
-                        pgid: w.pid,
-                        signal: stop_signal,
-                    });
-                }
-                _ => {}
+            if let SlotState::Waiting { .. } = slot.state {
+                slot.state = SlotState::Empty;
+            }
+        }
+        let pids: Vec<Pid> = self.workers.keys().copied().collect();
+        for pid in pids {
+            self.stop_worker(pid, now, out);
+        }
+    }
+
+    /// Asks one worker to stop (once).
+    fn stop_worker(&mut self, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if matches!(w.state, WorkerState::Starting | WorkerState::Ready) {
+            let stopping = WorkerState::Stopping {
+                since: now,
+                killed: false,
+            };
+            out.push(Action::Log(w.transition(stopping, now)));
+            out.push(Action::Signal {
+                pgid: pid,
+                signal: self.settings.stop_signal,
+            });
+        }
+    }
+
+    /// SIGKILLs one worker's process group.
+    fn kill_worker(&mut self, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+        self.stop_worker(pid, now, out);
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if let WorkerState::Stopping {
+            since,
+            killed: false,
+        } = w.state
+        {
+            let killed = WorkerState::Stopping {
+                since,
+                killed: true,
+            };
+            out.push(Action::Log(w.transition(killed, now)));
+            out.push(Action::Signal {
+                pgid: pid,
+                signal: Signal::SIGKILL,
+            });
+            if let Phase::Stopping { forced, .. } = &mut self.phase {
+                *forced = true;
             }
         }
     }
 
-    /// SIGKILLs every worker's process group.
     fn kill_all(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if let Phase::Stopping { forced, .. } = &mut self.phase {
-            *forced = true;
-        }
-        for slot in &mut self.slots {
-            if let SlotState::Filled(w) = &mut slot.state {
-                if let WorkerState::Stopping {
-                    since,
-                    killed: false,
-                } = w.state
-                {
-                    out.push(Action::Log(w.transition(killed(since), now)));
-                }
-                out.push(Action::Signal {
-                    pgid: w.pid,
-                    signal: Signal::SIGKILL,
-                });
-            }
+        let pids: Vec<Pid> = self.workers.keys().copied().collect();
+        for pid in pids {
+            self.kill_worker(pid, now, out);
         }
     }
 
     fn finish_if_stopped(&mut self, out: &mut Vec<Action>) {
-        let Phase::Stopping {
-            forced, failure, ..
-        } = &self.phase
-        else {
+        let Phase::Stopping { forced, failure } = &self.phase else {
             return;
         };
-        if self.slots.iter().any(|s| s.worker().is_some()) {
+        if !self.workers.is_empty() {
             return;
         }
         let outcome = match (failure, forced) {
@@ -415,25 +760,6 @@ impl Supervisor {
         out.push(Action::Exit(outcome));
         self.phase = Phase::Done;
     }
-
-    fn signal(&self, pgid: Pid, signal: Signal) -> Action {
-        Action::Signal { pgid, signal }
-    }
-}
-
-fn stopping(now: Instant) -> WorkerState {
-    WorkerState::Stopping {
-        since: now,
-        killed: false,
-    }
-}
-
-/// The SIGKILLed state of a worker asked to stop at `since`.
-fn killed(since: Instant) -> WorkerState {
-    WorkerState::Stopping {
-        since,
-        killed: true,
-    }
 }
 
 #[cfg(test)]
@@ -441,8 +767,10 @@ mod tests {
     use super::*;
 
     const TERM: Signal = Signal::SIGTERM;
+    const KILL: Signal = Signal::SIGKILL;
+    const TIMEOUT: Duration = Duration::from_secs(30);
 
-    fn sup(workers: usize) -> (Supervisor, Instant) {
+    fn sup_with(workers: usize, ready: ReadyMode, batch: usize) -> (Supervisor, Instant) {
         let t0 = Instant::now();
         let s = Supervisor::new(
             Settings {
@@ -450,21 +778,50 @@ mod tests {
                 cpus: (0..workers).map(|i| Some(i % 2)).collect(),
                 grace: Duration::from_secs(5),
                 stop_signal: TERM,
+                ready,
+                ready_timeout: TIMEOUT,
+                rolling_batch: batch,
             },
             t0,
         );
         (s, t0)
     }
 
+    fn sup(workers: usize) -> (Supervisor, Instant) {
+        sup_with(workers, ReadyMode::Listening, 1)
+    }
+
     fn pid(n: i32) -> Pid {
         Pid::from_raw(n)
     }
 
-    fn spawns(actions: &[Action]) -> Vec<usize> {
+    fn spawned(slot: usize, generation: Generation, p: i32) -> Event {
+        Event::Spawned {
+            slot,
+            generation,
+            pid: pid(p),
+            sockets: vec![],
+        }
+    }
+
+    fn exited(p: i32, reason: ExitReason) -> Event {
+        Event::Exited {
+            pid: pid(p),
+            reason,
+        }
+    }
+
+    fn ready(p: i32) -> Event {
+        Event::Ready { pid: pid(p) }
+    }
+
+    fn spawns(actions: &[Action]) -> Vec<(usize, Generation)> {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Spawn { slot, .. } => Some(*slot),
+                Action::Spawn {
+                    slot, generation, ..
+                } => Some((*slot, *generation)),
                 _ => None,
             })
             .collect()
@@ -480,6 +837,17 @@ mod tests {
             .collect()
     }
 
+    fn logs(actions: &[Action]) -> String {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Log(l) => Some(l.as_str()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     fn exit(actions: &[Action]) -> Option<Outcome> {
         actions.iter().find_map(|a| match a {
             Action::Exit(o) => Some(o.clone()),
@@ -487,42 +855,50 @@ mod tests {
         })
     }
 
-    /// Starts `n` workers with pids 100.. and lets them settle.
+    /// Starts `n` workers with pids 100.. and makes them ready.
     fn running(n: usize) -> (Supervisor, Instant) {
-        let (mut s, t0) = sup(n);
-        assert_eq!(spawns(&s.step(Event::Start, t0)), vec![0]);
+        running_with(n, 1)
+    }
+
+    fn running_with(n: usize, batch: usize) -> (Supervisor, Instant) {
+        let (mut s, t0) = sup_with(n, ReadyMode::Listening, batch);
+        assert_eq!(spawns(&s.step(Event::Start, t0)), vec![(0, 1)]);
         for i in 0..n {
-            let next = spawns(&s.step(
-                Event::Spawned {
-                    slot: i,
-                    pid: pid(100 + i as i32),
-                },
-                t0,
-            ));
-            let expected: Vec<usize> = if i + 1 < n { vec![i + 1] } else { vec![] };
-            assert_eq!(next, expected, "start-up forks one slot after the other");
+            assert!(spawns(&s.step(spawned(i, 1, 100 + i as i32), t0)).is_empty());
+            let next = spawns(&s.step(Event::Tick, t0));
+            let expected = if i + 1 < n { vec![(i + 1, 1)] } else { vec![] };
+            assert_eq!(next, expected, "start-up forks one slot per tick");
         }
-        assert_eq!(s.next_deadline(), Some(t0 + SETTLE));
-        let out = s.step(Event::Tick, t0 + SETTLE);
-        assert!(out.contains(&Action::Log(format!(
-            "all {n} workers up, 1.0 s after start"
-        ))));
+        assert_eq!(s.next_deadline(), Some(t0 + TIMEOUT), "ready timeout");
+        let t = t0 + Duration::from_millis(40);
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.extend(s.step(ready(100 + i as i32), t));
+        }
+        assert!(logs(&out).contains(&format!("all {n} workers ready, 40 ms after start")));
         assert_eq!(s.phase, Phase::Running);
         assert_eq!(s.next_deadline(), None, "idle means no timer");
-        (s, t0 + SETTLE)
+        (s, t)
+    }
+
+    /// Starts a rolling restart and prepares its generation.
+    fn reload(s: &mut Supervisor, t: Instant) -> Vec<Action> {
+        let out = s.step(Event::Reload, t);
+        let generation = match out.iter().find_map(|a| match a {
+            Action::PrepareGeneration { generation } => Some(*generation),
+            _ => None,
+        }) {
+            Some(g) => g,
+            None => panic!("no PrepareGeneration in {out:?}"),
+        };
+        s.step(Event::GenerationPrepared { generation }, t)
     }
 
     #[test]
     fn crashed_worker_is_restarted_in_its_slot_after_backoff() {
         let (mut s, t) = running(2);
-        let out = s.step(
-            Event::Exited {
-                pid: pid(101),
-                reason: ExitReason::Code(1),
-            },
-            t,
-        );
-        assert!(matches!(&out[..], [Action::Log(l)] if l.contains("restarting in 100 ms")));
+        let out = s.step(exited(101, ExitReason::Code(1)), t);
+        assert!(logs(&out).contains("restarting in 100 ms"), "{out:?}");
         assert_eq!(s.next_deadline(), Some(t + Duration::from_millis(100)));
         assert!(spawns(&s.step(Event::Tick, t + Duration::from_millis(99))).is_empty());
         let out = s.step(Event::Tick, t + Duration::from_millis(100));
@@ -538,57 +914,35 @@ mod tests {
 
         // The replacement crashes at once: the delay doubles.
         let t2 = t + Duration::from_millis(100);
-        s.step(
-            Event::Spawned {
-                slot: 1,
-                pid: pid(200),
-            },
-            t2,
-        );
-        let out = s.step(
-            Event::Exited {
-                pid: pid(200),
-                reason: ExitReason::Signal(Signal::SIGKILL),
-            },
-            t2,
-        );
+        s.step(spawned(1, 1, 200), t2);
+        let out = s.step(exited(200, ExitReason::signal(KILL)), t2);
+        let log = logs(&out);
         assert!(
-            matches!(&out[..], [Action::Log(l)] if l.contains("signal SIGKILL") && l.contains("restarting in 200 ms")),
-            "{out:?}"
+            log.contains("signal SIGKILL") && log.contains("restarting in 200 ms"),
+            "{log}"
         );
     }
 
     #[test]
-    fn failure_before_any_worker_is_up_stops_everything_and_fails() {
+    fn failure_before_any_worker_is_ready_stops_everything_and_fails() {
         let (mut s, t0) = sup(3);
         s.step(Event::Start, t0);
-        s.step(
-            Event::Spawned {
-                slot: 0,
-                pid: pid(100),
-            },
-            t0,
-        );
-        let out = s.step(
-            Event::SpawnFailed {
-                slot: 1,
-                error: "binding 127.0.0.1:1: denied".into(),
-            },
-            t0,
-        );
+        s.step(spawned(0, 1, 100), t0);
+        assert_eq!(s.next_deadline(), Some(t0), "the next fork is due at once");
+        s.step(Event::Tick, t0);
+        let failed = Event::SpawnFailed {
+            slot: 1,
+            generation: 1,
+            error: "binding 127.0.0.1:1: denied".into(),
+        };
+        let out = s.step(failed, t0);
         assert_eq!(signals(&out), vec![(100, TERM)]);
         assert!(spawns(&out).is_empty(), "slot 2 is never forked");
-        let out = s.step(
-            Event::Exited {
-                pid: pid(100),
-                reason: ExitReason::Signal(TERM),
-            },
-            t0,
-        );
+        let out = s.step(exited(100, ExitReason::signal(TERM)), t0);
         assert_eq!(
             exit(&out),
             Some(Outcome::Failed(
-                "worker 1 (cpu 1): binding 127.0.0.1:1: denied".into()
+                "worker 1 (cpu 1) (gen 1): binding 127.0.0.1:1: denied".into()
             ))
         );
     }
@@ -597,29 +951,44 @@ mod tests {
     fn app_exiting_at_once_is_a_start_up_failure_not_a_restart_loop() {
         let (mut s, t0) = sup(1);
         s.step(Event::Start, t0);
-        s.step(
-            Event::Spawned {
-                slot: 0,
-                pid: pid(100),
-            },
-            t0,
-        );
-        let out = s.step(
-            Event::Exited {
-                pid: pid(100),
-                reason: ExitReason::Code(2),
-            },
-            t0,
-        );
+        s.step(spawned(0, 1, 100), t0);
+        let out = s.step(exited(100, ExitReason::Code(2)), t0);
         match exit(&out) {
-            Some(Outcome::Failed(msg)) => {
-                assert!(
-                    msg.contains("worker 0 (pid 100, cpu 0, gen 1): exited (exit status 2)"),
-                    "{msg}"
-                )
-            }
+            Some(Outcome::Failed(msg)) => assert!(
+                msg.contains("worker 0 (pid 100, cpu 0, gen 1): exited (exit status 2)")
+                    && msg.contains("before any worker was ready"),
+                "{msg}"
+            ),
             other => panic!("expected failure, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_worker_whose_readiness_cannot_be_seen_counts_as_ready_at_start_up() {
+        let (mut s, t0) = sup(1);
+        s.step(Event::Start, t0);
+        s.step(spawned(0, 1, 100), t0);
+        let out = s.step(Event::Tick, t0 + TIMEOUT);
+        let log = logs(&out);
+        assert!(
+            log.contains("not ready after 30.0 s") && log.contains("--ready notify"),
+            "{log}"
+        );
+        assert!(
+            log.contains("counting it as ready") && log.contains("all 1 workers ready"),
+            "{log}"
+        );
+        assert_eq!(s.phase, Phase::Running);
+    }
+
+    #[test]
+    fn delay_mode_makes_workers_ready_after_the_delay() {
+        let (mut s, t0) = sup_with(1, ReadyMode::Delay(Duration::from_millis(500)), 1);
+        s.step(Event::Start, t0);
+        s.step(spawned(0, 1, 100), t0);
+        assert_eq!(s.next_deadline(), Some(t0 + Duration::from_millis(500)));
+        let out = s.step(Event::Tick, t0 + Duration::from_millis(500));
+        assert!(logs(&out).contains("ready after 500 ms"), "{out:?}");
     }
 
     #[test]
@@ -628,20 +997,8 @@ mod tests {
         let out = s.step(Event::StopGracefully, t);
         assert_eq!(signals(&out), vec![(100, TERM), (101, TERM)]);
         assert_eq!(s.next_deadline(), Some(t + Duration::from_secs(5)));
-        s.step(
-            Event::Exited {
-                pid: pid(100),
-                reason: ExitReason::Signal(TERM),
-            },
-            t,
-        );
-        let out = s.step(
-            Event::Exited {
-                pid: pid(101),
-                reason: ExitReason::Code(0),
-            },
-            t,
-        );
+        s.step(exited(100, ExitReason::signal(TERM)), t);
+        let out = s.step(exited(101, ExitReason::Code(0)), t);
         assert_eq!(exit(&out), Some(Outcome::Stopped));
     }
 
@@ -649,23 +1006,11 @@ mod tests {
     fn grace_expiry_sigkills_and_reports_it() {
         let (mut s, t) = running(2);
         s.step(Event::StopGracefully, t);
-        s.step(
-            Event::Exited {
-                pid: pid(100),
-                reason: ExitReason::Code(0),
-            },
-            t,
-        );
+        s.step(exited(100, ExitReason::Code(0)), t);
         let out = s.step(Event::Tick, t + Duration::from_secs(5));
-        assert_eq!(signals(&out), vec![(101, Signal::SIGKILL)]);
+        assert_eq!(signals(&out), vec![(101, KILL)]);
         assert_eq!(s.next_deadline(), None);
-        let out = s.step(
-            Event::Exited {
-                pid: pid(101),
-                reason: ExitReason::Signal(Signal::SIGKILL),
-            },
-            t,
-        );
+        let out = s.step(exited(101, ExitReason::signal(KILL)), t);
         assert_eq!(exit(&out), Some(Outcome::Killed));
     }
 
@@ -675,69 +1020,208 @@ mod tests {
         s.step(Event::StopGracefully, t);
         assert_eq!(
             signals(&s.step(Event::StopGracefully, t)),
-            vec![(100, Signal::SIGKILL)]
+            vec![(100, KILL)]
         );
         let (mut s, t) = running(1);
         assert_eq!(
             signals(&s.step(Event::StopNow, t)),
-            vec![(100, TERM), (100, Signal::SIGKILL)]
+            vec![(100, TERM), (100, KILL)]
         );
     }
 
     #[test]
     fn stop_cancels_pending_restarts_and_orphans_are_ignored() {
         let (mut s, t) = running(2);
-        s.step(
-            Event::Exited {
-                pid: pid(101),
-                reason: ExitReason::Code(1),
-            },
-            t,
-        );
-        assert!(s
-            .step(
-                Event::Exited {
-                    pid: pid(999),
-                    reason: ExitReason::Code(0)
-                },
-                t
-            )
-            .is_empty());
+        s.step(exited(101, ExitReason::Code(1)), t);
+        assert!(s.step(exited(999, ExitReason::Code(0)), t).is_empty());
         s.step(Event::StopGracefully, t);
         assert!(spawns(&s.step(Event::Tick, t + Duration::from_secs(1))).is_empty());
-        let out = s.step(
-            Event::Exited {
-                pid: pid(100),
-                reason: ExitReason::Code(0),
-            },
-            t,
-        );
+        let out = s.step(exited(100, ExitReason::Code(0)), t);
         assert_eq!(exit(&out), Some(Outcome::Stopped));
     }
 
     #[test]
     fn failed_restart_after_start_up_is_retried_with_backoff() {
         let (mut s, t) = running(1);
-        s.step(
-            Event::Exited {
-                pid: pid(100),
-                reason: ExitReason::Code(1),
-            },
-            t,
-        );
+        s.step(exited(100, ExitReason::Code(1)), t);
         let t = t + Duration::from_millis(100);
         s.step(Event::Tick, t);
+        let failed = Event::SpawnFailed {
+            slot: 0,
+            generation: 1,
+            error: "exec ./app: ENOENT".into(),
+        };
+        let out = s.step(failed, t);
+        assert!(logs(&out).ends_with("retrying in 200 ms"), "{out:?}");
+        assert!(exit(&out).is_none());
+    }
+
+    #[test]
+    fn rolling_restart_surges_slot_by_slot_and_never_shrinks() {
+        let (mut s, t) = running(2);
+        let out = reload(&mut s, t);
+        assert_eq!(spawns(&out), vec![(0, 2)], "one slot at a time");
+        assert!(
+            s.step(spawned(0, 2, 200), t)
+                .iter()
+                .all(|a| !matches!(a, Action::Signal { .. })),
+            "the old worker serves until the new one is ready"
+        );
+        // New worker of slot 0 ready: the old one is asked to stop; slot 1 waits for it.
+        let out = s.step(ready(200), t);
+        assert_eq!(signals(&out), vec![(100, TERM)]);
+        assert!(spawns(&out).is_empty());
+        assert_eq!(s.slots()[0].pid(), Some(pid(200)));
+        let out = s.step(exited(100, ExitReason::signal(TERM)), t);
+        assert_eq!(spawns(&out), vec![(1, 2)]);
+        s.step(spawned(1, 2, 201), t);
+        s.step(ready(201), t);
         let out = s.step(
-            Event::SpawnFailed {
-                slot: 0,
-                error: "exec ./app: ENOENT".into(),
+            exited(101, ExitReason::Code(0)),
+            t + Duration::from_millis(80),
+        );
+        assert!(
+            logs(&out)
+                .contains("rolling restart to generation 2 done: 2 workers replaced in 80 ms"),
+            "{out:?}"
+        );
+        assert!(s.rolling.is_none());
+        assert_eq!(s.slots()[1].generation, 2);
+    }
+
+    #[test]
+    fn rolling_batch_replaces_k_slots_at_once() {
+        let (mut s, t) = running_with(3, 2);
+        assert_eq!(spawns(&reload(&mut s, t)), vec![(0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn new_worker_crashing_rolls_back_and_keeps_every_old_worker() {
+        let (mut s, t) = running(3);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        let out = s.step(exited(200, ExitReason::Code(1)), t);
+        let log = logs(&out);
+        assert!(log.contains("rolling restart to generation 2 failed: worker 0 (pid 200, cpu 0, gen 2): exited (exit status 1)"), "{log}");
+        assert!(
+            log.contains("before it was ready") && log.contains("generation 1 still serving"),
+            "{log}"
+        );
+        assert!(signals(&out).is_empty(), "no old worker is touched");
+        assert!(spawns(&out).is_empty(), "no slot is restarted");
+        assert_eq!(
+            (0..3).map(|i| s.slots()[i].pid()).collect::<Vec<_>>(),
+            vec![Some(pid(100)), Some(pid(101)), Some(pid(102))]
+        );
+        // A later reload tries again, with a new generation.
+        assert_eq!(spawns(&reload(&mut s, t)), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn new_worker_never_ready_is_stopped_and_the_pass_rolled_back() {
+        let (mut s, t) = running(2);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        // Slot 0 done, slot 1's new worker never shows readiness.
+        s.step(ready(200), t);
+        s.step(exited(100, ExitReason::Code(0)), t);
+        s.step(spawned(1, 2, 201), t);
+        let out = s.step(Event::Tick, t + TIMEOUT);
+        let log = logs(&out);
+        assert_eq!(
+            signals(&out),
+            vec![(201, TERM)],
+            "only the new worker is stopped"
+        );
+        assert!(
+            log.contains("not ready after 30.0 s") && log.contains("--ready delay:"),
+            "{log}"
+        );
+        assert!(log.contains("generation 1 and 2 still serving"), "{log}");
+    }
+
+    #[test]
+    fn reloads_during_a_pass_coalesce_into_exactly_one_more_pass() {
+        let (mut s, t) = running(1);
+        reload(&mut s, t);
+        for _ in 0..3 {
+            assert!(spawns(&s.step(Event::Reload, t)).is_empty());
+        }
+        s.step(spawned(0, 2, 200), t);
+        s.step(ready(200), t);
+        let out = s.step(exited(100, ExitReason::Code(0)), t);
+        assert!(
+            out.contains(&Action::PrepareGeneration { generation: 3 }),
+            "{out:?}"
+        );
+        let out = s.step(Event::GenerationPrepared { generation: 3 }, t);
+        assert_eq!(spawns(&out), vec![(0, 3)]);
+        s.step(spawned(0, 3, 300), t);
+        s.step(ready(300), t);
+        let out = s.step(exited(200, ExitReason::Code(0)), t);
+        assert!(logs(&out).contains("generation 3 done"));
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::PrepareGeneration { .. })),
+            "no third pass"
+        );
+    }
+
+    #[test]
+    fn stop_during_a_rolling_restart_stops_old_and_new_workers() {
+        let (mut s, t) = running(2);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        let out = s.step(Event::StopGracefully, t);
+        assert_eq!(signals(&out), vec![(100, TERM), (101, TERM), (200, TERM)]);
+        for p in [100, 101, 200] {
+            s.step(exited(p, ExitReason::Code(0)), t);
+        }
+        assert_eq!(s.phase, Phase::Done);
+    }
+
+    #[test]
+    fn old_worker_that_ignores_the_stop_is_killed_after_grace_and_the_pass_goes_on() {
+        let (mut s, t) = running(2);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(ready(200), t);
+        let out = s.step(Event::Tick, t + Duration::from_secs(5));
+        assert_eq!(signals(&out), vec![(100, KILL)]);
+        let out = s.step(
+            exited(100, ExitReason::signal(KILL)),
+            t + Duration::from_secs(5),
+        );
+        assert_eq!(spawns(&out), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn generation_that_cannot_be_prepared_fails_the_pass_without_touching_workers() {
+        let (mut s, t) = running(1);
+        s.step(Event::Reload, t);
+        let out = s.step(
+            Event::GenerationFailed {
+                generation: 2,
+                error: "--cmd: ./app: no such file".into(),
             },
             t,
         );
         assert!(
-            matches!(&out[..], [Action::Log(l)] if l.ends_with("retrying in 200 ms")),
+            logs(&out).contains("failed: --cmd: ./app: no such file"),
             "{out:?}"
         );
-        assert!(exit(&out).is_none());
+        assert!(signals(&out).is_empty() && spawns(&out).is_empty());
+    }
+
+    #[test]
+    fn crashed_old_worker_in_a_slot_being_rolled_is_replaced_by_the_surge() {
+        let (mut s, t) = running(1);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(exited(100, ExitReason::Code(1)), t);
+        assert!(spawns(&s.step(Event::Tick, t + Duration::from_secs(1))).is_empty());
+        let out = s.step(ready(200), t);
+        assert!(logs(&out).contains("generation 2 done"), "{out:?}");
+        assert_eq!(s.slots()[0].pid(), Some(pid(200)));
     }
 }

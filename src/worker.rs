@@ -8,11 +8,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-/// A worker survives this long before it counts as up (and the start-up check passes).
-pub const SETTLE: Duration = Duration::from_secs(1);
 /// First restart delay after a crash.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Restart delays double up to this.
@@ -28,26 +25,29 @@ pub type Generation = u64;
 pub enum ExitReason {
     /// exit(code).
     Code(i32),
-    /// Killed by a signal.
-    Signal(Signal),
+    /// Killed by this signal number (real-time signals included).
+    Signal(i32),
 }
 
 impl ExitReason {
-    /// Maps a waitpid status to an exit reason; `None` for stops and continues.
-    pub fn from_wait_status(status: WaitStatus) -> Option<(Pid, ExitReason)> {
-        match status {
-            WaitStatus::Exited(pid, code) => Some((pid, ExitReason::Code(code))),
-            WaitStatus::Signaled(pid, sig, _) => Some((pid, ExitReason::Signal(sig))),
-            _ => None,
-        }
+    /// Killed by `signal`.
+    #[cfg(test)]
+    pub fn signal(signal: Signal) -> ExitReason {
+        ExitReason::Signal(signal as i32)
     }
 }
 
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        match *self {
             ExitReason::Code(c) => write!(f, "exit status {c}"),
-            ExitReason::Signal(s) => write!(f, "signal {}", s.as_str()),
+            ExitReason::Signal(n) => match Signal::try_from(n) {
+                Ok(s) => write!(f, "signal {}", s.as_str()),
+                Err(_) if n >= nix::libc::SIGRTMIN() => {
+                    write!(f, "signal SIGRTMIN+{}", n - nix::libc::SIGRTMIN())
+                }
+                Err(_) => write!(f, "signal {n}"),
+            },
         }
     }
 }
@@ -55,7 +55,7 @@ impl fmt::Display for ExitReason {
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
-    /// exec'd; has not yet stayed up for [`SETTLE`].
+    /// exec'd; not ready yet (see `readiness.rs`).
     Starting,
     /// Up and serving.
     Ready,
@@ -85,6 +85,10 @@ pub struct Worker {
     pub started: Instant,
     /// Where it is in its life.
     pub state: WorkerState,
+    /// Inodes of its listening sockets, for `--ready listening`.
+    pub sockets: Vec<u64>,
+    /// The app's last sd_notify STATUS=.
+    pub status: Option<String>,
 }
 
 impl Worker {
@@ -103,6 +107,8 @@ impl Worker {
             generation,
             started: now,
             state: WorkerState::Starting,
+            sockets: Vec::new(),
+            status: None,
         }
     }
 
@@ -124,7 +130,7 @@ impl Worker {
         let up = ms(now.saturating_duration_since(self.started));
         let line = match to {
             Starting => format!("{self}: started"),
-            Ready => format!("{self}: up after {up}"),
+            Ready => format!("{self}: ready after {up}"),
             Stopping { killed: false, .. } => format!("{self}: stopping"),
             Stopping {
                 killed: true,
@@ -165,8 +171,8 @@ pub enum SlotState {
         /// When to start the next worker.
         at: Instant,
     },
-    /// A worker fills the slot.
-    Filled(Worker),
+    /// The worker with this pid serves the slot.
+    Filled(Pid),
 }
 
 /// A permanent position in the cluster: its CPU and its restart history.
@@ -178,6 +184,8 @@ pub struct Slot {
     pub cpu: Option<usize>,
     /// What fills the slot now.
     pub state: SlotState,
+    /// Generation of the slot's newest worker; a crashed worker is replaced by the same one.
+    pub generation: Generation,
     /// Workers started to replace a crashed one.
     pub restarts: u32,
     /// How the last worker ended.
@@ -193,16 +201,17 @@ impl Slot {
             index,
             cpu,
             state: SlotState::Empty,
+            generation: 1,
             restarts: 0,
             last_exit: None,
             backoff: Backoff::default(),
         }
     }
 
-    /// The worker in the slot, if any.
-    pub fn worker(&self) -> Option<&Worker> {
-        match &self.state {
-            SlotState::Filled(w) => Some(w),
+    /// The pid of the worker serving the slot, if any.
+    pub fn pid(&self) -> Option<Pid> {
+        match self.state {
+            SlotState::Filled(pid) => Some(pid),
             _ => None,
         }
     }
@@ -272,7 +281,7 @@ mod tests {
         let mut w = Worker::new(Pid::from_raw(42), 2, Some(1), 1, t0);
         assert_eq!(w.to_string(), "worker 2 (pid 42, cpu 1, gen 1)");
         let line = w.transition(WorkerState::Ready, t0 + Duration::from_millis(41));
-        assert_eq!(line, "worker 2 (pid 42, cpu 1, gen 1): up after 41 ms");
+        assert_eq!(line, "worker 2 (pid 42, cpu 1, gen 1): ready after 41 ms");
         w.transition(
             WorkerState::Stopping {
                 since: t0,
@@ -280,11 +289,13 @@ mod tests {
             },
             t0,
         );
-        let line = w.transition(WorkerState::Exited(ExitReason::Signal(Signal::SIGTERM)), t0);
+        let line = w.transition(WorkerState::Exited(ExitReason::signal(Signal::SIGTERM)), t0);
         assert!(
             line.ends_with("exited (signal SIGTERM) after 0 ms"),
             "{line}"
         );
+        let rt = ExitReason::Signal(nix::libc::SIGRTMIN() + 2);
+        assert_eq!(rt.to_string(), "signal SIGRTMIN+2");
     }
 
     #[test]

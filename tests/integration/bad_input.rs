@@ -48,9 +48,39 @@ fn invalid_flags_exit_2_with_the_flag_named() {
         &["--workers 0", "at least one"],
     );
     rejects(
-        &["--bind", "127.0.0.1:0", "--cpus", "4096"],
+        &["--bind", "127.0.0.1:0", "--cpus", "1000"],
         2,
-        &["--cpus", "CPU 4096", "affinity mask"],
+        &["--cpus", "CPU 1000", "affinity mask"],
+    );
+    rejects(
+        &["--bind", "127.0.0.1:0", "--cpus", "0-99999999999"],
+        2,
+        &["--cpus", "highest possible CPU"],
+    );
+    rejects(
+        &["--bind", "127.0.0.1:0", "--workers", "18446744073709551615"],
+        2,
+        &["--workers", "at most"],
+    );
+    rejects(
+        &["--bind", "127.0.0.1:0", "--grace", "18446744073709551615"],
+        2,
+        &["--grace", "365 days"],
+    );
+    rejects(
+        &["--bind", "127.0.0.1:0", "--stop-signal", "9"],
+        2,
+        &["--stop-signal 9", "graceful"],
+    );
+    rejects(
+        &["--bind", "127.0.0.1:0", "--ready", "soon"],
+        2,
+        &["--ready soon", "notify, listening"],
+    );
+    rejects(
+        &["--bind", "127.0.0.1:0", "--rolling-batch", "0"],
+        2,
+        &["--rolling-batch"],
     );
     rejects(
         &["--bind", "127.0.0.1:0", "--cpus", "1-0"],
@@ -245,6 +275,8 @@ fn a_failed_start_leaves_no_worker_behind() {
             "2",
             "--bind",
             "127.0.0.1:0",
+            "--ready",
+            "delay:10s",
             "--cmd",
             app.to_str().unwrap(),
         ],

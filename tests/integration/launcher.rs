@@ -7,6 +7,17 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 /// A python3 app that takes fd 3 the systemd way and answers with what it was given.
+/// A python3 app that ignores SIGTERM, and says so over sd_notify once it does.
+const STUBBORN_APP: &str = r#"#!/usr/bin/env python3
+import os, signal, socket, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+addr = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect("\0" + addr[1:] if addr.startswith("@") else addr)
+s.send(b"READY=1\nSTATUS=ignoring SIGTERM")
+time.sleep(1000)
+"#;
+
 const PYTHON_APP: &str = r#"
 import http.server, os, socket
 assert int(os.environ["LISTEN_PID"]) == os.getpid(), "LISTEN_PID is not my pid"
@@ -42,6 +53,8 @@ fn workers_are_pinned_and_hold_exactly_their_sockets_and_env() {
         "a=127.0.0.1:0",
         "--bind",
         "b=127.0.0.1:0",
+        "--ready",
+        "delay:50ms",
         "--",
         "sleep",
         "1000",
@@ -103,6 +116,8 @@ fn no_pin_leaves_affinity_alone_and_omits_the_cpu_variable() {
         "--no-pin",
         "--bind",
         "127.0.0.1:0",
+        "--ready",
+        "delay:50ms",
         "--",
         "sleep",
         "1000",
@@ -122,6 +137,8 @@ fn master_environment_meant_for_the_master_is_not_passed_on() {
             "1",
             "--bind",
             "127.0.0.1:0",
+            "--ready",
+            "delay:50ms",
             "--",
             "sleep",
             "1000",
@@ -132,7 +149,7 @@ fn master_environment_meant_for_the_master_is_not_passed_on() {
             ("KEEP_ME", "yes"),
         ],
     );
-    c.expect_log("workers up");
+    c.expect_log("workers ready");
     let pid = c.workers()[&0];
     let env = env_of(pid);
     assert!(
@@ -279,7 +296,7 @@ fn sigterm_stops_every_worker_and_exits_zero() {
 
 #[test]
 fn app_ignoring_the_stop_signal_is_killed_after_grace_and_exit_code_says_so() {
-    let app = script("stubborn.py", "#!/usr/bin/env python3\nimport signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(1000)\n");
+    let app = script("stubborn.py", STUBBORN_APP);
     let mut c = Cluster::start(&[
         "--workers",
         "2",
@@ -287,6 +304,8 @@ fn app_ignoring_the_stop_signal_is_killed_after_grace_and_exit_code_says_so() {
         "1500ms",
         "--bind",
         "127.0.0.1:0",
+        "--ready",
+        "notify",
         "--cmd",
         app.to_str().unwrap(),
     ]);
@@ -311,7 +330,7 @@ fn app_ignoring_the_stop_signal_is_killed_after_grace_and_exit_code_says_so() {
 
 #[test]
 fn second_sigterm_kills_at_once() {
-    let app = script("stubborn2.py", "#!/usr/bin/env python3\nimport signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(1000)\n");
+    let app = script("stubborn2.py", STUBBORN_APP);
     let mut c = Cluster::start(&[
         "--workers",
         "1",
@@ -319,6 +338,8 @@ fn second_sigterm_kills_at_once() {
         "60s",
         "--bind",
         "127.0.0.1:0",
+        "--ready",
+        "notify",
         "--cmd",
         app.to_str().unwrap(),
     ]);
@@ -340,7 +361,7 @@ fn sigkill_to_the_master_leaves_no_worker_behind() {
         &["--workers", "3", "--bind", "127.0.0.1:0"],
         &[("RC_TEST_TAG", &tag)],
     );
-    c.expect_log("workers up");
+    c.expect_log("workers ready");
     assert_eq!(tagged_processes(&tag).len(), 4, "master and 3 workers");
     c.signal(Signal::SIGKILL);
     c.wait_exit(TIMEOUT);
@@ -380,6 +401,8 @@ time.sleep(1000)
         "1",
         "--bind",
         "127.0.0.1:0",
+        "--ready",
+        "delay:50ms",
         "--cmd",
         app.to_str().unwrap(),
     ]);
@@ -457,7 +480,7 @@ fn start_up_fails_fast_when_the_app_exits_at_once() {
     assert!(
         log.contains("error: worker 0")
             && log.contains("exit status 7")
-            && log.contains("before any worker was up"),
+            && log.contains("before any worker was ready"),
         "{log}"
     );
     assert!(t0.elapsed() < Duration::from_secs(10));
@@ -471,6 +494,8 @@ fn exec_failure_in_the_child_is_reported_with_worker_step_and_os_error() {
         "2",
         "--bind",
         "127.0.0.1:0",
+        "--ready",
+        "delay:50ms",
         "--cmd",
         app.to_str().unwrap(),
     ]);

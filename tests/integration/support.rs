@@ -52,7 +52,7 @@ impl Cluster {
     /// Starts the binary with `args` and waits until it says all its workers are up.
     pub fn start(args: &[&str]) -> Cluster {
         let mut c = Cluster::spawn(args, &[]);
-        c.expect_log("workers up");
+        c.expect_log("workers ready");
         c
     }
 

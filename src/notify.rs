@@ -1,0 +1,128 @@
+//! The sd_notify socket the master offers its workers as NOTIFY_SOCKET.
+//!
+//! An abstract unix datagram socket (no file to clean up after a crash), with SO_PASSCRED so
+//! that the kernel tells which pid sent each message: a worker is identified by its own pid
+//! or by a pid of its process group, never by what the message claims. The master's own
+//! NOTIFY_SOCKET (from systemd) is a different socket and is never given to workers.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+use anyhow::Context;
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+
+/// One datagram from a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The sender's pid, from the kernel.
+    pub pid: u32,
+    /// `KEY=VALUE` lines, in order.
+    pub fields: Vec<(String, String)>,
+}
+
+/// The master's NOTIFY_SOCKET for its workers.
+pub struct NotifySocket {
+    socket: UnixDatagram,
+    name: String,
+}
+
+impl NotifySocket {
+    /// Binds a fresh abstract socket named after the master's pid and start time (two
+    /// masters of one pod share a network namespace and may both be pid 1).
+    pub fn bind() -> anyhow::Result<NotifySocket> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("reuseport-cluster/{}/{nanos:x}/notify", std::process::id());
+        let addr =
+            SocketAddr::from_abstract_name(name.as_bytes()).context("naming the notify socket")?;
+        let socket = UnixDatagram::bind_addr(&addr)
+            .with_context(|| format!("binding the workers' notify socket @{name}"))?;
+        socket.set_nonblocking(true)?;
+        setsockopt(&socket, sockopt::PassCred, &true).context("setting SO_PASSCRED")?;
+        Ok(NotifySocket { socket, name })
+    }
+
+    /// The NOTIFY_SOCKET value workers get (`@` marks the abstract namespace).
+    pub fn env_value(&self) -> String {
+        format!("@{}", self.name)
+    }
+
+    /// Every message waiting, without blocking.
+    pub fn receive(&self) -> Vec<Message> {
+        let mut messages = Vec::new();
+        loop {
+            let mut buf = [0u8; 4096];
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let received = recvmsg::<()>(
+                self.socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            );
+            let Ok(msg) = received else {
+                break; // EAGAIN: drained
+            };
+            let pid = msg.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|c| match c {
+                    ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid() as u32),
+                    _ => None,
+                })
+            });
+            let len = msg.bytes;
+            if let Some(pid) = pid {
+                messages.push(Message {
+                    pid,
+                    fields: parse(&buf[..len]),
+                });
+            }
+        }
+        messages
+    }
+}
+
+impl AsFd for NotifySocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// Splits a datagram into its `KEY=VALUE` lines.
+fn parse(datagram: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(datagram)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_the_kernel_checked_sender_pid() {
+        let notify = NotifySocket::bind().unwrap();
+        assert!(notify.env_value().starts_with("@reuseport-cluster/"));
+        let client = UnixDatagram::unbound().unwrap();
+        let addr = SocketAddr::from_abstract_name(notify.name.as_bytes()).unwrap();
+        client
+            .send_to_addr(b"READY=1\nSTATUS=warming up\n", &addr)
+            .unwrap();
+        let got = notify.receive();
+        assert_eq!(
+            got,
+            vec![Message {
+                pid: std::process::id(),
+                fields: vec![
+                    ("READY".into(), "1".into()),
+                    ("STATUS".into(), "warming up".into())
+                ],
+            }]
+        );
+        assert!(notify.receive().is_empty());
+    }
+}

@@ -1,0 +1,153 @@
+//! The plan of one rolling restart: which slots are done, under way, and still to do.
+//!
+//! Surge, never shrink: a slot's new worker starts while the old one still serves (for a
+//! moment the slot has two sockets in the reuseport group); only once the new one is ready
+//! is the old one asked to stop, and the next slot starts once the old one has exited.
+//! The supervisor owns the processes; this only tracks where each slot of the pass is.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use crate::worker::Generation;
+
+/// Where one slot of the pass is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SurgeStep {
+    /// Its new worker is being forked.
+    Spawning,
+    /// Its new worker runs and is not ready yet.
+    Starting(Pid),
+    /// Its new worker serves; the old one (this pid) is stopping.
+    Retiring(Pid),
+    /// Finished.
+    Done,
+}
+
+/// One slot being replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Surge {
+    /// The slot.
+    pub slot: usize,
+    /// How far it got.
+    pub step: SurgeStep,
+}
+
+/// One pass over every slot, to `generation`.
+#[derive(Debug, Clone)]
+pub struct RollingRestart {
+    /// The generation the pass brings in.
+    pub generation: Generation,
+    /// When the pass began.
+    pub started: Instant,
+    /// Whether the master has prepared the generation (re-resolved the program).
+    pub prepared: bool,
+    /// A reload came during the pass: one more pass follows.
+    pub again: bool,
+    pending: VecDeque<usize>,
+    surges: Vec<Surge>,
+    replaced: usize,
+    total: usize,
+}
+
+impl RollingRestart {
+    /// A pass over slots `0..slots`.
+    pub fn new(generation: Generation, slots: usize, now: Instant) -> RollingRestart {
+        RollingRestart {
+            generation,
+            started: now,
+            prepared: false,
+            again: false,
+            pending: (0..slots).collect(),
+            surges: Vec::new(),
+            replaced: 0,
+            total: slots,
+        }
+    }
+
+    /// The surge of `slot`, if it is under way.
+    pub fn surge(&self, slot: usize) -> Option<&Surge> {
+        self.surges
+            .iter()
+            .find(|s| s.slot == slot && s.step != SurgeStep::Done)
+    }
+
+    /// The surge whose new or retiring worker is `pid`.
+    pub fn surge_of_pid(&mut self, pid: Pid) -> Option<&mut Surge> {
+        self.surges
+            .iter_mut()
+            .find(|s| matches!(s.step, SurgeStep::Starting(p) | SurgeStep::Retiring(p) if p == pid))
+    }
+
+    /// Moves `slot`'s surge on.
+    pub fn set_step(&mut self, slot: usize, step: SurgeStep) {
+        if let Some(s) = self.surges.iter_mut().find(|s| s.slot == slot) {
+            s.step = step;
+            if step == SurgeStep::Done {
+                self.replaced += 1;
+            }
+        }
+    }
+
+    /// Slots to start now, keeping at most `batch` under way.
+    pub fn next_slots(&mut self, batch: usize) -> Vec<usize> {
+        self.surges.retain(|s| s.step != SurgeStep::Done);
+        let mut started = Vec::new();
+        while self.surges.len() < batch.max(1) {
+            let Some(slot) = self.pending.pop_front() else {
+                break;
+            };
+            self.surges.push(Surge {
+                slot,
+                step: SurgeStep::Spawning,
+            });
+            started.push(slot);
+        }
+        started
+    }
+
+    /// The new workers that are running but not yet ready.
+    pub fn starting(&self) -> impl Iterator<Item = Pid> + '_ {
+        self.surges.iter().filter_map(|s| match s.step {
+            SurgeStep::Starting(pid) => Some(pid),
+            _ => None,
+        })
+    }
+
+    /// Whether every slot is done.
+    pub fn is_complete(&self) -> bool {
+        self.pending.is_empty() && self.surges.iter().all(|s| s.step == SurgeStep::Done)
+    }
+
+    /// Slots replaced so far, and slots in the pass.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.replaced, self.total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_go_in_order_at_most_batch_at_a_time() {
+        let mut r = RollingRestart::new(2, 5, Instant::now());
+        assert_eq!(r.next_slots(2), vec![0, 1]);
+        assert_eq!(r.next_slots(2), Vec::<usize>::new(), "two under way");
+        r.set_step(0, SurgeStep::Starting(Pid::from_raw(10)));
+        r.set_step(0, SurgeStep::Retiring(Pid::from_raw(5)));
+        assert_eq!(r.surge_of_pid(Pid::from_raw(5)).map(|s| s.slot), Some(0));
+        r.set_step(0, SurgeStep::Done);
+        assert_eq!(r.next_slots(2), vec![2]);
+        for slot in [1, 2] {
+            r.set_step(slot, SurgeStep::Done);
+        }
+        assert_eq!(r.next_slots(2), vec![3, 4]);
+        assert!(!r.is_complete());
+        r.set_step(3, SurgeStep::Done);
+        r.set_step(4, SurgeStep::Done);
+        assert!(r.is_complete());
+        assert_eq!(r.progress(), (5, 5));
+    }
+}
