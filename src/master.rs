@@ -15,6 +15,8 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -65,6 +67,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let (read, write) = UnixStream::pair().context("creating the signal pipe")?;
     let mut signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED)
         .context("installing signal handlers")?;
+    // Two SIGHUPs are two reloads, even when both arrive before the master wakes.
+    let reloads = Arc::new(AtomicUsize::new(0));
+    spawn::count_deliveries(SIGHUP, Arc::clone(&reloads)).context("counting SIGHUPs")?;
 
     announce(&config);
     let settings = Settings {
@@ -107,10 +112,12 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             match signal {
                 SIGTERM | SIGINT => events.push_back(Event::StopGracefully),
                 SIGQUIT => events.push_back(Event::StopNow),
-                SIGHUP => events.push_back(Event::Reload),
                 SIGTTIN | SIGTTOU => info!("SIGTTIN/SIGTTOU ignored: this version does not scale"),
-                _ => {} // SIGCHLD: reaped below, on every wake
+                _ => {} // SIGCHLD: reaped above; SIGHUP: counted below
             }
+        }
+        for _ in 0..reloads.swap(0, Ordering::SeqCst) {
+            events.push_back(Event::Reload);
         }
         if let Some(notify) = &notify {
             for message in notify.receive() {

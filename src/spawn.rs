@@ -1,4 +1,5 @@
-//! fork/exec of one worker: the only module with `unsafe`.
+//! fork/exec of one worker: the only module with `unsafe`, so it also holds the few other
+//! raw calls the master needs (waitid/waitpid, fd flags, a signal counter).
 //!
 //! Between fork and exec the child may only make async-signal-safe calls: the master's
 //! allocator or any lock may have been held by the forking thread at fork time. So every
@@ -28,6 +29,8 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use nix::errno::Errno;
@@ -587,6 +590,19 @@ pub fn cloexec_inherited_fds() {
             }
         }
     }
+}
+
+/// Counts every delivery of `signal` in `counter`. signal-hook's self-pipe reports a
+/// signal once however often it came between two reads; a reload must not be lost that way.
+pub fn count_deliveries(signal: c_int, counter: Arc<AtomicUsize>) -> io::Result<()> {
+    // SAFETY: the handler only does an atomic add, which is async-signal-safe; the counter
+    // is kept alive by the Arc the handler owns.
+    unsafe {
+        signal_hook::low_level::register(signal, move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
+    }?;
+    Ok(())
 }
 
 /// The app side of the hand-off: takes the sockets named by LISTEN_FDS/LISTEN_PID.

@@ -5,4 +5,5 @@
 
 mod bad_input;
 mod launcher;
+mod rolling;
 mod support;

@@ -40,6 +40,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A running master, killed with its workers when dropped.
 pub struct Cluster {
+    _lock: Option<MachineLock>,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     /// The sockets the master announced, in fd order.
@@ -59,6 +60,7 @@ impl Cluster {
     /// Starts the binary and returns at once (after it has announced its sockets, unless
     /// it exits first).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Cluster {
+        let lock = machine_lock(false);
         let mut cmd = Command::new(bin());
         cmd.args(args)
             .envs(env.iter().copied())
@@ -77,6 +79,7 @@ impl Cluster {
             }
         });
         let mut c = Cluster {
+            _lock: lock,
             child,
             log,
             addrs: Vec::new(),
@@ -403,20 +406,166 @@ pub fn kill_group(pgid: u32) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), Signal::SIGKILL);
 }
 
-/// Held by a test that puts load on the machine, so that load tests run one at a time
-/// under `cargo test` (threads) as well as under nextest (processes; also grouped there).
-pub struct LoadLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+/// A hold on the machine-wide test lock: shared by every test that starts a master,
+/// exclusive for tests that put load on the machine or change its sysctls. Works across
+/// processes (nextest) and threads (cargo test) alike.
+pub struct MachineLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    exclusive: bool,
+}
 
-/// Waits for the machine-wide load-test lock.
-pub fn load_lock() -> LoadLock {
+thread_local! {
+    /// Whether this test thread holds the lock exclusively (its masters need no shared hold).
+    static EXCLUSIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Drop for MachineLock {
+    fn drop(&mut self) {
+        if self.exclusive {
+            EXCLUSIVE.with(|e| e.set(false));
+        }
+    }
+}
+
+fn machine_lock(exclusive: bool) -> Option<MachineLock> {
+    if EXCLUSIVE.with(|e| e.get()) {
+        return None;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(std::env::temp_dir().join("reuseport-cluster-load-tests.lock"))
+        .open(std::env::temp_dir().join("reuseport-cluster-tests.lock"))
         .unwrap();
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) {
-        Ok(lock) => LoadLock(lock),
-        Err((_, e)) => panic!("locking the load-test lock: {e}"),
+    let how = match exclusive {
+        true => nix::fcntl::FlockArg::LockExclusive,
+        false => nix::fcntl::FlockArg::LockShared,
+    };
+    match nix::fcntl::Flock::lock(file, how) {
+        Ok(lock) => {
+            EXCLUSIVE.with(|e| e.set(exclusive));
+            Some(MachineLock {
+                _lock: lock,
+                exclusive,
+            })
+        }
+        Err((_, e)) => panic!("locking the test lock: {e}"),
+    }
+}
+
+/// Waits until no other test runs a master, and keeps it so: for load tests.
+pub fn load_lock() -> MachineLock {
+    machine_lock(true).expect("load tests do not nest")
+}
+
+/// A load client: `conns` threads, half reusing keep-alive connections, half opening a new
+/// connection per request, until stopped or `limit` passes.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<LoadStats>>,
+}
+
+/// What a load client saw.
+#[derive(Debug, Default, Clone)]
+pub struct LoadStats {
+    /// Requests answered 200.
+    pub ok: u64,
+    /// Requests that failed (connect, reset, EOF before a whole response, non-200).
+    pub failed: u64,
+    /// The first few failures, for the assertion message.
+    pub errors: Vec<String>,
+}
+
+impl LoadStats {
+    fn add(&mut self, other: LoadStats) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.errors.extend(
+            other
+                .errors
+                .into_iter()
+                .take(10 - self.errors.len().min(10)),
+        );
+    }
+}
+
+impl Load {
+    /// Starts the client against `addr`.
+    pub fn start(addr: SocketAddr, conns: usize, limit: Duration) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deadline = Instant::now() + limit;
+        let threads = (0..conns)
+            .map(|i| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let running = || {
+                        !stop.load(std::sync::atomic::Ordering::Relaxed)
+                            && Instant::now() < deadline
+                    };
+                    let mut stats = LoadStats::default();
+                    let fail = |stats: &mut LoadStats, e: String| {
+                        stats.failed += 1;
+                        if stats.errors.len() < 10 {
+                            stats.errors.push(e);
+                        }
+                    };
+                    if i % 2 == 0 {
+                        let mut conn: Option<TcpStream> = None;
+                        while running() {
+                            let stream = match conn.take() {
+                                Some(s) => s,
+                                None => match TcpStream::connect(addr) {
+                                    Ok(s) => {
+                                        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                                        s
+                                    }
+                                    Err(e) => {
+                                        fail(&mut stats, format!("connect: {e}"));
+                                        continue;
+                                    }
+                                },
+                            };
+                            let mut stream = stream;
+                            match get_on(&mut stream) {
+                                Ok(r) if r.status == 200 => {
+                                    stats.ok += 1;
+                                    let close =
+                                        r.headers.get("connection").is_some_and(|c| c == "close");
+                                    if !close {
+                                        conn = Some(stream);
+                                    }
+                                }
+                                Ok(r) => {
+                                    fail(&mut stats, format!("keep-alive: status {}", r.status))
+                                }
+                                Err(e) => fail(&mut stats, format!("keep-alive: {e}")),
+                            }
+                        }
+                    } else {
+                        while running() {
+                            match get(addr) {
+                                Ok(r) if r.status == 200 => stats.ok += 1,
+                                Ok(r) => {
+                                    fail(&mut stats, format!("new connection: status {}", r.status))
+                                }
+                                Err(e) => fail(&mut stats, format!("new connection: {e}")),
+                            }
+                        }
+                    }
+                    stats
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the client and sums what its threads saw.
+    pub fn finish(self) -> LoadStats {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadStats::default();
+        for t in self.threads {
+            total.add(t.join().unwrap());
+        }
+        total
     }
 }
