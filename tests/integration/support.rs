@@ -462,6 +462,7 @@ pub fn load_lock() -> MachineLock {
 /// connection per request, until stopped or `limit` passes.
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<LoadStats>>,
 }
 
@@ -493,10 +494,13 @@ impl Load {
     /// Starts the client against `addr`.
     pub fn start(addr: SocketAddr, conns: usize, limit: Duration) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let deadline = Instant::now() + limit;
         let threads = (0..conns)
             .map(|i| {
                 let stop = Arc::clone(&stop);
+                let ok = Arc::clone(&ok);
+                let count = move || ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 std::thread::spawn(move || {
                     let running = || {
                         !stop.load(std::sync::atomic::Ordering::Relaxed)
@@ -529,6 +533,7 @@ impl Load {
                             match get_on(&mut stream) {
                                 Ok(r) if r.status == 200 => {
                                     stats.ok += 1;
+                                    count();
                                     let close =
                                         r.headers.get("connection").is_some_and(|c| c == "close");
                                     if !close {
@@ -544,7 +549,10 @@ impl Load {
                     } else {
                         while running() {
                             match get(addr) {
-                                Ok(r) if r.status == 200 => stats.ok += 1,
+                                Ok(r) if r.status == 200 => {
+                                    stats.ok += 1;
+                                    count();
+                                }
                                 Ok(r) => {
                                     fail(&mut stats, format!("new connection: status {}", r.status))
                                 }
@@ -556,7 +564,12 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, threads }
+        Load { stop, ok, threads }
+    }
+
+    /// Requests answered so far.
+    pub fn ok_so_far(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the client and sums what its threads saw.
