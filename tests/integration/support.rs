@@ -182,11 +182,43 @@ fn parse_sockets(line: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Runs the binary to completion (bounded) and returns (exit code, stderr).
+/// Runs the binary to completion (bounded) and returns (exit code, stderr); checks that
+/// no process it started outlives it.
 pub fn run(args: &[&str]) -> (Option<i32>, String) {
-    let mut c = Cluster::spawn(args, &[]);
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let tag = unique_tag(&format!(
+        "run{}",
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let mut c = Cluster::spawn(args, &[("RC_TEST_TAG", &tag)]);
     let code = c.wait_exit(TIMEOUT);
-    (code, c.log().join("\n"))
+    let log = c.log().join("\n");
+    assert_eq!(
+        tagged_processes(&tag),
+        Vec::<u32>::new(),
+        "left behind by {args:?}:\n{log}"
+    );
+    (code, log)
+}
+
+/// Inodes of the sockets listening on `port` (/proc/net/tcp and tcp6, state 0A).
+pub fn listening_inodes(port: u16) -> Vec<u64> {
+    let port_hex = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 9 && f[1].ends_with(&port_hex) && f[3] == "0A").then(|| f[9].parse().ok())?
+        })
+        .collect()
 }
 
 /// Children of `pid` (from /proc/PID/task/PID/children).
