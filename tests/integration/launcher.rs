@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-/// A python3 app that takes fd 3 the systemd way and answers with what it was given.
 /// A python3 app that ignores SIGTERM, and says so over sd_notify once it does.
 const STUBBORN_APP: &str = r#"#!/usr/bin/env python3
 import os, signal, socket, time
@@ -17,32 +16,6 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.connect("\0" + addr[1:] if addr.startswith("@") else addr)
 s.send(b"READY=1\nSTATUS=ignoring SIGTERM")
 time.sleep(1000)
-"#;
-
-const PYTHON_APP: &str = r#"
-import http.server, os, socket
-assert int(os.environ["LISTEN_PID"]) == os.getpid(), "LISTEN_PID is not my pid"
-assert os.environ["LISTEN_FDS"] == "1"
-sock = socket.socket(fileno=3)
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = "python pid={} worker={} names={}\n".format(
-            os.getpid(), os.environ["REUSEPORT_CLUSTER_WORKER"], os.environ["LISTEN_FDNAMES"]).encode()
-        self.send_response(200)
-        self.send_header("X-Worker", os.environ["REUSEPORT_CLUSTER_WORKER"])
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-class Server(http.server.HTTPServer):
-    def server_bind(self): pass
-    def server_activate(self): pass
-server = Server(("", 0), Handler, bind_and_activate=False)
-server.socket.close()
-server.socket = sock
-server.serve_forever()
 "#;
 
 #[test]
@@ -247,7 +220,7 @@ fn load_demo_serves_300_concurrent_keep_alive_connections_on_one_worker() {
 
 #[test]
 fn unmodified_python_app_takes_fd_3_from_listen_fds() {
-    let app = script("app.py", PYTHON_APP);
+    let app = script("app.py", PYTHON_HTTP_APP);
     let cmd = format!("python3 {}", app.display());
     let mut c = Cluster::start(&["--workers", "2", "--bind", "web=127.0.0.1:0", "--cmd", &cmd]);
     let workers = c.workers();
@@ -263,7 +236,10 @@ fn unmodified_python_app_takes_fd_3_from_listen_fds() {
     for (slot, body) in seen {
         assert_eq!(
             body,
-            format!("python pid={} worker={slot} names=web\n", workers[&slot])
+            format!(
+                "python pid={} worker={slot} gen=1 names=web\n",
+                workers[&slot]
+            )
         );
     }
 }
@@ -318,10 +294,6 @@ fn sigterm_stops_every_worker_and_exits_zero() {
     for pid in pids {
         assert!(!alive(pid), "worker {pid} still alive");
     }
-    assert!(
-        TcpStream::connect(c.addr()).is_err(),
-        "nothing listens any more"
-    );
 }
 
 #[test]
@@ -399,10 +371,6 @@ fn sigkill_to_the_master_leaves_no_worker_behind() {
         wait_until(TIMEOUT, || tagged_processes(&tag).is_empty()),
         "workers outlived a SIGKILLed master: {:?}",
         tagged_processes(&tag)
-    );
-    assert!(
-        TcpStream::connect(c.addr()).is_err(),
-        "the port is free again"
     );
 }
 

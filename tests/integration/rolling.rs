@@ -5,39 +5,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// A threaded python3 HTTP app on fd 3 that says READY=1 over sd_notify, stops gracefully
-/// on SIGTERM (finishes what it accepted), and crashes at start when $CRASH_MARKER exists.
-const NOTIFY_APP: &str = r#"#!/usr/bin/env python3
-import http.server, os, signal, socket, sys, threading
-marker = os.environ.get("CRASH_MARKER")
-if marker and os.path.exists(marker):
-    sys.exit(42)
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = "python gen={} pid={}\n".format(os.environ["REUSEPORT_CLUSTER_GENERATION"], os.getpid()).encode()
-        self.send_response(200)
-        self.send_header("X-Worker", os.environ["REUSEPORT_CLUSTER_WORKER"])
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-class Server(http.server.ThreadingHTTPServer):
-    def server_bind(self): pass
-    def server_activate(self): pass
-server = Server(("", 0), Handler, bind_and_activate=False)
-server.socket.close()
-server.socket = socket.socket(fileno=3)
-signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-addr = os.environ["NOTIFY_SOCKET"]
-notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-notify.connect("\0" + addr[1:] if addr.startswith("@") else addr)
-notify.send(b"READY=1")
-server.serve_forever()
-server.server_close()  # closes the socket (queued connections migrate), joins handlers
-"#;
-
 /// Restores a sysctl when dropped, even when the test fails.
 struct Sysctl {
     path: &'static str,
@@ -126,7 +93,7 @@ fn load_rolling_restarts_of_the_demo_app_lose_no_request() {
 #[test]
 fn load_rolling_restarts_of_a_python_notify_app_lose_no_request() {
     let _load = load_lock();
-    let app = script("notify_app.py", NOTIFY_APP);
+    let app = script("http_app.py", PYTHON_HTTP_APP);
     let stats = rolling_restarts_under_load(
         &[
             "--workers",
@@ -196,7 +163,7 @@ fn load_failed_new_generation_rolls_back_and_old_workers_keep_serving() {
     let _load = load_lock();
     let dir = temp_dir("rollback");
     let marker = dir.join("crash");
-    let app = script("notify_app.py", NOTIFY_APP);
+    let app = script("http_app.py", PYTHON_HTTP_APP);
     let marker_env = marker.to_str().unwrap().to_string();
     let mut c = Cluster::spawn(
         &[

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 pub use nix::sys::signal::Signal;
 
+/// The python3 HTTP app of the tests (tests/integration/apps/http_app.py).
+pub const PYTHON_HTTP_APP: &str = include_str!("apps/http_app.py");
+
 /// Generous upper bound for anything that should take a second or two.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
