@@ -4,6 +4,8 @@
 //! resolved [`crate::config::Config`] and words every error itself, so that bad input always
 //! gets one actionable line.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Run N copies of a server behind one port, each worker with its own SO_REUSEPORT socket.
@@ -31,9 +33,45 @@ pub struct Cli {
 /// Sub-commands; the default (none) runs the launcher.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show a running cluster: every worker's pid, CPU, generation, state and accept queue
+    Status {
+        /// One JSON document instead of text
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Roll every worker over to a new generation (like SIGHUP)
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Grow or shrink a running cluster to N workers (at least 1)
+    Scale {
+        /// The number of workers
+        n: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop a running cluster gracefully (like SIGTERM)
+    Stop {
+        #[command(flatten)]
+        target: Target,
+    },
     /// The built-in demo app, as a worker process runs it (internal).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker,
+}
+
+/// Which running cluster a client command talks to.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The cluster's --name [default: the only cluster running]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The cluster's control socket (overrides --name)
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// Flags of the launcher itself.
@@ -91,6 +129,16 @@ pub struct RunArgs {
     /// warns when it may not; on refuses to start without it; off leaves it alone
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = Migrate::Auto)]
     pub migrate: Migrate,
+
+    /// The cluster's name, for the control socket and client commands [default: the first
+    /// bind's port]
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// The control socket [default: /run/reuseport-cluster/NAME.sock for root, else
+    /// $XDG_RUNTIME_DIR/reuseport-cluster/NAME.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 
     /// The app: "PROGRAM ARGS", split into words like a shell would (no shell is started).
     /// PROGRAM is looked up in PATH once, at start-up. [default: the built-in demo app]

@@ -63,15 +63,12 @@ pub struct Config {
     pub rolling_batch: usize,
     /// What to do about net.ipv4.tcp_migrate_req.
     pub migrate: Migrate,
+    /// `--name`; the first bind's port when not given (known once port 0 is resolved).
+    pub name: Option<String>,
+    /// `--control`.
+    pub control: Option<PathBuf>,
     /// What each worker runs.
     pub app: App,
-}
-
-impl Config {
-    /// The CPU that worker slot `slot` is pinned to, if pinning is on.
-    pub fn cpu_of(&self, slot: usize) -> Option<usize> {
-        self.cpus.as_ref().map(|cpus| cpus[slot % cpus.len()])
-    }
 }
 
 /// One listening socket of every worker.
@@ -154,6 +151,9 @@ impl Config {
             ReadyMode::parse(&args.ready).map_err(|e| invalid!("--ready {}: {e}", args.ready))?;
         let ready_timeout =
             parse_duration(&args.ready_timeout).map_err(|e| invalid!("--ready-timeout {e}"))?;
+        if let Some(name) = &args.name {
+            crate::control::check_name(name).map_err(Invalid)?;
+        }
         if args.rolling_batch == 0 {
             return Err(invalid!("--rolling-batch 0: at least one slot at a time"));
         }
@@ -190,6 +190,8 @@ impl Config {
             ready_timeout,
             rolling_batch: args.rolling_batch,
             migrate: args.migrate,
+            name: args.name.clone(),
+            control: args.control.clone(),
             app,
         })
     }

@@ -8,6 +8,7 @@
 
 mod cli;
 mod config;
+mod control;
 mod demo;
 mod log;
 mod master;
@@ -16,6 +17,7 @@ mod readiness;
 mod rolling;
 mod socket;
 mod spawn;
+mod status;
 mod supervisor;
 mod worker;
 
@@ -29,12 +31,36 @@ use crate::supervisor::Outcome;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::DemoWorker) = cli.command {
-        return match demo::run() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(1, &format!("demo app: {e:#}")),
-        };
+    let (request, target) = match cli.command {
+        None => return launch(&cli),
+        Some(Command::DemoWorker) => {
+            return match demo::run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &format!("demo app: {e:#}")),
+            }
+        }
+        Some(Command::Status { json, target }) => (
+            if json { "status --json" } else { "status" }.to_string(),
+            target,
+        ),
+        Some(Command::Reload { target }) => ("reload".into(), target),
+        Some(Command::Scale { n, target }) => (format!("scale {n}"), target),
+        Some(Command::Stop { target }) => ("stop".into(), target),
+    };
+    let answer = control::client_path(target.name.as_deref(), target.control.as_deref())
+        .and_then(|path| control::request(&path, &request));
+    match answer {
+        Ok(text) if text.starts_with("error:") => fail(1, text.trim_start_matches("error:").trim()),
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &format!("{e:#}")),
     }
+}
+
+/// Runs the launcher itself.
+fn launch(cli: &Cli) -> ExitCode {
     let config = match Config::from_args(&cli.run) {
         Ok(config) => config,
         Err(e) => return fail(2, &e.to_string()),

@@ -29,10 +29,12 @@ use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 
 use crate::config::{format_cpu_list, App, Config};
+use crate::control::{ControlServer, Request};
 use crate::notify::NotifySocket;
 use crate::readiness;
 use crate::socket;
 use crate::spawn::{self, Spawner};
+use crate::status::ClusterStatus;
 use crate::supervisor::{Action, Event, Outcome, Settings, Supervisor};
 use crate::{debug, info, log, warn};
 
@@ -59,6 +61,13 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     if let Some((level, line)) = socket::apply_migrate(config.migrate)? {
         log::line(level, &line);
     }
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(|| config.binds[0].addr.port().to_string());
+    let control_path = crate::control::socket_path(&name, config.control.as_deref());
+    let mut control = ControlServer::open(&control_path, &name)?;
+    let started = Instant::now();
     let notify = match config.ready.uses_notify() {
         true => Some(NotifySocket::bind()?),
         false => None,
@@ -72,9 +81,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     spawn::count_deliveries(SIGHUP, Arc::clone(&reloads)).context("counting SIGHUPs")?;
 
     announce(&config);
+    info!("control socket {} (name {name})", control_path.display());
     let settings = Settings {
         workers: config.workers,
-        cpus: (0..config.workers).map(|i| config.cpu_of(i)).collect(),
+        cpus: config.cpus.clone(),
         grace: config.grace,
         stop_signal: config.stop_signal,
         ready: config.ready,
@@ -88,7 +98,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             let actions = supervisor.step(event, Instant::now());
             // What an action answers (a fork's outcome) is handled before anything else.
             let mut answers = Vec::new();
-            if let Some(outcome) = perform(actions, &config, &mut spawner, &mut answers) {
+            let size = supervisor.slots().len();
+            if let Some(outcome) = perform(actions, &config, &mut spawner, size, &mut answers) {
                 return Ok(outcome);
             }
             for answer in answers.into_iter().rev() {
@@ -97,22 +108,68 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         }
 
         let scanning = config.ready.uses_listening() && supervisor.starting().next().is_some();
-        let deadline = match (supervisor.next_deadline(), scanning) {
-            (d, true) => Some(d.map_or(Instant::now() + READINESS_SCAN, |d| {
-                d.min(Instant::now() + READINESS_SCAN)
-            })),
-            (d, false) => d,
-        };
-        wait(&signals, notify.as_ref(), deadline);
+        let scan = scanning.then(|| Instant::now() + READINESS_SCAN);
+        let deadline = [supervisor.next_deadline(), scan, control.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut fds = vec![PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN)];
+        if let Some(n) = &notify {
+            fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
+        }
+        for (fd, events) in control.poll_fds() {
+            fds.push(PollFd::new(fd, events));
+        }
+        wait(&mut fds, deadline);
+        drop(fds);
 
         // Exits first: a stop request handled in the same wake as the last worker's exit
         // must find it gone (and not SIGKILL, nor report exit 3, for nothing).
         reap(&supervisor, &mut events);
+        for (id, request) in control.service(Instant::now()) {
+            let answer = match request {
+                Request::Status { json } => {
+                    let status = ClusterStatus::collect(
+                        &config,
+                        &supervisor,
+                        &name,
+                        started,
+                        Instant::now(),
+                    );
+                    match json {
+                        true => serde_json::to_string_pretty(&status).unwrap_or_default() + "\n",
+                        false => status.to_text(),
+                    }
+                }
+                Request::Reload => {
+                    events.push_back(Event::Reload);
+                    match supervisor.rolling() {
+                        Some((g, _, _)) => format!("ok: the rolling restart to generation {g} is under way; one more pass follows it\n"),
+                        None => "ok: rolling restart started\n".into(),
+                    }
+                }
+                Request::Scale(n) if supervisor.rolling().is_some() => {
+                    format!("error: scale {n}: a rolling restart is under way; try again once it is done\n")
+                }
+                Request::Scale(n) => {
+                    events.push_back(Event::Scale(n));
+                    format!("ok: scaling to {} workers\n", n.max(1))
+                }
+                Request::Stop => {
+                    events.push_back(Event::StopGracefully);
+                    "ok: stopping\n".into()
+                }
+            };
+            control.respond(id, answer);
+        }
         for signal in signals.pending() {
             match signal {
                 SIGTERM | SIGINT => events.push_back(Event::StopGracefully),
                 SIGQUIT => events.push_back(Event::StopNow),
-                SIGTTIN | SIGTTOU => info!("SIGTTIN/SIGTTOU ignored: this version does not scale"),
+                SIGTTIN => events.push_back(Event::Scale(supervisor.slots().len() + 1)),
+                SIGTTOU => {
+                    events.push_back(Event::Scale(supervisor.slots().len().saturating_sub(1)))
+                }
                 _ => {} // SIGCHLD: reaped above; SIGHUP: counted below
             }
         }
@@ -140,6 +197,7 @@ fn perform(
     actions: Vec<Action>,
     config: &Config,
     spawner: &mut Spawner,
+    size: usize,
     answers: &mut Vec<Event>,
 ) -> Option<Outcome> {
     for action in actions {
@@ -162,7 +220,7 @@ fn perform(
                 slot,
                 cpu,
                 generation,
-            } => answers.push(match spawner.spawn(slot, cpu, generation) {
+            } => answers.push(match spawner.spawn(slot, cpu, generation, size) {
                 Ok(spawned) => Event::Spawned {
                     slot,
                     generation,
@@ -224,12 +282,8 @@ fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
     killpg(pgid, signal)
 }
 
-/// Sleeps until a signal or notify message arrives or `deadline` passes.
-fn wait(
-    signals: &SignalDelivery<UnixStream, SignalOnly>,
-    notify: Option<&NotifySocket>,
-    deadline: Option<Instant>,
-) {
+/// Sleeps until one of `fds` is ready or `deadline` passes.
+fn wait(fds: &mut [PollFd], deadline: Option<Instant>) {
     let timeout = match deadline {
         None => PollTimeout::NONE,
         Some(d) => {
@@ -241,11 +295,7 @@ fn wait(
             PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
         }
     };
-    let mut fds = vec![PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN)];
-    if let Some(n) = notify {
-        fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
-    }
-    match poll(&mut fds, timeout) {
+    match poll(fds, timeout) {
         Ok(_) | Err(Errno::EINTR) => {}
         Err(e) => warn!("poll: {e}"),
     }

@@ -135,7 +135,6 @@ pub struct Spawner {
     base_env: Vec<CString>,
     listen_fds: CString,
     listen_fdnames: CString,
-    workers: CString,
     notify_socket: Option<CString>,
     binds: Vec<(SocketAddr, ListenSpec)>,
     backlog: c_int,
@@ -174,7 +173,6 @@ impl Spawner {
             base_env,
             listen_fds: env_entry("LISTEN_FDS", config.binds.len()),
             listen_fdnames: env_entry("LISTEN_FDNAMES", names.join(":")),
-            workers: env_entry("REUSEPORT_CLUSTER_WORKERS", config.workers),
             notify_socket: notify_socket.map(|n| env_entry("NOTIFY_SOCKET", n)),
             binds: config
                 .binds
@@ -198,6 +196,7 @@ impl Spawner {
         slot: usize,
         cpu: Option<usize>,
         generation: Generation,
+        workers: usize,
     ) -> Result<Spawned, SpawnError> {
         let path = self
             .paths
@@ -209,12 +208,13 @@ impl Spawner {
             Some(env_entry("REUSEPORT_CLUSTER_WORKER", slot)),
             cpu.map(|c| env_entry("REUSEPORT_CLUSTER_CPU", c)),
             Some(env_entry("REUSEPORT_CLUSTER_GENERATION", generation)),
+            Some(env_entry("REUSEPORT_CLUSTER_WORKERS", workers)),
             self.notify_socket.clone(),
         ];
         let mut envp: Vec<*const c_char> = self
             .base_env
             .iter()
-            .chain([&self.listen_fds, &self.listen_fdnames, &self.workers])
+            .chain([&self.listen_fds, &self.listen_fdnames])
             .chain(per_worker.iter().flatten())
             .map(|c| c.as_ptr())
             .collect();

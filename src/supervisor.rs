@@ -82,6 +82,8 @@ pub enum Event {
     StopGracefully,
     /// SIGQUIT: SIGKILL every worker now.
     StopNow,
+    /// `scale N`, SIGTTIN, SIGTTOU: grow or shrink to this many slots (at least 1).
+    Scale(usize),
     /// Time passed; timers may be due.
     Tick,
 }
@@ -150,8 +152,8 @@ enum Phase {
 pub struct Settings {
     /// Number of slots.
     pub workers: usize,
-    /// CPU of each slot.
-    pub cpus: Vec<Option<usize>>,
+    /// CPUs to pin slots to, slot i on the (i mod len)-th; `None`: not pinned.
+    pub cpus: Option<Vec<usize>>,
     /// Time a stopping worker gets before SIGKILL.
     pub grace: Duration,
     /// Signal that asks a worker to stop.
@@ -174,6 +176,8 @@ pub struct Supervisor {
     phase: Phase,
     /// The newest generation started (rolling restarts count up from 1).
     generation: Generation,
+    /// The newest generation a rolling restart completed; new slots start with it.
+    serving_generation: Generation,
     started: Instant,
     /// The next slot of the initial start-up to fork; they are forked one after the other
     /// so that a failing first worker does not cost N forks.
@@ -188,7 +192,7 @@ impl Supervisor {
     /// A supervisor with empty slots; send [`Event::Start`] to begin.
     pub fn new(settings: Settings, now: Instant) -> Supervisor {
         let slots = (0..settings.workers)
-            .map(|i| Slot::new(i, settings.cpus.get(i).copied().flatten()))
+            .map(|i| Slot::new(i, cpu_of(&settings.cpus, i)))
             .collect();
         Supervisor {
             settings,
@@ -196,6 +200,7 @@ impl Supervisor {
             workers: BTreeMap::new(),
             phase: Phase::Starting,
             generation: 1,
+            serving_generation: 1,
             started: now,
             next_initial: 0,
             all_ready_logged: false,
@@ -204,10 +209,27 @@ impl Supervisor {
         }
     }
 
-    /// The slots, for tests.
-    #[cfg(test)]
+    /// The slots.
     pub fn slots(&self) -> &[Slot] {
         &self.slots
+    }
+
+    /// Every live worker process, by pid.
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values()
+    }
+
+    /// The newest generation started.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The rolling restart under way: its generation, slots done, slots in all.
+    pub fn rolling(&self) -> Option<(Generation, usize, usize)> {
+        self.rolling.as_ref().map(|r| {
+            let (done, total) = r.progress();
+            (r.generation, done, total)
+        })
     }
 
     /// Whether `pid` is a worker (as opposed to an adopted orphan).
@@ -307,6 +329,7 @@ impl Supervisor {
                 }
                 self.kill_all(now, &mut out);
             }
+            Event::Scale(n) => self.on_scale(n, now, &mut out),
             Event::Tick => self.on_tick(now, &mut out),
         }
         self.finish_if_stopped(&mut out);
@@ -341,7 +364,8 @@ impl Supervisor {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let mut worker = Worker::new(pid, index, self.slots[index].cpu, generation, now);
+        let cpu = self.slots.get(index).map_or(None, |s| s.cpu);
+        let mut worker = Worker::new(pid, index, cpu, generation, now);
         worker.sockets = sockets;
         out.push(Action::Log(format!("{worker}: started")));
         self.workers.insert(pid, worker);
@@ -357,8 +381,8 @@ impl Supervisor {
             if let Some(r) = self.rolling.as_mut() {
                 r.set_step(index, SurgeStep::Starting(pid));
             }
-        } else if self.slots[index].pid().is_some() {
-            // The surge it was forked for was abandoned meanwhile: the slot is served.
+        } else if self.slots.get(index).is_none_or(|s| s.pid().is_some()) {
+            // The surge it was forked for was abandoned, or the slot scaled away, meanwhile.
             self.stop_worker(pid, now, out);
         } else {
             let slot = &mut self.slots[index];
@@ -375,7 +399,12 @@ impl Supervisor {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let line = format!("{} (gen {generation}): {error}", self.slots[index].label());
+        let Some(slot) = self.slots.get(index) else {
+            return out.push(Action::Log(format!(
+                "worker {index} (gen {generation}): {error}"
+            )));
+        };
+        let line = format!("{} (gen {generation}): {error}", slot.label());
         let surging = self
             .rolling
             .as_ref()
@@ -419,11 +448,14 @@ impl Supervisor {
             }
             _ => {}
         }
-        let slot = &mut self.slots[worker.slot];
-        if slot.pid() != Some(pid) {
-            // An old or abandoned worker we had asked to stop.
+        let Some(slot) = self
+            .slots
+            .get_mut(worker.slot)
+            .filter(|s| s.pid() == Some(pid))
+        else {
+            // An old, abandoned or scaled-away worker we had asked to stop.
             return out.push(Action::Log(line));
-        }
+        };
         slot.state = SlotState::Empty;
         slot.last_exit = Some(reason);
         match self.phase {
@@ -555,6 +587,7 @@ impl Supervisor {
                 ms(now.saturating_duration_since(r.started))
             )));
             let again = r.again;
+            self.serving_generation = r.generation;
             self.rolling = None;
             if again {
                 self.on_reload(now, out);
@@ -636,6 +669,41 @@ impl Supervisor {
         for pid in overdue {
             self.kill_worker(pid, now, out);
         }
+    }
+
+    fn on_scale(&mut self, wanted: usize, now: Instant, out: &mut Vec<Action>) {
+        let wanted = wanted.max(1);
+        let have = self.slots.len();
+        if wanted == have || !matches!(self.phase, Phase::Running | Phase::Starting) {
+            return;
+        }
+        if self.rolling.is_some() {
+            return out.push(Action::Log(format!(
+                "scale to {wanted} refused: a rolling restart is under way; try again once it is done"
+            )));
+        }
+        out.push(Action::Log(format!(
+            "scaling from {have} to {wanted} workers"
+        )));
+        if wanted > have {
+            for i in have..wanted {
+                let mut slot = Slot::new(i, cpu_of(&self.settings.cpus, i));
+                slot.generation = self.serving_generation;
+                self.slots.push(slot);
+            }
+            // Forked one per wake, like the initial start-up.
+            self.next_initial = self.next_initial.min(have);
+            self.spawn_next_initial(out);
+        } else {
+            while self.slots.len() > wanted {
+                if let Some(pid) = self.slots.pop().and_then(|s| s.pid()) {
+                    self.stop_worker(pid, now, out);
+                }
+            }
+            self.next_initial = self.next_initial.min(wanted);
+        }
+        self.settings.workers = wanted;
+        self.all_ready_logged = false;
     }
 
     fn on_ready_timeout(&mut self, pid: Pid, now: Instant, out: &mut Vec<Action>) {
@@ -762,6 +830,13 @@ impl Supervisor {
     }
 }
 
+/// The CPU of slot `i`: the i-th of the pin list, wrapping around.
+fn cpu_of(cpus: &Option<Vec<usize>>, i: usize) -> Option<usize> {
+    cpus.as_ref()
+        .filter(|c| !c.is_empty())
+        .map(|c| c[i % c.len()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -775,7 +850,7 @@ mod tests {
         let s = Supervisor::new(
             Settings {
                 workers,
-                cpus: (0..workers).map(|i| Some(i % 2)).collect(),
+                cpus: Some(vec![0, 1]),
                 grace: Duration::from_secs(5),
                 stop_signal: TERM,
                 ready,
@@ -1223,5 +1298,53 @@ mod tests {
         let out = s.step(ready(200), t);
         assert!(logs(&out).contains("generation 2 done"), "{out:?}");
         assert_eq!(s.slots()[0].pid(), Some(pid(200)));
+    }
+
+    #[test]
+    fn scaling_up_forks_new_pinned_slots_and_down_stops_the_highest() {
+        let (mut s, t) = running(2);
+        let out = s.step(Event::Scale(4), t);
+        assert!(logs(&out).contains("scaling from 2 to 4 workers"));
+        assert_eq!(spawns(&out), vec![(2, 1)]);
+        assert_eq!(
+            spawns(&s.step(Event::Tick, t)),
+            vec![(3, 1)],
+            "one fork per wake"
+        );
+        assert_eq!(s.slots()[3].cpu, Some(1), "slot 3 wraps to the second CPU");
+        s.step(spawned(2, 1, 102), t);
+        s.step(spawned(3, 1, 103), t);
+        let out = s.step(Event::Scale(1), t);
+        assert_eq!(signals(&out), vec![(103, TERM), (102, TERM), (101, TERM)]);
+        assert_eq!(s.slots().len(), 1);
+        let out = s.step(exited(103, ExitReason::Code(0)), t);
+        assert!(
+            logs(&out).contains("exited"),
+            "a scaled-away worker is just logged"
+        );
+        assert!(spawns(&out).is_empty());
+        assert!(
+            signals(&s.step(Event::Scale(0), t)).is_empty(),
+            "never below 1"
+        );
+    }
+
+    #[test]
+    fn scaling_is_refused_during_a_rolling_restart() {
+        let (mut s, t) = running(2);
+        reload(&mut s, t);
+        let out = s.step(Event::Scale(3), t);
+        assert!(logs(&out).contains("refused"), "{out:?}");
+        assert_eq!(s.slots().len(), 2);
+    }
+
+    #[test]
+    fn new_slots_start_on_the_generation_that_serves() {
+        let (mut s, t) = running(1);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(ready(200), t);
+        s.step(exited(100, ExitReason::Code(0)), t);
+        assert_eq!(spawns(&s.step(Event::Scale(2), t)), vec![(1, 2)]);
     }
 }

@@ -70,6 +70,18 @@ pub enum WorkerState {
     Exited(ExitReason),
 }
 
+impl WorkerState {
+    /// The name `status` shows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping { .. } => "stopping",
+            WorkerState::Exited(_) => "exited",
+        }
+    }
+}
+
 /// One process filling a slot.
 #[derive(Debug, Clone)]
 pub struct Worker {

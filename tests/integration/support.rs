@@ -48,6 +48,8 @@ pub struct Cluster {
     log: Arc<Mutex<Vec<String>>>,
     /// The sockets the master announced, in fd order.
     pub addrs: Vec<SocketAddr>,
+    /// The control socket the master announced.
+    pub control: Option<PathBuf>,
     seen_workers: Vec<u32>,
     status: Option<ExitStatus>,
 }
@@ -86,14 +88,47 @@ impl Cluster {
             child,
             log,
             addrs: Vec::new(),
+            control: None,
             seen_workers: Vec::new(),
             status: None,
         };
-        wait_until(TIMEOUT, || c.log_contains("sockets:") || c.exited());
+        wait_until(TIMEOUT, || c.log_contains("control socket") || c.exited());
         if let Some(line) = c.log().into_iter().find(|l| l.contains("sockets:")) {
             c.addrs = parse_sockets(&line);
         }
+        c.control = c.log().into_iter().find_map(|l| {
+            let rest = l.strip_prefix("control socket ")?;
+            Some(PathBuf::from(rest.split(" (name").next()?))
+        });
         c
+    }
+
+    /// Runs a client command (`status`, `scale 3`…) against this master; returns
+    /// (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let control = self
+            .control
+            .as_ref()
+            .expect("the master announced its control socket");
+        let out = Command::new(bin())
+            .args(args)
+            .arg("--control")
+            .arg(control)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.ctl(&["status", "--json"]);
+        assert_eq!(code, Some(0), "status failed: {err}");
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
     }
 
     /// The master's pid.

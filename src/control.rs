@@ -1,0 +1,434 @@
+//! The control socket: `status`, `reload`, `scale N`, `stop` over a unix stream socket.
+//!
+//! Protocol (documented in the README, usable with socat): the client sends one request
+//! line; the master answers with text and closes the connection. An answer that starts with
+//! `error:` is a refusal. Requests: `status`, `status --json`, `reload`, `scale N`, `stop`.
+//!
+//! It is served inside the master's single-threaded loop, so it must never block it: every
+//! socket is non-blocking, a request is at most one 1 KiB line, a client has 5 s to send it
+//! and read the answer, and at most 8 clients are served at once. Only root and the
+//! master's own uid may talk to it (SO_PEERCRED); the socket file is mode 0600.
+//!
+//! A lock file next to the socket (`NAME.lock`, holding the master's pid) tells a live
+//! master from a stale socket file left by a dead one.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use nix::poll::PollFlags;
+use nix::sys::socket::{getsockopt, sockopt};
+
+/// Longest request line.
+const MAX_REQUEST: usize = 1024;
+/// Time a client has to send its request and read the answer.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+/// Clients served at once.
+const MAX_CLIENTS: usize = 8;
+
+/// What a client asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// The cluster's status, as text or JSON.
+    Status {
+        /// JSON instead of text.
+        json: bool,
+    },
+    /// A rolling restart, like SIGHUP.
+    Reload,
+    /// Grow or shrink to this many workers.
+    Scale(usize),
+    /// A graceful stop, like SIGTERM.
+    Stop,
+}
+
+impl Request {
+    /// Parses one request line.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["status"] => Ok(Request::Status { json: false }),
+            ["status", "--json"] | ["status", "json"] => Ok(Request::Status { json: true }),
+            ["reload"] => Ok(Request::Reload),
+            ["stop"] => Ok(Request::Stop),
+            ["scale", n] => n
+                .parse()
+                .map(Request::Scale)
+                .map_err(|_| format!("scale {n}: not a number of workers")),
+            _ => Err(format!(
+                "unknown request {line:?}: expected status [--json], reload, scale N or stop"
+            )),
+        }
+    }
+}
+
+/// The socket path for `name`: `--control`, else a per-user runtime directory.
+pub fn socket_path(name: &str, explicit: Option<&Path>) -> PathBuf {
+    match explicit {
+        Some(p) => p.to_path_buf(),
+        None => runtime_dir().join(format!("{name}.sock")),
+    }
+}
+
+/// /run/reuseport-cluster for root, else $XDG_RUNTIME_DIR/reuseport-cluster, else a
+/// private directory under /tmp.
+fn runtime_dir() -> PathBuf {
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/reuseport-cluster");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("reuseport-cluster"),
+        _ => std::env::temp_dir().join(format!("reuseport-cluster-{uid}")),
+    }
+}
+
+/// Checks a `--name`: it becomes a file name.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || name.starts_with('.')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(format!(
+            "--name {name:?}: use 1-64 letters, digits, '.', '_' or '-' (not starting with '.')"
+        ));
+    }
+    Ok(())
+}
+
+struct Client {
+    id: u64,
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    sent: usize,
+    answered: bool,
+    /// The answer to give whatever the request: a refusal. It is given once the request
+    /// is read, since closing with unread input would reset the connection and the client
+    /// would never see why.
+    refusal: Option<String>,
+    deadline: Instant,
+}
+
+/// The master's end of the control socket.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    lock_path: PathBuf,
+    _lock: Flock<File>,
+    clients: Vec<Client>,
+    next_id: u64,
+    owner: u32,
+}
+
+impl ControlServer {
+    /// Takes the name's lock and listens on `path`.
+    pub fn open(path: &Path, name: &str) -> anyhow::Result<ControlServer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {} for the control socket", dir.display()))?;
+        }
+        let lock_path = path.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                bail!(
+                    "another reuseport-cluster is already running as {name}, pid {}; stop it, \
+                     or give this one another --name",
+                    pid.trim()
+                );
+            }
+        };
+        lock.set_len(0)?;
+        write!(&mut *lock, "{}", std::process::id())?;
+        // The lock is ours: a socket file still there was left by a dead master.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing the stale {}", path.display()))
+            }
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("listening on the control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            lock_path,
+            _lock: lock,
+            clients: Vec::new(),
+            next_id: 0,
+            owner: nix::unistd::geteuid().as_raw(),
+        })
+    }
+
+    /// The fds to poll, with the events that matter for each.
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+        let mut fds = vec![(self.listener.as_fd(), PollFlags::POLLIN)];
+        for c in &self.clients {
+            let events = if c.answered {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            fds.push((c.stream.as_fd(), events));
+        }
+        fds
+    }
+
+    /// When the oldest client times out.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.clients.iter().map(|c| c.deadline).min()
+    }
+
+    /// Accepts new clients, reads requests, writes answers, drops clients that are done or
+    /// late. Returns the requests that came in, with the id to answer them by.
+    pub fn service(&mut self, now: Instant) -> Vec<(u64, Request)> {
+        self.accept(now);
+        let mut requests = Vec::new();
+        for c in &mut self.clients {
+            if c.answered {
+                continue;
+            }
+            let mut buf = [0u8; 256];
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        c.deadline = now; // closed before a whole request
+                        break;
+                    }
+                    Ok(n) => c.input.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => break, // WouldBlock, or an error: the deadline ends it
+                }
+                if c.input.len() > MAX_REQUEST || c.input.contains(&b'\n') {
+                    break;
+                }
+            }
+            if let Some(end) = c.input.iter().position(|b| *b == b'\n') {
+                let line = String::from_utf8_lossy(&c.input[..end]).into_owned();
+                match (c.refusal.take(), Request::parse(line.trim())) {
+                    (Some(refusal), _) => answer(c, refusal),
+                    (None, Ok(request)) => requests.push((c.id, request)),
+                    (None, Err(e)) => answer(c, format!("error: {e}\n")),
+                }
+            } else if c.input.len() > MAX_REQUEST {
+                answer(
+                    c,
+                    format!("error: request longer than {MAX_REQUEST} bytes\n"),
+                );
+            }
+        }
+        self.flush(now);
+        requests
+    }
+
+    /// Queues `text` as the answer to request `id` and starts sending it.
+    pub fn respond(&mut self, id: u64, text: String) {
+        if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
+            answer(c, text);
+        }
+        self.flush(Instant::now());
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let _ = stream.set_nonblocking(true);
+            self.next_id += 1;
+            let mut client = Client {
+                id: self.next_id,
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                sent: 0,
+                answered: false,
+                refusal: None,
+                deadline: now + CLIENT_DEADLINE,
+            };
+            let uid = getsockopt(&client.stream, sockopt::PeerCredentials).map(|c| c.uid());
+            client.refusal = match uid {
+                Ok(uid) if uid == 0 || uid == self.owner => None,
+                Ok(uid) => Some(format!(
+                    "error: permission denied: uid {uid} may not control this cluster \
+                     (only root and uid {})\n",
+                    self.owner
+                )),
+                Err(e) => Some(format!("error: reading peer credentials: {e}\n")),
+            };
+            if self.clients.len() >= MAX_CLIENTS {
+                // The request is still read first (see `refusal`); the deadline bounds that.
+                client
+                    .refusal
+                    .get_or_insert_with(|| "error: too many control connections; retry\n".into());
+            }
+            self.clients.push(client);
+        }
+    }
+
+    fn flush(&mut self, now: Instant) {
+        for c in &mut self.clients {
+            while c.answered && c.sent < c.output.len() {
+                match c.stream.write(&c.output[c.sent..]) {
+                    Ok(0) => break,
+                    Ok(n) => c.sent += n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        c.deadline = now;
+                        break;
+                    }
+                }
+            }
+        }
+        self.clients
+            .retain(|c| !(c.answered && c.sent == c.output.len()) && c.deadline > now);
+    }
+}
+
+fn answer(c: &mut Client, text: String) {
+    c.output = text.into_bytes();
+    c.sent = 0;
+    c.answered = true;
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// The client: sends `request` to the master at `path` and returns its answer.
+pub fn request(path: &Path, request: &str) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no reuseport-cluster is running at {} ({e}); give --name or --control",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("connecting to {}: {e}", path.display()),
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading the answer from {}", path.display()))?;
+    Ok(answer)
+}
+
+/// The socket a client talks to: `--control`, `--name`, or the only cluster running.
+pub fn client_path(name: Option<&str>, control: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = control {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(name) = name {
+        return Ok(socket_path(name, None));
+    }
+    let dir = runtime_dir();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_suffix(".sock")
+                        .map(String::from)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    match &names[..] {
+        [one] => Ok(socket_path(one, None)),
+        [] => bail!(
+            "no reuseport-cluster is running here (nothing in {})",
+            dir.display()
+        ),
+        many => bail!(
+            "several reuseport-clusters are running ({}); pick one with --name",
+            many.join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(
+            Request::parse("status"),
+            Ok(Request::Status { json: false })
+        );
+        assert_eq!(
+            Request::parse("status --json"),
+            Ok(Request::Status { json: true })
+        );
+        assert_eq!(Request::parse("scale 4"), Ok(Request::Scale(4)));
+        assert!(Request::parse("scale many").is_err());
+        assert!(Request::parse("rm -rf /").is_err());
+    }
+
+    #[test]
+    fn names_are_safe_file_names() {
+        assert!(check_name("8000").is_ok() && check_name("web-1.prod").is_ok());
+        assert!(
+            check_name("../etc").is_err() && check_name("").is_err() && check_name("a b").is_err()
+        );
+    }
+
+    #[test]
+    fn a_second_server_with_the_same_name_is_refused_and_a_stale_socket_replaced() {
+        let dir = std::env::temp_dir().join(format!("rc-control-{}", std::process::id()));
+        let path = dir.join("t.sock");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A stale socket file, as a SIGKILLed master leaves it.
+        drop(UnixListener::bind(&path).unwrap());
+        let mut server = ControlServer::open(&path, "t").unwrap();
+        let err = ControlServer::open(&path, "t").err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("already running as t, pid {}", std::process::id())),
+            "{err}"
+        );
+        let path2 = path.clone();
+        let client = std::thread::spawn(move || request(&path2, "status"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < deadline {
+            got = server.service(Instant::now());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(got.len(), 1);
+        server.respond(got[0].0, "fine\n".into());
+        assert_eq!(client.join().unwrap().unwrap(), "fine\n");
+        drop(server);
+        assert!(!path.exists(), "the socket file is removed at exit");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

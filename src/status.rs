@@ -1,0 +1,377 @@
+//! What `reuseport-cluster status` shows: the cluster, and each worker with the kernel's
+//! accept-queue depth of each of its listening sockets, so that a stuck or overloaded worker
+//! stands out (its queue grows while the others stay near 0).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use std::os::fd::AsRawFd;
+
+use nix::libc;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::supervisor::Supervisor;
+use crate::worker::ms;
+
+/// The whole cluster.
+#[derive(Debug, Serialize)]
+pub struct ClusterStatus {
+    /// The cluster's name (`--name`).
+    pub name: String,
+    /// The master's pid.
+    pub master_pid: u32,
+    /// Seconds since the master started.
+    pub uptime_s: f64,
+    /// The newest generation started.
+    pub generation: u64,
+    /// Slots configured.
+    pub workers_configured: usize,
+    /// Slots whose worker is ready.
+    pub workers_ready: usize,
+    /// The listening sockets, in fd order.
+    pub binds: Vec<BindStatus>,
+    /// `--ready`.
+    pub ready_mode: String,
+    /// net.ipv4.tcp_migrate_req and `--migrate`.
+    pub migrate: String,
+    /// The rolling restart under way, if any.
+    pub rolling_restart: Option<RollingStatus>,
+    /// Every live worker process (a slot has two during its rolling restart).
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One `--bind`.
+#[derive(Debug, Serialize)]
+pub struct BindStatus {
+    /// Its fd in every worker.
+    pub fd: i32,
+    /// Its LISTEN_FDNAMES name.
+    pub name: String,
+    /// Its address.
+    pub addr: String,
+}
+
+/// A rolling restart in progress.
+#[derive(Debug, Serialize)]
+pub struct RollingStatus {
+    /// The generation it brings in.
+    pub generation: u64,
+    /// Slots replaced so far.
+    pub done: usize,
+    /// Slots in the pass.
+    pub total: usize,
+}
+
+/// One worker process.
+#[derive(Debug, Serialize)]
+pub struct WorkerStatus {
+    /// Its slot.
+    pub slot: usize,
+    /// Its pid.
+    pub pid: i32,
+    /// The CPU it is pinned to.
+    pub cpu: Option<usize>,
+    /// Its generation.
+    pub generation: u64,
+    /// starting, ready or stopping.
+    pub state: &'static str,
+    /// Seconds since exec.
+    pub uptime_s: f64,
+    /// Restarts of its slot after crashes.
+    pub restarts: u32,
+    /// How the slot's previous worker ended.
+    pub last_exit: Option<String>,
+    /// The app's last sd_notify STATUS=.
+    pub app_status: Option<String>,
+    /// Accept queue of each listening socket.
+    pub queues: Vec<QueueStatus>,
+}
+
+/// The accept queue of one listening socket.
+#[derive(Debug, Serialize)]
+pub struct QueueStatus {
+    /// The socket's fd in the worker.
+    pub fd: i32,
+    /// Connections waiting to be accepted.
+    pub depth: u32,
+    /// The queue's limit (the effective backlog).
+    pub backlog: u32,
+}
+
+impl ClusterStatus {
+    /// Gathers the status now.
+    pub fn collect(
+        config: &Config,
+        supervisor: &Supervisor,
+        name: &str,
+        started: Instant,
+        now: Instant,
+    ) -> ClusterStatus {
+        let queues = accept_queues();
+        let mut workers: Vec<WorkerStatus> = supervisor
+            .workers()
+            .map(|w| {
+                let slot = supervisor.slots().get(w.slot);
+                WorkerStatus {
+                    slot: w.slot,
+                    pid: w.pid.as_raw(),
+                    cpu: w.cpu,
+                    generation: w.generation,
+                    state: w.state.name(),
+                    uptime_s: w.uptime(now).as_secs_f64(),
+                    restarts: slot.map_or(0, |s| s.restarts),
+                    last_exit: slot.and_then(|s| s.last_exit).map(|e| e.to_string()),
+                    app_status: w.status.clone(),
+                    queues: w
+                        .sockets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, inode)| {
+                            let (depth, backlog) = queues.get(inode).copied().unwrap_or_default();
+                            QueueStatus {
+                                fd: 3 + i as i32,
+                                depth,
+                                backlog,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        workers.sort_by_key(|w| (w.slot, w.generation, w.pid));
+        let workers_ready = supervisor
+            .slots()
+            .iter()
+            .filter(|s| {
+                workers
+                    .iter()
+                    .any(|w| Some(w.pid) == s.pid().map(|p| p.as_raw()) && w.state == "ready")
+            })
+            .count();
+        ClusterStatus {
+            name: name.to_string(),
+            master_pid: std::process::id(),
+            uptime_s: now.saturating_duration_since(started).as_secs_f64(),
+            generation: supervisor.generation(),
+            workers_configured: supervisor.slots().len(),
+            workers_ready,
+            binds: config
+                .binds
+                .iter()
+                .enumerate()
+                .map(|(i, b)| BindStatus {
+                    fd: 3 + i as i32,
+                    name: b.name.clone(),
+                    addr: b.addr.to_string(),
+                })
+                .collect(),
+            ready_mode: config.ready.to_string(),
+            migrate: migrate_setting(config),
+            rolling_restart: supervisor
+                .rolling()
+                .map(|(generation, done, total)| RollingStatus {
+                    generation,
+                    done,
+                    total,
+                }),
+            workers,
+        }
+    }
+
+    /// The text `status` prints.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let binds: Vec<String> = self
+            .binds
+            .iter()
+            .map(|b| format!("fd {} {}={}", b.fd, b.name, b.addr))
+            .collect();
+        let _ = writeln!(
+            out,
+            "cluster {}: master pid {}, up {}, generation {}, {}/{} workers ready",
+            self.name,
+            self.master_pid,
+            ms(Duration::from_secs_f64(self.uptime_s)),
+            self.generation,
+            self.workers_ready,
+            self.workers_configured
+        );
+        let _ = writeln!(out, "sockets: {}", binds.join(", "));
+        let _ = writeln!(out, "ready: {}; migrate: {}", self.ready_mode, self.migrate);
+        match &self.rolling_restart {
+            Some(r) => {
+                let _ = writeln!(
+                    out,
+                    "rolling restart: to generation {}, {} of {} slots done",
+                    r.generation, r.done, r.total
+                );
+            }
+            None => out.push_str("rolling restart: none\n"),
+        }
+        let _ = writeln!(
+            out,
+            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} STATUS",
+            "SLOT", "PID", "CPU", "GEN", "STATE", "UPTIME", "RESTARTS", "LAST EXIT", "QUEUE"
+        );
+        for w in &self.workers {
+            let queues: Vec<String> = w
+                .queues
+                .iter()
+                .map(|q| format!("{}/{}", q.depth, q.backlog))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {}",
+                w.slot,
+                w.pid,
+                w.cpu.map_or("-".into(), |c| c.to_string()),
+                w.generation,
+                w.state,
+                ms(Duration::from_secs_f64(w.uptime_s)),
+                w.restarts,
+                w.last_exit.as_deref().unwrap_or("-"),
+                queues.join(" "),
+                w.app_status.as_deref().unwrap_or("-")
+            );
+        }
+        out
+    }
+}
+
+fn migrate_setting(config: &Config) -> String {
+    let value = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|_| "unsupported".into());
+    format!(
+        "net.ipv4.tcp_migrate_req={value} (--migrate {:?})",
+        config.migrate
+    )
+    .to_lowercase()
+}
+
+/// Accept-queue depth and limit of every listening TCP socket, by inode: from the kernel's
+/// sock_diag (what `ss -lnt` shows as Recv-Q/Send-Q), else depth only from /proc/net/tcp.
+pub fn accept_queues() -> HashMap<u64, (u32, u32)> {
+    let mut queues = HashMap::new();
+    let diag = [libc::AF_INET, libc::AF_INET6]
+        .into_iter()
+        .try_for_each(|family| sock_diag_listeners(family as u8, &mut queues));
+    if diag.is_err() {
+        proc_net_tcp_listeners(&mut queues);
+    }
+    queues
+}
+
+/// One INET_DIAG dump of the listening TCP sockets of `family`.
+fn sock_diag_listeners(family: u8, queues: &mut HashMap<u64, (u32, u32)>) -> nix::Result<()> {
+    use nix::sys::socket::{
+        recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+        SockType,
+    };
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const TCP_LISTEN_BIT: u32 = 1 << 10;
+
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    // struct nlmsghdr (16 bytes) + struct inet_diag_req_v2 (56 bytes)
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&[0u8; 8]); // seq, pid
+    req.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    req.extend_from_slice(&TCP_LISTEN_BIT.to_ne_bytes());
+    req.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: any
+    sendto(
+        fd.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let mut msg = &buf[..n];
+        while msg.len() >= 16 {
+            let len = u32::from_ne_bytes(msg[0..4].try_into().unwrap_or_default()) as usize;
+            let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+            if len < 16 || len > msg.len() {
+                return Err(nix::errno::Errno::EINVAL);
+            }
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => return Err(nix::errno::Errno::EPROTO),
+                _ if len >= 16 + 72 => {
+                    // struct inet_diag_msg: 4 bytes, sockid (48), expires, rqueue, wqueue, uid, inode
+                    let body = &msg[16..16 + 72];
+                    let word = |at: usize| {
+                        u32::from_ne_bytes(body[at..at + 4].try_into().unwrap_or_default())
+                    };
+                    queues.insert(word(68) as u64, (word(56), word(60)));
+                }
+                _ => {}
+            }
+            msg = &msg[len.next_multiple_of(4).min(msg.len())..];
+        }
+    }
+}
+
+/// Depths of listening sockets from /proc/net/tcp{,6} (rx_queue); no limits there.
+fn proc_net_tcp_listeners(queues: &mut HashMap<u64, (u32, u32)>) {
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let depth = f[4]
+                .split_once(':')
+                .and_then(|(_, rx)| u32::from_str_radix(rx, 16).ok());
+            if let (Some(depth), Ok(inode)) = (depth, f[9].parse::<u64>()) {
+                queues.insert(inode, (depth, 0));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listeners_queue_grows_with_unaccepted_connections() {
+        let socket = crate::socket::open(
+            &crate::socket::ListenSpec::new("127.0.0.1:0".parse().unwrap()),
+            Some(64),
+        )
+        .unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).unwrap();
+        let inode: u64 = link.to_str().unwrap()[8..]
+            .trim_end_matches(']')
+            .parse()
+            .unwrap();
+        assert_eq!(accept_queues().get(&inode), Some(&(0, 64)));
+        let _clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        assert_eq!(accept_queues().get(&inode), Some(&(3, 64)));
+        let mut from_proc = HashMap::new();
+        proc_net_tcp_listeners(&mut from_proc);
+        assert_eq!(
+            from_proc.get(&inode),
+            Some(&(3, 0)),
+            "the fallback sees the depth"
+        );
+    }
+}

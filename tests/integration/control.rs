@@ -1,0 +1,272 @@
+//! The control socket and its client commands: status, reload, scale, stop.
+
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use crate::support::*;
+
+#[test]
+fn status_text_and_json_tell_the_truth_about_every_worker() {
+    let mut c = Cluster::start(&[
+        "--workers",
+        "3",
+        "--bind",
+        "web=127.0.0.1:0",
+        "--name",
+        &unique_tag("status"),
+    ]);
+    let workers = c.workers();
+    let json = c.status();
+    assert_eq!(json["master_pid"], c.pid());
+    assert_eq!(json["generation"], 1);
+    assert_eq!(json["workers_configured"], 3);
+    assert_eq!(json["workers_ready"], 3);
+    assert_eq!(json["binds"][0]["name"], "web");
+    assert_eq!(json["binds"][0]["addr"], c.addr().to_string());
+    assert!(json["rolling_restart"].is_null());
+    assert!(json["migrate"]
+        .as_str()
+        .unwrap()
+        .contains("tcp_migrate_req"));
+    let listed = json["workers"].as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .map(|s| s.trim().parse::<u64>().unwrap().min(1024))
+        .unwrap_or(1024);
+    for w in listed {
+        let slot = w["slot"].as_u64().unwrap() as usize;
+        let pid = w["pid"].as_u64().unwrap() as u32;
+        assert_eq!(workers[&slot], pid, "pid of slot {slot} matches /proc");
+        assert_eq!(
+            w["cpu"].as_u64().unwrap().to_string(),
+            status_field(pid, "Cpus_allowed_list").unwrap(),
+            "cpu of slot {slot} matches /proc"
+        );
+        assert_eq!(w["state"], "ready");
+        assert_eq!(w["generation"], 1);
+        assert_eq!(w["restarts"], 0);
+        assert!(w["uptime_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(w["queues"][0]["fd"], 3);
+        assert_eq!(w["queues"][0]["depth"], 0);
+        assert_eq!(
+            w["queues"][0]["backlog"].as_u64(),
+            Some(backlog),
+            "the effective backlog"
+        );
+    }
+    let (code, text, _) = c.ctl(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        text.contains(&format!("master pid {}", c.pid())) && text.contains("3/3 workers ready"),
+        "{text}"
+    );
+    for pid in workers.values() {
+        assert!(text.contains(&pid.to_string()), "{text}");
+    }
+}
+
+#[test]
+fn a_stopped_worker_shows_a_growing_accept_queue_that_drains_after_sigcont() {
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--name",
+        &unique_tag("queue"),
+    ]);
+    let stuck = c.workers()[&1];
+    signal(stuck, Signal::SIGSTOP);
+    let depth = |c: &Cluster| {
+        c.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["pid"] == stuck)
+            .map(|w| w["queues"][0]["depth"].as_u64().unwrap())
+            .unwrap()
+    };
+    // The kernel completes handshakes for the stopped worker's socket and queues them.
+    let mut conns = Vec::new();
+    let grew = wait_until(TIMEOUT, || {
+        conns.extend((0..4).filter_map(|_| TcpStream::connect(c.addr()).ok()));
+        depth(&c) >= 5
+    });
+    let seen = depth(&c);
+    signal(stuck, Signal::SIGCONT);
+    assert!(grew, "queue of the stopped worker: {seen}");
+    assert!(
+        wait_until(TIMEOUT, || depth(&c) == 0),
+        "the queue drains after SIGCONT"
+    );
+    let (_, text, _) = c.ctl(&["status"]);
+    assert!(text.contains("0/"), "{text}");
+}
+
+#[test]
+fn another_uid_is_refused() {
+    let c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--name",
+        &unique_tag("uid"),
+    ]);
+    let control = c.control.clone().unwrap();
+    let as_nobody = || {
+        std::process::Command::new(bin())
+            .args(["status", "--control"])
+            .arg(&control)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    // The socket file is 0600: the kernel refuses nobody before the master sees it.
+    assert_eq!(
+        std::fs::metadata(&control).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ermission denied"));
+    // Even when the file is opened up, the master checks the peer's uid (SO_PEERCRED).
+    for dir in [control.parent().unwrap(), &control] {
+        let mode = if dir == control.as_path() {
+            0o666
+        } else {
+            0o755
+        };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = as_nobody();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("uid 65534 may not control this cluster"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).is_empty(),
+        "no status leaked"
+    );
+}
+
+#[test]
+fn reload_does_what_sighup_does() {
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--name",
+        &unique_tag("reload"),
+    ]);
+    let (code, out, _) = c.ctl(&["reload"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "ok: rolling restart started\n")
+    );
+    c.expect_log("rolling restart to generation 2 done");
+    for w in c.status()["workers"].as_array().unwrap() {
+        assert_eq!(w["generation"], 2);
+    }
+}
+
+#[test]
+fn a_second_master_with_the_same_name_is_refused() {
+    let name = unique_tag("twice");
+    let c = Cluster::start(&["--workers", "1", "--bind", "127.0.0.1:0", "--name", &name]);
+    let (code, log) = run(&["--workers", "1", "--bind", "127.0.0.1:0", "--name", &name]);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "another reuseport-cluster is already running as {name}, pid {}",
+            c.pid()
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+fn stop_stops_gracefully_and_clients_explain_a_missing_cluster() {
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--name",
+        &unique_tag("stop"),
+    ]);
+    let (code, out, _) = c.ctl(&["stop"]);
+    assert_eq!((code, out.as_str()), (Some(0), "ok: stopping\n"));
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+    assert!(
+        !c.control.as_ref().unwrap().exists(),
+        "the socket file is removed"
+    );
+    let (code, _, err) = c.ctl(&["status"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with("error: no reuseport-cluster is running at"),
+        "{err}"
+    );
+}
+
+#[test]
+fn load_scale_up_and_down_by_command_and_signal_without_failed_requests() {
+    let _load = load_lock();
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--name",
+        &unique_tag("scale"),
+    ]);
+    let load = Load::start(c.addr(), 16, Duration::from_secs(120));
+    let count = |c: &mut Cluster| c.workers().len();
+    let ready = |c: &Cluster, n: u64| {
+        let s = c.status();
+        s["workers_configured"] == n
+            && s["workers_ready"] == n
+            && s["workers"].as_array().unwrap().len() as u64 == n
+    };
+
+    assert_eq!(c.ctl(&["scale", "4"]).0, Some(0));
+    assert!(wait_until(TIMEOUT, || ready(&c, 4)), "{:?}", c.status());
+    assert_eq!(count(&mut c), 4);
+    let cpus = allowed_cpus();
+    for (slot, pid) in c.workers() {
+        assert_eq!(
+            status_field(pid, "Cpus_allowed_list").unwrap(),
+            cpus[slot % cpus.len()].to_string()
+        );
+    }
+    assert_eq!(c.ctl(&["scale", "1"]).0, Some(0));
+    assert!(wait_until(TIMEOUT, || ready(&c, 1) && count(&mut c) == 1));
+    assert_eq!(
+        c.workers().keys().copied().collect::<Vec<_>>(),
+        vec![0],
+        "the highest slots went"
+    );
+
+    c.signal(Signal::SIGTTIN);
+    assert!(wait_until(TIMEOUT, || ready(&c, 2)));
+    c.signal(Signal::SIGTTOU);
+    assert!(wait_until(TIMEOUT, || ready(&c, 1) && count(&mut c) == 1));
+    c.signal(Signal::SIGTTOU);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ready(&c, 1), "never below one worker");
+
+    let stats = load.finish();
+    eprintln!(
+        "load while scaling: {} ok, {} failed {:?}",
+        stats.ok, stats.failed, stats.errors
+    );
+    assert!(stats.ok > 100);
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+}
