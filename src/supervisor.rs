@@ -364,7 +364,7 @@ impl Supervisor {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let cpu = self.slots.get(index).map_or(None, |s| s.cpu);
+        let cpu = self.slots.get(index).and_then(|s| s.cpu);
         let mut worker = Worker::new(pid, index, cpu, generation, now);
         worker.sockets = sockets;
         out.push(Action::Log(format!("{worker}: started")));
