@@ -412,6 +412,10 @@ impl Supervisor {
         if surging {
             return self.abort_rolling(line, now, out);
         }
+        if self.slots[index].pid().is_some() {
+            // The answer to a surge abandoned meanwhile: the slot is served as it was.
+            return out.push(Action::Log(line));
+        }
         match self.phase {
             Phase::Starting => self.begin_stop(Some(line), now, out),
             Phase::Running => {
@@ -458,6 +462,24 @@ impl Supervisor {
         };
         slot.state = SlotState::Empty;
         slot.last_exit = Some(reason);
+        if self
+            .rolling
+            .as_ref()
+            .is_some_and(|r| r.generation == worker.generation)
+        {
+            // The new generation died after it was ready: the pass stops here, and the slot
+            // goes back to the generation that serves everywhere else.
+            slot.generation = self.serving_generation;
+            let delay = slot.backoff.delay(uptime);
+            slot.state = SlotState::Waiting { at: now + delay };
+            let why = format!(
+                "{line} after it was ready; slot {} restarts on generation {} in {}",
+                worker.slot,
+                self.serving_generation,
+                ms(delay)
+            );
+            return self.abort_rolling(why, now, out);
+        }
         match self.phase {
             Phase::Starting => self.begin_stop(
                 Some(format!("{line}, before any worker was ready")),
@@ -618,6 +640,11 @@ impl Supervisor {
             r.generation,
             serving.join(" and ")
         )));
+        if r.again {
+            // A reload came during the failed pass: it may well carry the fix.
+            out.push(Action::Log("the reload that came during it follows".into()));
+            self.on_reload(now, out);
+        }
     }
 
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -715,16 +742,18 @@ impl Supervisor {
             ms(self.settings.ready_timeout),
             self.settings.ready.not_ready_hint()
         );
+        let slot_served = self.slots.get(w.slot).is_some_and(|s| s.pid().is_some());
         let surging = self
             .rolling
             .as_mut()
             .and_then(|r| r.surge_of_pid(pid))
             .is_some();
-        if surging {
+        if surging && slot_served {
             self.abort_rolling(why, now, out);
         } else {
-            // At start-up or after a crash the worker is the slot's only one: it runs, we
-            // just cannot see that it serves. Counting it as ready beats killing it.
+            // At start-up, after a crash, or in a surge whose old worker died, it is the
+            // slot's only worker: it runs, we just cannot see that it serves. Counting it as
+            // ready beats killing it.
             out.push(Action::Log(format!("{why}; counting it as ready")));
             self.on_ready(pid, now, out);
         }
@@ -1346,5 +1375,91 @@ mod tests {
         s.step(ready(200), t);
         s.step(exited(100, ExitReason::Code(0)), t);
         assert_eq!(spawns(&s.step(Event::Scale(2), t)), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn a_stale_spawn_failure_from_an_abandoned_batch_leaves_the_slot_alone() {
+        let (mut s, t) = running_with(2, 2);
+        reload(&mut s, t);
+        let failed = |slot| Event::SpawnFailed {
+            slot,
+            generation: 2,
+            error: "exec: Exec format error".into(),
+        };
+        s.step(failed(0), t);
+        let out = s.step(failed(1), t);
+        assert!(
+            signals(&out).is_empty() && spawns(&out).is_empty(),
+            "{out:?}"
+        );
+        assert_eq!(
+            s.slots()[1].pid(),
+            Some(pid(101)),
+            "slot 1 still served by its worker"
+        );
+        assert!(spawns(&s.step(Event::Tick, t + Duration::from_secs(1))).is_empty());
+    }
+
+    #[test]
+    fn a_new_worker_dying_after_ready_stops_the_pass_and_its_slot_goes_back() {
+        let (mut s, t) = running(3);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(ready(200), t);
+        s.step(exited(100, ExitReason::Code(0)), t);
+        s.step(spawned(1, 2, 201), t);
+        // The first new worker dies after it was ready: no further slot is touched.
+        let out = s.step(exited(200, ExitReason::Code(1)), t);
+        let log = logs(&out);
+        assert!(
+            log.contains("failed") && log.contains("after it was ready"),
+            "{log}"
+        );
+        assert_eq!(
+            signals(&out),
+            vec![(201, TERM)],
+            "the surge under way is stopped"
+        );
+        assert!(s.rolling.is_none());
+        let out = s.step(Event::Tick, t + Duration::from_millis(100));
+        assert_eq!(
+            spawns(&out),
+            vec![(0, 1)],
+            "slot 0 restarts on generation 1"
+        );
+        assert_eq!(
+            s.slots()[2].pid(),
+            Some(pid(102)),
+            "slot 2 was never touched"
+        );
+    }
+
+    #[test]
+    fn a_reload_queued_during_a_failed_pass_still_runs() {
+        let (mut s, t) = running(1);
+        reload(&mut s, t);
+        s.step(Event::Reload, t);
+        s.step(spawned(0, 2, 200), t);
+        let out = s.step(exited(200, ExitReason::Code(1)), t);
+        assert!(
+            out.contains(&Action::PrepareGeneration { generation: 3 }),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_surge_worker_that_is_its_slots_only_worker_is_not_stopped_at_the_timeout() {
+        let (mut s, t) = running(1);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(exited(100, ExitReason::Code(1)), t); // the old worker crashed meanwhile
+        let out = s.step(Event::Tick, t + TIMEOUT);
+        assert!(signals(&out).is_empty(), "{out:?}");
+        let log = logs(&out);
+        assert!(
+            log.contains("counting it as ready") && log.contains("generation 2 done"),
+            "{log}"
+        );
+        assert_eq!(s.slots()[0].pid(), Some(pid(200)));
     }
 }
