@@ -80,6 +80,7 @@ pub fn run() -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing signal handlers")?;
     let mut wakers = Vec::new();
+    let mut acceptors = Vec::new();
     for listener in listeners {
         wakers.push(
             listener
@@ -87,10 +88,12 @@ pub fn run() -> anyhow::Result<()> {
                 .context("duplicating a listening socket")?,
         );
         let shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || accept_loop(listener, shared))
-            .context("starting an accept thread")?;
+        acceptors.push(
+            std::thread::Builder::new()
+                .name("accept".into())
+                .spawn(move || accept_loop(listener, shared))
+                .context("starting an accept thread")?,
+        );
     }
 
     signals.forever().next();
@@ -98,6 +101,10 @@ pub fn run() -> anyhow::Result<()> {
     for listener in &wakers {
         // Wakes the blocked accept() (EINVAL) and closes the queue of this socket.
         let _ = socket2::SockRef::from(listener).shutdown(Shutdown::Read);
+    }
+    // Once the accept threads are gone, every accepted connection is registered below.
+    for acceptor in acceptors {
+        let _ = acceptor.join();
     }
     let conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
     let (conns, _) = shared

@@ -73,6 +73,14 @@ impl NotifySocket {
                 })
             });
             let len = msg.bytes;
+            if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+                // A cut datagram may have lost its READY=1: drop it whole, as systemd does.
+                crate::warn!(
+                    "notify message from pid {pid:?} longer than {} bytes ignored",
+                    buf.len()
+                );
+                continue;
+            }
             if let Some(pid) = pid {
                 messages.push(Message {
                     pid,

@@ -1,10 +1,12 @@
 //! When a new worker counts as ready to take connections: `--ready notify|listening|delay:D|auto`.
 //!
-//! `listening` needs no change to the app: a worker is ready once some process of its
-//! process group waits for connections on one of its listening sockets, which the kernel
-//! shows in /proc in one of two ways:
-//! - the socket's inode is a target (`tfd: … ino:`) of one of its epoll instances, which is
-//!   how node, Go, tokio, nginx and Python's asyncio wait for connections;
+//! `listening` needs no change to the app: a worker is ready once processes of its process
+//! group wait for connections on every one of its listening sockets, which the kernel shows
+//! in /proc in two ways:
+//! - a thread is blocked in epoll_wait on an epoll instance that has the socket's inode as
+//!   a target (`tfd: … ino:` in fdinfo), which is how node, Go, tokio, nginx and Python's
+//!   asyncio wait. Registration alone is not enough: Go and tokio register a listener as
+//!   soon as it is created, before the app has finished starting;
 //! - one of its threads is blocked in accept/accept4 on it, or in poll/ppoll/select/pselect6
 //!   with it among the fds to read (/proc/PID/task/TID/syscall gives the call and its
 //!   arguments; the fd list is read from /proc/PID/mem): Python's socketserver, gunicorn's
@@ -80,16 +82,21 @@ impl fmt::Display for ReadyMode {
     }
 }
 
-/// Whether a process of the group led by `leader` waits for connections on one of the
-/// sockets whose inodes are `sockets`.
+/// Whether processes of the group led by `leader` wait for connections on every socket
+/// whose inode is in `sockets`.
 pub fn is_listening(leader: u32, sockets: &[u64]) -> bool {
     if sockets.is_empty() {
         return false;
     }
-    let sockets: HashSet<u64> = sockets.iter().copied().collect();
-    group_processes(leader)
-        .into_iter()
-        .any(|pid| blocked_on(pid, &sockets) || epoll_watches(pid, &sockets))
+    let wanted: HashSet<u64> = sockets.iter().copied().collect();
+    let mut waited = HashSet::new();
+    for pid in group_processes(leader) {
+        waited.extend(waited_sockets(pid, &wanted));
+        if waited.len() == wanted.len() {
+            return true;
+        }
+    }
+    false
 }
 
 /// `leader` and its descendants that are still in its process group.
@@ -140,36 +147,53 @@ fn socket_inode(pid: u32, fd: u64) -> Option<u64> {
         .ok()
 }
 
-/// Whether a thread of `pid` is blocked in a syscall waiting to accept on one of `sockets`.
-fn blocked_on(pid: u32, sockets: &HashSet<u64>) -> bool {
+/// Which of `sockets` a thread of `pid` is blocked waiting to accept on.
+fn waited_sockets(pid: u32, sockets: &HashSet<u64>) -> HashSet<u64> {
+    let mut waited = HashSet::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
+        return waited;
     };
-    tasks.flatten().any(|task| {
+    let inode = |fd: u64| socket_inode(pid, fd).filter(|ino| sockets.contains(ino));
+    let mut epolls = None; // read on first need: (epoll fd, our socket it watches)
+    for task in tasks.flatten() {
         let syscall = std::fs::read_to_string(task.path().join("syscall")).unwrap_or_default();
         // "nr arg0 arg1 … sp pc" while blocked in a syscall; "running" or "-1 …" otherwise.
         let mut fields = syscall.split_whitespace();
         let Some(nr) = fields.next().and_then(|n| n.parse::<i64>().ok()) else {
-            return false;
+            continue;
         };
         let args: Vec<u64> = fields
             .take(2)
             .filter_map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
             .collect();
         let [arg0, arg1] = args[..] else {
-            return false;
+            continue;
         };
-        let ours = |fd: u64| socket_inode(pid, fd).is_some_and(|ino| sockets.contains(&ino));
         if nr == libc::SYS_accept || nr == libc::SYS_accept4 {
-            ours(arg0)
+            waited.extend(inode(arg0));
         } else if is_poll(nr) {
-            polled_fds(pid, arg0, arg1).into_iter().any(ours)
+            waited.extend(polled_fds(pid, arg0, arg1).into_iter().filter_map(inode));
         } else if is_select(nr) {
-            selected_fds(pid, arg0, arg1).into_iter().any(ours)
-        } else {
-            false
+            waited.extend(selected_fds(pid, arg0, arg1).into_iter().filter_map(inode));
+        } else if is_epoll_wait(nr) {
+            let epolls = epolls.get_or_insert_with(|| epoll_targets(pid, sockets));
+            waited.extend(
+                epolls
+                    .iter()
+                    .filter(|(fd, _)| *fd == arg0)
+                    .map(|(_, ino)| *ino),
+            );
         }
-    })
+    }
+    waited
+}
+
+fn is_epoll_wait(nr: i64) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if nr == libc::SYS_epoll_wait {
+        return true;
+    }
+    nr == libc::SYS_epoll_pwait || nr == libc::SYS_epoll_pwait2
 }
 
 fn is_poll(nr: i64) -> bool {
@@ -223,29 +247,34 @@ fn selected_fds(pid: u32, nfds: u64, readfds: u64) -> Vec<u64> {
         .collect()
 }
 
-fn epoll_watches(pid: u32, sockets: &HashSet<u64>) -> bool {
+/// (epoll fd, socket inode) for each of `sockets` that an epoll instance of `pid` watches.
+fn epoll_targets(pid: u32, sockets: &HashSet<u64>) -> Vec<(u64, u64)> {
+    let mut targets = Vec::new();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
+        return targets;
     };
-    fds.flatten().any(|fd| {
+    for fd in fds.flatten() {
+        let Some(num) = fd.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+            continue;
+        };
         let is_epoll =
             std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]");
         if !is_epoll {
-            return false;
+            continue;
         }
-        let info = std::fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            fd.file_name().to_string_lossy()
-        ))
-        .unwrap_or_default();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{num}")).unwrap_or_default();
         // tfd:        3 events:       19 data:                3  pos:0 ino:1b7a sdev:8
-        info.lines().filter(|l| l.starts_with("tfd:")).any(|l| {
-            l.split_whitespace()
+        for line in info.lines().filter(|l| l.starts_with("tfd:")) {
+            let ino = line
+                .split_whitespace()
                 .find_map(|f| f.strip_prefix("ino:"))
-                .and_then(|ino| u64::from_str_radix(ino, 16).ok())
-                .is_some_and(|ino| sockets.contains(&ino))
-        })
-    })
+                .and_then(|ino| u64::from_str_radix(ino, 16).ok());
+            if let Some(ino) = ino.filter(|i| sockets.contains(i)) {
+                targets.push((num, ino));
+            }
+        }
+    }
+    targets
 }
 
 #[cfg(test)]
@@ -279,12 +308,12 @@ mod tests {
         let ino = inode_of(&listener);
         let me = std::process::id();
         // Control: nobody waits on it yet.
-        assert!(!blocked_on(me, &HashSet::from([ino])));
+        assert!(waited_sockets(me, &HashSet::from([ino])).is_empty());
         let addr = listener.local_addr().unwrap();
         let waiter = std::thread::spawn(move || listener.accept().map(|_| ()));
         let seen = (0..500).any(|_| {
             std::thread::sleep(Duration::from_millis(5));
-            blocked_on(me, &HashSet::from([ino]))
+            waited_sockets(me, &HashSet::from([ino])).contains(&ino)
         });
         std::net::TcpStream::connect(addr).unwrap();
         waiter.join().unwrap().unwrap();
@@ -305,7 +334,7 @@ mod tests {
         });
         let seen = (0..500).any(|_| {
             std::thread::sleep(Duration::from_millis(5));
-            blocked_on(me, &HashSet::from([ino]))
+            waited_sockets(me, &HashSet::from([ino])).contains(&ino)
         });
         std::net::TcpStream::connect(addr).unwrap();
         waiter.join().unwrap();
@@ -313,17 +342,50 @@ mod tests {
     }
 
     #[test]
-    fn an_epoll_registration_is_seen() {
-        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    fn an_epoll_registration_counts_only_while_a_thread_waits_in_it() {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let ino = inode_of(&listener);
         let me = std::process::id();
-        assert!(!epoll_watches(me, &HashSet::from([ino])));
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
         epoll
             .add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, 1))
             .unwrap();
-        assert!(epoll_watches(me, &HashSet::from([ino])));
-        assert!(is_listening(me, &[ino]));
+        assert_eq!(epoll_targets(me, &HashSet::from([ino])).len(), 1);
+        // Registered, but nobody waits (Go and tokio before the app is up): not ready.
+        assert!(!is_listening(me, &[ino]));
+        let waiter = std::thread::spawn(move || {
+            let mut events = [EpollEvent::empty()];
+            epoll
+                .wait(&mut events, EpollTimeout::from(10_000u16))
+                .unwrap();
+        });
+        let seen = (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            is_listening(me, &[ino])
+        });
+        std::net::TcpStream::connect(addr).unwrap();
+        waiter.join().unwrap();
+        assert!(seen, "epoll_wait on the socket's epoll was not seen");
+    }
+
+    #[test]
+    fn every_socket_must_be_waited_on() {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (ia, ib) = (inode_of(&a), inode_of(&b));
+        let addr = a.local_addr().unwrap();
+        let me = std::process::id();
+        let waiter = std::thread::spawn(move || a.accept().map(|_| ()));
+        let only_a = (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            waited_sockets(me, &HashSet::from([ia])).contains(&ia)
+        });
+        assert!(only_a);
+        assert!(!is_listening(me, &[ia, ib]), "b is not waited on");
+        std::net::TcpStream::connect(addr).unwrap();
+        waiter.join().unwrap().unwrap();
+        drop(b);
     }
 }

@@ -175,6 +175,15 @@ impl Cluster {
         by_slot
     }
 
+    /// How many worker processes the master has (a slot with two would show here, not in
+    /// [`Cluster::workers`]).
+    pub fn worker_count(&self) -> usize {
+        children(self.pid())
+            .into_iter()
+            .filter(|p| env_of(*p).contains_key("REUSEPORT_CLUSTER_WORKER"))
+            .count()
+    }
+
     /// Sends `sig` to the master.
     pub fn signal(&self, sig: Signal) {
         signal(self.pid(), sig);
@@ -650,5 +659,23 @@ impl Load {
             total.add(t.join().unwrap());
         }
         total
+    }
+}
+
+/// Whether connections queued on a closing socket migrate (net.ipv4.tcp_migrate_req=1, or 0
+/// but writable, so that the master's `--migrate auto` turns it on). Prints why not.
+pub fn migration_possible() -> bool {
+    let path = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => true,
+        Ok(_) if std::fs::OpenOptions::new().write(true).open(path).is_ok() => true,
+        Ok(_) => {
+            eprintln!("skipped: {path} is 0 and not writable here (run as root, or sysctl -w net.ipv4.tcp_migrate_req=1)");
+            false
+        }
+        Err(_) => {
+            eprintln!("skipped: this kernel has no {path} (Linux 5.14+)");
+            false
+        }
     }
 }
