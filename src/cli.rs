@@ -130,6 +130,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = Migrate::Auto)]
     pub migrate: Migrate,
 
+    /// Pass workers' stdout and stderr through the master, each line prefixed with
+    /// `[w<slot> <pid>] ` [default: workers write straight to the master's stdout/stderr]
+    #[arg(long)]
+    pub log_prefix: bool,
+
+    /// Format of the master's own log lines on stderr
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// The cluster's name, for the control socket and client commands [default: the first
     /// bind's port]
     #[arg(long)]
@@ -159,4 +168,13 @@ pub enum Migrate {
     On,
     /// Leave it alone.
     Off,
+}
+
+/// How the master writes its own log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line of text.
+    Text,
+    /// One JSON object per line: ts, level, msg, and slot, pid, generation for a worker.
+    Json,
 }

@@ -67,6 +67,8 @@ pub struct Config {
     pub name: Option<String>,
     /// `--control`.
     pub control: Option<PathBuf>,
+    /// `--log-prefix`.
+    pub log_prefix: bool,
     /// What each worker runs.
     pub app: App,
 }
@@ -192,6 +194,7 @@ impl Config {
             migrate: args.migrate,
             name: args.name.clone(),
             control: args.control.clone(),
+            log_prefix: args.log_prefix,
             app,
         })
     }

@@ -20,6 +20,7 @@ mod spawn;
 mod status;
 mod supervisor;
 mod worker;
+mod worker_output;
 
 use std::process::ExitCode;
 

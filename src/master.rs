@@ -36,6 +36,7 @@ use crate::socket;
 use crate::spawn::{self, Spawner};
 use crate::status::ClusterStatus;
 use crate::supervisor::{Action, Event, Outcome, Settings, Supervisor};
+use crate::worker_output::WorkerOutput;
 use crate::{debug, info, log, warn};
 
 /// Signals the master handles; every other one keeps its default action.
@@ -92,6 +93,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         rolling_batch: config.rolling_batch,
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
+    let mut output = WorkerOutput::default();
     let mut events = VecDeque::from([Event::Start]);
     loop {
         while let Some(event) = events.pop_front() {
@@ -99,7 +101,16 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             // What an action answers (a fork's outcome) is handled before anything else.
             let mut answers = Vec::new();
             let size = supervisor.slots().len();
-            if let Some(outcome) = perform(actions, &config, &mut spawner, size, &mut answers) {
+            let outcome = perform(
+                actions,
+                &config,
+                &mut spawner,
+                size,
+                &mut output,
+                &mut answers,
+            );
+            if let Some(outcome) = outcome {
+                output.flush();
                 return Ok(outcome);
             }
             for answer in answers.into_iter().rev() {
@@ -117,7 +128,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         if let Some(n) = &notify {
             fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
         }
-        for (fd, events) in control.poll_fds() {
+        for (fd, events) in control.poll_fds().into_iter().chain(output.poll_fds()) {
             fds.push(PollFd::new(fd, events));
         }
         wait(&mut fds, deadline);
@@ -125,6 +136,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
 
         // Exits first: a stop request handled in the same wake as the last worker's exit
         // must find it gone (and not SIGKILL, nor report exit 3, for nothing).
+        output.service();
         reap(&supervisor, &mut events);
         for (id, request) in control.service(Instant::now()) {
             let answer = match request {
@@ -198,6 +210,7 @@ fn perform(
     config: &Config,
     spawner: &mut Spawner,
     size: usize,
+    output: &mut WorkerOutput,
     answers: &mut Vec<Event>,
 ) -> Option<Outcome> {
     for action in actions {
@@ -222,10 +235,15 @@ fn perform(
                 generation,
             } => answers.push(match spawner.spawn(slot, cpu, generation, size) {
                 Ok(spawned) => Event::Spawned {
+                    sockets: spawned.sockets,
                     slot,
                     generation,
-                    pid: spawned.pid,
-                    sockets: spawned.sockets,
+                    pid: {
+                        if let Some(pipes) = spawned.output {
+                            output.add(slot, spawned.pid.as_raw(), pipes);
+                        }
+                        spawned.pid
+                    },
                 },
                 Err(e) => Event::SpawnFailed {
                     slot,

@@ -87,6 +87,8 @@ pub enum Step {
     Affinity,
     /// execve(2).
     Exec,
+    /// dup2 of a `--log-prefix` pipe onto fd 1 or 2.
+    Output,
 }
 
 impl Step {
@@ -102,6 +104,7 @@ impl Step {
             MoveFd,
             Affinity,
             Exec,
+            Output,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -136,6 +139,8 @@ pub struct Spawner {
     listen_fds: CString,
     listen_fdnames: CString,
     notify_socket: Option<CString>,
+    /// `--log-prefix`: give each worker pipes as stdout and stderr.
+    log_pipes: bool,
     binds: Vec<(SocketAddr, ListenSpec)>,
     backlog: c_int,
 }
@@ -147,6 +152,8 @@ pub struct Spawned {
     pub pid: Pid,
     /// Inodes of its listening sockets, in fd order.
     pub sockets: Vec<u64>,
+    /// With `--log-prefix`: the read ends of its stdout and stderr (non-blocking).
+    pub output: Option<[OwnedFd; 2]>,
 }
 
 impl Spawner {
@@ -174,6 +181,7 @@ impl Spawner {
             listen_fds: env_entry("LISTEN_FDS", config.binds.len()),
             listen_fdnames: env_entry("LISTEN_FDNAMES", names.join(":")),
             notify_socket: notify_socket.map(|n| env_entry("NOTIFY_SOCKET", n)),
+            log_pipes: config.log_prefix,
             binds: config
                 .binds
                 .iter()
@@ -233,6 +241,18 @@ impl Spawner {
         let first_free = 3 + self.binds.len() as c_int;
         let report_write = move_above(report_write, first_free)
             .map_err(|e| fail("creating the start-up pipe", e))?;
+        let mut output = Vec::new();
+        if self.log_pipes {
+            for _ in 0..2 {
+                let (read, write) =
+                    pipe2(OFlag::O_CLOEXEC).map_err(|e| fail("creating an output pipe", e))?;
+                fcntl(&read, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                    .map_err(|e| fail("creating an output pipe", e))?;
+                let write = move_above(write, first_free)
+                    .map_err(|e| fail("creating an output pipe", e))?;
+                output.push((read, write));
+            }
+        }
 
         let mut plan = ChildPlan {
             path,
@@ -245,6 +265,10 @@ impl Spawner {
             moved: vec![-1; self.binds.len()],
             cpu,
             report: report_write.as_raw_fd(),
+            output: match &output[..] {
+                [(_, out), (_, err)] => Some([out.as_raw_fd(), err.as_raw_fd()]),
+                _ => None,
+            },
             master: nix::unistd::getpid(),
         };
 
@@ -271,9 +295,17 @@ impl Spawner {
         };
         drop(report_write);
         drop(plan);
+        let output = match <[_; 2]>::try_from(output) {
+            Ok([(out, _), (err, _)]) => Some([out, err]), // the write ends close here
+            Err(_) => None,
+        };
 
         match read_report(&report_read, self.binds.len()) {
-            Ok(sockets) => Ok(Spawned { pid, sockets }),
+            Ok(sockets) => Ok(Spawned {
+                pid,
+                sockets,
+                output,
+            }),
             Err((step, index, errno)) => {
                 // The child has _exit'ed or is about to: reap it here, not as a crash.
                 let _ = waitpid(pid, None);
@@ -305,6 +337,7 @@ impl Spawner {
             (Step::Affinity, _) => format!("pinning to its CPU (sched_setaffinity): {err}"),
             (Step::ProcessGroup, _) => format!("setpgid: {err}"),
             (Step::DeathSignal, _) => format!("prctl(PR_SET_PDEATHSIG): {err}"),
+            (Step::Output, _) => format!("connecting stdout/stderr to the master: {err}"),
             (_, None) => format!("{step:?}: {err}"),
         }
     }
@@ -394,12 +427,22 @@ struct ChildPlan<'a> {
     moved: Vec<RawFd>,
     cpu: Option<usize>,
     report: RawFd,
+    /// `--log-prefix` pipes to become fds 1 and 2.
+    output: Option<[RawFd; 2]>,
     master: Pid,
 }
 
 /// The forked child: async-signal-safe calls only, never returns.
 fn child(plan: &mut ChildPlan) -> ! {
     reset_signals();
+    if let Some(pipes) = plan.output {
+        for (pipe, target) in pipes.into_iter().zip([1, 2]) {
+            // SAFETY: dup2(2) is a syscall; `pipe` is a valid fd made before fork.
+            if unsafe { libc::dup2(pipe, target) } < 0 {
+                fail(plan.report, Step::Output, 0, Errno::last_raw());
+            }
+        }
+    }
 
     // SAFETY (whole function): every call below is a direct syscall wrapper
     // (setpgid, prctl, getppid, socket, setsockopt, bind, listen, fcntl, close, dup2,

@@ -270,3 +270,94 @@ fn load_scale_up_and_down_by_command_and_signal_without_failed_requests() {
     assert!(stats.ok > 100);
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
 }
+
+/// Writes 2 500 numbered lines to stdout as fast as it can, says READY=1, and on SIGTERM
+/// writes a last line without a newline and exits.
+const CHATTY_APP: &str = r#"#!/usr/bin/env python3
+import os, signal, socket, sys, time
+slot = os.environ["REUSEPORT_CLUSTER_WORKER"]
+def bye(*_):
+    sys.stdout.write("bye from " + slot)
+    sys.stdout.flush()
+    os._exit(0)
+signal.signal(signal.SIGTERM, bye)
+for i in range(2500):
+    sys.stdout.write("line %s %d %s\n" % (slot, i, "x" * 50))
+sys.stdout.flush()
+sys.stderr.write("to stderr from " + slot + "\n")
+sys.stderr.flush()
+addr = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect("\0" + addr[1:] if addr.startswith("@") else addr)
+s.send(b"READY=1")
+while True:
+    time.sleep(1)
+"#;
+
+#[test]
+fn load_log_prefix_delivers_every_line_whole_including_the_last_one() {
+    let _load = load_lock();
+    let app = script("chatty.py", CHATTY_APP);
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "4",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+            "--log-prefix",
+            "--cmd",
+            app.to_str().unwrap(),
+        ],
+        &[],
+    );
+    c.expect_log("workers ready");
+    let workers = c.workers();
+    assert!(
+        wait_until(TIMEOUT, || c.stdout_lines().len() >= 10_000),
+        "{} lines",
+        c.stdout_lines().len()
+    );
+    for slot in 0..4 {
+        c.expect_log(&format!(
+            "[w{slot} {}] to stderr from {slot}",
+            workers[&slot]
+        ));
+    }
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+    std::thread::sleep(Duration::from_millis(100));
+    let lines = c.stdout_lines();
+    let mut seen = std::collections::HashSet::new();
+    for line in &lines {
+        let (prefix, rest) = line
+            .split_once("] ")
+            .unwrap_or_else(|| panic!("no prefix: {line:?}"));
+        let mut p = prefix.trim_start_matches("[w").split(' ');
+        let (slot, pid): (usize, u32) = (
+            p.next().unwrap().parse().unwrap(),
+            p.next().unwrap().parse().unwrap(),
+        );
+        assert_eq!(workers[&slot], pid, "{line}");
+        if let Some(bye) = rest.strip_prefix("bye from ") {
+            assert_eq!(bye, slot.to_string(), "{line}");
+            seen.insert((slot, usize::MAX));
+            continue;
+        }
+        let f: Vec<&str> = rest.split(' ').collect();
+        assert!(
+            f.len() == 4 && f[0] == "line" && f[1] == slot.to_string() && f[3] == "x".repeat(50),
+            "mangled: {line:?}"
+        );
+        assert!(
+            seen.insert((slot, f[2].parse::<usize>().unwrap())),
+            "duplicate: {line}"
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        10_000 + 4,
+        "every line once, and each worker's last words"
+    );
+}

@@ -46,6 +46,7 @@ pub struct Cluster {
     _lock: Option<MachineLock>,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
     /// The sockets the master announced, in fd order.
     pub addrs: Vec<SocketAddr>,
     /// The control socket the master announced.
@@ -70,10 +71,19 @@ impl Cluster {
         cmd.args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("starting reuseport-cluster");
         let stderr = child.stderr.take().unwrap();
+        let stdout_pipe = child.stdout.take().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let out_sink = Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout_pipe).lines() {
+                let Ok(line) = line else { break };
+                out_sink.lock().unwrap().push(line);
+            }
+        });
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
@@ -87,6 +97,7 @@ impl Cluster {
             _lock: lock,
             child,
             log,
+            stdout,
             addrs: Vec::new(),
             control: None,
             seen_workers: Vec::new(),
@@ -144,6 +155,11 @@ impl Cluster {
     /// Every line the master has logged so far.
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Every line the master (and workers writing through it) wrote to stdout so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Whether some log line contains `needle`.

@@ -1,0 +1,243 @@
+//! `--log-prefix`: workers' stdout and stderr reach the master through pipes, and the master
+//! writes them to its own stdout and stderr line by line as `[w<slot> <pid>] line`.
+//!
+//! The master's loop must never block on a slow terminal: it writes only when poll says its
+//! stdout/stderr can take more, at most 4 KiB at a time (what a pipe or tty accepts without
+//! blocking once it polls writable) and cut at a line end, so lines from different workers
+//! never interleave mid-line. When more than 256 KiB wait for a stream, the master stops
+//! reading the pipes that feed it: the pipes fill and the workers block in write(2), which
+//! is the back-pressure. A pipe is read until EOF even after its worker was reaped, so the
+//! last line a worker writes before it exits is not lost (a last line without a newline
+//! gets one).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// Bytes that may wait for one of the master's streams before the pipes feeding it pause.
+const HIGH_WATER: usize = 256 * 1024;
+/// Bytes written per write(2): what a writable pipe or tty takes without blocking.
+const CHUNK: usize = 4096;
+
+struct Pipe {
+    fd: OwnedFd,
+    /// 0: the master's stdout, 1: its stderr.
+    stream: usize,
+    prefix: String,
+    partial: Vec<u8>,
+}
+
+/// The output pipes of every worker, and what waits to be written.
+pub struct WorkerOutput {
+    pipes: Vec<Pipe>,
+    /// Bytes waiting for the master's stdout and stderr.
+    pending: [Vec<u8>; 2],
+    stdout: std::io::Stdout,
+    stderr: std::io::Stderr,
+}
+
+impl Default for WorkerOutput {
+    fn default() -> Self {
+        WorkerOutput {
+            pipes: Vec::new(),
+            pending: [Vec::new(), Vec::new()],
+            stdout: std::io::stdout(),
+            stderr: std::io::stderr(),
+        }
+    }
+}
+
+impl WorkerOutput {
+    /// Starts reading a new worker's stdout and stderr.
+    pub fn add(&mut self, slot: usize, pid: i32, [out, err]: [OwnedFd; 2]) {
+        let prefix = format!("[w{slot} {pid}] ");
+        for (stream, fd) in [out, err].into_iter().enumerate() {
+            self.pipes.push(Pipe {
+                fd,
+                stream,
+                prefix: prefix.clone(),
+                partial: Vec::new(),
+            });
+        }
+    }
+
+    /// The fds to poll: pipes whose stream has room, and streams with bytes waiting.
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+        let mut fds: Vec<_> = self
+            .pipes
+            .iter()
+            .filter(|p| self.pending[p.stream].len() < HIGH_WATER)
+            .map(|p| (p.fd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        for (stream, pending) in self.pending.iter().enumerate() {
+            if !pending.is_empty() {
+                fds.push((self.stream(stream), PollFlags::POLLOUT));
+            }
+        }
+        fds
+    }
+
+    /// Reads what the pipes have, and writes what the master's streams can take now.
+    pub fn service(&mut self) {
+        self.read_pipes();
+        for stream in 0..2 {
+            while !self.pending[stream].is_empty() && writable(self.stream(stream)) {
+                if !self.write_chunk(stream) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// At exit: takes what is left in the pipes and writes everything, blocking if need be.
+    pub fn flush(&mut self) {
+        self.read_pipes();
+        for stream in 0..2 {
+            while !self.pending[stream].is_empty() {
+                if !self.write_chunk(stream) {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn read_pipes(&mut self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let pending = &mut self.pending;
+        self.pipes.retain_mut(|pipe| loop {
+            if pending[pipe.stream].len() >= HIGH_WATER {
+                return true;
+            }
+            match nix::unistd::read(&pipe.fd, &mut buf) {
+                Ok(0) => {
+                    // EOF: every writer is gone. A last line without a newline still counts.
+                    if !pipe.partial.is_empty() {
+                        pipe.partial.push(b'\n');
+                        emit(&mut pending[pipe.stream], &pipe.prefix, &pipe.partial);
+                    }
+                    return false;
+                }
+                Ok(n) => {
+                    pipe.partial.extend_from_slice(&buf[..n]);
+                    if let Some(end) = pipe.partial.iter().rposition(|b| *b == b'\n') {
+                        let rest = pipe.partial.split_off(end + 1);
+                        emit(&mut pending[pipe.stream], &pipe.prefix, &pipe.partial);
+                        pipe.partial = rest;
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(_) => return true, // EAGAIN: drained for now
+            }
+        });
+    }
+
+    /// The master's stdout (0) or stderr (1).
+    fn stream(&self, stream: usize) -> BorrowedFd<'_> {
+        match stream {
+            0 => self.stdout.as_fd(),
+            _ => self.stderr.as_fd(),
+        }
+    }
+
+    /// Writes up to one chunk, ending at a line end when one is in it; false on an error.
+    fn write_chunk(&mut self, stream: usize) -> bool {
+        let fd = match stream {
+            0 => self.stdout.as_fd(),
+            _ => self.stderr.as_fd(),
+        };
+        let pending = &mut self.pending[stream];
+        let window = &pending[..pending.len().min(CHUNK)];
+        let len = match window.iter().rposition(|b| *b == b'\n') {
+            Some(end) => end + 1,
+            None => window.len(), // a line longer than a chunk goes out in pieces
+        };
+        match nix::unistd::write(fd, &pending[..len]) {
+            Ok(n) => {
+                pending.drain(..n);
+                true
+            }
+            Err(Errno::EINTR) => true,
+            Err(_) => {
+                // The master's own stream is gone (closed terminal): drop rather than spin.
+                pending.clear();
+                false
+            }
+        }
+    }
+}
+
+/// Prefixes every line of `lines` (which ends with a newline) into `out`.
+fn emit(out: &mut Vec<u8>, prefix: &str, lines: &[u8]) {
+    for line in lines.split_inclusive(|b| *b == b'\n') {
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(line);
+    }
+}
+
+/// Whether the master's stream takes a write now without blocking.
+fn writable(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLOUT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn lines_are_prefixed_and_a_last_line_without_newline_is_kept() {
+        let mut out = WorkerOutput::default();
+        let (r1, w1) = nix::unistd::pipe().unwrap();
+        let (r2, w2) = nix::unistd::pipe().unwrap();
+        for r in [&r1, &r2] {
+            nix::fcntl::fcntl(
+                r,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap();
+        }
+        out.add(3, 42, [r1, r2]);
+        nix::unistd::write(&w1, b"one\ntw").unwrap();
+        out.read_pipes();
+        assert_eq!(out.pending[0], b"[w3 42] one\n");
+        nix::unistd::write(&w1, b"o\nlast").unwrap();
+        drop(w1);
+        drop(w2);
+        out.read_pipes();
+        assert_eq!(out.pending[0], b"[w3 42] one\n[w3 42] two\n[w3 42] last\n");
+        assert!(out.pipes.is_empty(), "both pipes reached EOF");
+    }
+
+    #[test]
+    fn a_full_buffer_stops_reading_the_pipe() {
+        let mut out = WorkerOutput::default();
+        let (r1, w1) = nix::unistd::pipe().unwrap();
+        let (r2, _w2) = nix::unistd::pipe().unwrap();
+        for r in [&r1, &r2] {
+            nix::fcntl::fcntl(
+                r,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap();
+        }
+        out.add(0, 1, [r1, r2]);
+        out.pending[0] = vec![b'x'; HIGH_WATER];
+        nix::unistd::write(&w1, b"waits\n").unwrap();
+        assert!(out
+            .poll_fds()
+            .iter()
+            .all(|(fd, ev)| *ev != PollFlags::POLLIN
+                || fd.as_raw_fd() != out.pipes[0].fd.as_raw_fd()));
+        out.read_pipes();
+        assert_eq!(
+            out.pending[0].len(),
+            HIGH_WATER,
+            "nothing read while the stream is full"
+        );
+    }
+}
