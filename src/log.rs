@@ -1,10 +1,21 @@
-//! The master's log: one line per event, to stderr.
+//! The master's log: one line per event, to stderr, as text or (`--log-format json`) one
+//! JSON object per line with ts, level, msg and, for a line about a worker, its slot, pid
+//! and generation.
 //!
 //! Writes never panic (a closed stderr must not take the master down with it), and debug
 //! lines appear only with `REUSEPORT_CLUSTER_LOG=debug`.
 
 use std::io::Write;
 use std::sync::OnceLock;
+
+use crate::cli::LogFormat;
+
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// Sets the format of every later line (once, at start-up).
+pub fn set_format(format: LogFormat) {
+    let _ = FORMAT.set(format);
+}
 
 /// How important a line is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +26,8 @@ pub enum Level {
     Info,
     /// Something the operator should fix.
     Warn,
+    /// Why the master exits non-zero.
+    Error,
 }
 
 fn debug_enabled() -> bool {
@@ -24,13 +37,32 @@ fn debug_enabled() -> bool {
 
 /// Writes one line at `level`.
 pub fn line(level: Level, msg: &str) {
-    let prefix = match level {
+    let (prefix, name) = match level {
         Level::Debug if !debug_enabled() => return,
-        Level::Debug => "debug: ",
-        Level::Info => "",
-        Level::Warn => "warning: ",
+        Level::Debug => ("debug: ", "debug"),
+        Level::Info => ("", "info"),
+        Level::Warn => ("warning: ", "warn"),
+        Level::Error => ("error: ", "error"),
     };
-    let _ = writeln!(std::io::stderr().lock(), "{prefix}{msg}");
+    let text = match FORMAT.get() {
+        Some(LogFormat::Json) => json(name, msg),
+        _ => format!("{prefix}{msg}"),
+    };
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+fn json(level: &str, msg: &str) -> String {
+    let mut object = serde_json::json!({
+        "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "level": level,
+        "msg": msg,
+    });
+    if let Some((slot, pid, generation)) = crate::worker::parse_worker_prefix(msg) {
+        object["slot"] = slot.into();
+        object["pid"] = pid.into();
+        object["generation"] = generation.into();
+    }
+    object.to_string()
 }
 
 /// Logs a formatted info line.

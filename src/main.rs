@@ -62,6 +62,7 @@ fn main() -> ExitCode {
 
 /// Runs the launcher itself.
 fn launch(cli: &Cli) -> ExitCode {
+    log::set_format(cli.run.log_format);
     let config = match Config::from_args(&cli.run) {
         Ok(config) => config,
         Err(e) => return fail(2, &e.to_string()),
@@ -75,7 +76,6 @@ fn launch(cli: &Cli) -> ExitCode {
 }
 
 fn fail(code: u8, msg: &str) -> ExitCode {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "error: {msg}");
+    log::line(log::Level::Error, msg);
     ExitCode::from(code)
 }

@@ -173,6 +173,18 @@ impl fmt::Display for Worker {
     }
 }
 
+/// Reads back (slot, pid, generation) from a line that starts with a worker as its
+/// `Display` writes it: `worker 2 (pid 4312, cpu 2, gen 3): …`.
+pub fn parse_worker_prefix(line: &str) -> Option<(usize, i32, Generation)> {
+    let rest = line.strip_prefix("worker ")?;
+    let (slot, rest) = rest.split_once(" (pid ")?;
+    let (inside, _) = rest.split_once(')')?;
+    let mut parts = inside.split(", ");
+    let pid = parts.next()?.parse().ok()?;
+    let generation = parts.find_map(|p| p.strip_prefix("gen "))?.parse().ok()?;
+    Some((slot.parse().ok()?, pid, generation))
+}
+
 /// What a slot holds between workers.
 #[derive(Debug, Clone)]
 pub enum SlotState {
@@ -294,6 +306,12 @@ mod tests {
         assert_eq!(w.to_string(), "worker 2 (pid 42, cpu 1, gen 1)");
         let line = w.transition(WorkerState::Ready, t0 + Duration::from_millis(41));
         assert_eq!(line, "worker 2 (pid 42, cpu 1, gen 1): ready after 41 ms");
+        assert_eq!(parse_worker_prefix(&line), Some((2, 42, 1)));
+        assert_eq!(
+            parse_worker_prefix("worker 0 (cpu 1) (gen 2): exec failed"),
+            None
+        );
+        assert_eq!(parse_worker_prefix("all 2 workers ready"), None);
         w.transition(
             WorkerState::Stopping {
                 since: t0,

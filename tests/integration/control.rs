@@ -361,3 +361,54 @@ fn load_log_prefix_delivers_every_line_whole_including_the_last_one() {
         "every line once, and each worker's last words"
     );
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line_with_the_worker_fields() {
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    c.expect_log("workers ready");
+    let workers = c.workers();
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+    let mut about_workers = 0;
+    for line in c.log() {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["ts"].is_string() && v["level"] == "info" && v["msg"].is_string(),
+            "{line}"
+        );
+        if v["msg"].as_str().unwrap().starts_with("worker ") {
+            let slot = v["slot"].as_u64().unwrap() as usize;
+            assert_eq!(v["pid"].as_u64().unwrap() as u32, workers[&slot], "{line}");
+            assert_eq!(v["generation"], 1, "{line}");
+            about_workers += 1;
+        }
+    }
+    assert!(
+        about_workers >= 6,
+        "started, ready, stopping, exited of 2 workers"
+    );
+    // A start-up error is JSON too.
+    let (code, log) = run(&[
+        "--workers",
+        "0",
+        "--bind",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]);
+    assert_eq!(code, Some(2));
+    let v: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(v["level"], "error");
+    assert!(v["msg"].as_str().unwrap().contains("--workers 0"));
+}
