@@ -4,9 +4,9 @@
 //! line; the master answers with text and closes the connection. An answer that starts with
 //! `error:` is a refusal. Requests: `status`, `status --json`, `reload`, `scale N`, `stop`.
 //!
-//! It is served inside the master's single-threaded loop, so it must never block it: every
-//! socket is non-blocking, a request is at most one 1 KiB line, a client has 5 s to send it
-//! and read the answer, and at most 8 clients are served at once. Only root and the
+//! It is served inside the master's single-threaded loop (see `conns.rs`): a request is at
+//! most one 1 KiB line, a client has 5 s to send it and read the answer, and at most 8
+//! clients are served at once. Only root and the
 //! master's own uid may talk to it (SO_PEERCRED); the socket file is mode 0600.
 //!
 //! A lock file next to the socket (`NAME.lock`, holding the master's pid) tells a live
@@ -25,12 +25,10 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::poll::PollFlags;
 use nix::sys::socket::{getsockopt, sockopt};
 
+use crate::conns::Conns;
+
 /// Longest request line.
 const MAX_REQUEST: usize = 1024;
-/// Time a client has to send its request and read the answer.
-const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
-/// Clients served at once.
-const MAX_CLIENTS: usize = 8;
 
 /// What a client asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,28 +103,13 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-struct Client {
-    id: u64,
-    stream: UnixStream,
-    input: Vec<u8>,
-    output: Vec<u8>,
-    sent: usize,
-    answered: bool,
-    /// The answer to give whatever the request: a refusal. It is given once the request
-    /// is read, since closing with unread input would reset the connection and the client
-    /// would never see why.
-    refusal: Option<String>,
-    deadline: Instant,
-}
-
 /// The master's end of the control socket.
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     lock_path: PathBuf,
     _lock: Flock<File>,
-    clients: Vec<Client>,
-    next_id: u64,
+    clients: Conns<UnixStream>,
     owner: u32,
 }
 
@@ -176,8 +159,7 @@ impl ControlServer {
             path: path.to_path_buf(),
             lock_path,
             _lock: lock,
-            clients: Vec::new(),
-            next_id: 0,
+            clients: Conns::new(MAX_REQUEST),
             owner: nix::unistd::geteuid().as_raw(),
         })
     }
@@ -185,70 +167,36 @@ impl ControlServer {
     /// The fds to poll, with the events that matter for each.
     pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
         let mut fds = vec![(self.listener.as_fd(), PollFlags::POLLIN)];
-        for c in &self.clients {
-            let events = if c.answered {
-                PollFlags::POLLOUT
-            } else {
-                PollFlags::POLLIN
-            };
-            fds.push((c.stream.as_fd(), events));
-        }
+        fds.extend(self.clients.poll_fds());
         fds
     }
 
     /// When the oldest client times out.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.clients.iter().map(|c| c.deadline).min()
+        self.clients.next_deadline()
     }
 
     /// Accepts new clients, reads requests, writes answers, drops clients that are done or
     /// late. Returns the requests that came in, with the id to answer them by.
     pub fn service(&mut self, now: Instant) -> Vec<(u64, Request)> {
         self.accept(now);
+        let line_end = |input: &[u8]| input.iter().position(|b| *b == b'\n').map(|p| p + 1);
+        let too_long = |max| format!("error: request longer than {max} bytes\n").into_bytes();
         let mut requests = Vec::new();
-        for c in &mut self.clients {
-            if c.answered {
-                continue;
-            }
-            let mut buf = [0u8; 256];
-            loop {
-                match c.stream.read(&mut buf) {
-                    Ok(0) => {
-                        c.deadline = now; // closed before a whole request
-                        break;
-                    }
-                    Ok(n) => c.input.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(_) => break, // WouldBlock, or an error: the deadline ends it
-                }
-                if c.input.len() > MAX_REQUEST || c.input.contains(&b'\n') {
-                    break;
-                }
-            }
-            if let Some(end) = c.input.iter().position(|b| *b == b'\n') {
-                let line = String::from_utf8_lossy(&c.input[..end]).into_owned();
-                match (c.refusal.take(), Request::parse(line.trim())) {
-                    (Some(refusal), _) => answer(c, refusal),
-                    (None, Ok(request)) => requests.push((c.id, request)),
-                    (None, Err(e)) => answer(c, format!("error: {e}\n")),
-                }
-            } else if c.input.len() > MAX_REQUEST {
-                answer(
-                    c,
-                    format!("error: request longer than {MAX_REQUEST} bytes\n"),
-                );
+        for (id, line) in self.clients.read(now, line_end, too_long) {
+            match Request::parse(String::from_utf8_lossy(&line).trim()) {
+                Ok(request) => requests.push((id, request)),
+                Err(e) => self
+                    .clients
+                    .respond(id, format!("error: {e}\n").into_bytes()),
             }
         }
-        self.flush(now);
         requests
     }
 
-    /// Queues `text` as the answer to request `id` and starts sending it.
+    /// Answers request `id` with `text`.
     pub fn respond(&mut self, id: u64, text: String) {
-        if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
-            answer(c, text);
-        }
-        self.flush(Instant::now());
+        self.clients.respond(id, text.into_bytes());
     }
 
     fn accept(&mut self, now: Instant) {
@@ -259,19 +207,8 @@ impl ControlServer {
                 Err(_) => return,
             };
             let _ = stream.set_nonblocking(true);
-            self.next_id += 1;
-            let mut client = Client {
-                id: self.next_id,
-                stream,
-                input: Vec::new(),
-                output: Vec::new(),
-                sent: 0,
-                answered: false,
-                refusal: None,
-                deadline: now + CLIENT_DEADLINE,
-            };
-            let uid = getsockopt(&client.stream, sockopt::PeerCredentials).map(|c| c.uid());
-            client.refusal = match uid {
+            let uid = getsockopt(&stream, sockopt::PeerCredentials).map(|c| c.uid());
+            let mut refusal = match uid {
                 Ok(uid) if uid == 0 || uid == self.owner => None,
                 Ok(uid) => Some(format!(
                     "error: permission denied: uid {uid} may not control this cluster \
@@ -280,40 +217,14 @@ impl ControlServer {
                 )),
                 Err(e) => Some(format!("error: reading peer credentials: {e}\n")),
             };
-            if self.clients.len() >= MAX_CLIENTS {
-                // The request is still read first (see `refusal`); the deadline bounds that.
-                client
-                    .refusal
+            if !self.clients.has_room() {
+                refusal
                     .get_or_insert_with(|| "error: too many control connections; retry\n".into());
             }
-            self.clients.push(client);
+            self.clients
+                .add(stream, refusal.map(String::into_bytes), now);
         }
     }
-
-    fn flush(&mut self, now: Instant) {
-        for c in &mut self.clients {
-            while c.answered && c.sent < c.output.len() {
-                match c.stream.write(&c.output[c.sent..]) {
-                    Ok(0) => break,
-                    Ok(n) => c.sent += n,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        c.deadline = now;
-                        break;
-                    }
-                }
-            }
-        }
-        self.clients
-            .retain(|c| !(c.answered && c.sent == c.output.len()) && c.deadline > now);
-    }
-}
-
-fn answer(c: &mut Client, text: String) {
-    c.output = text.into_bytes();
-    c.sent = 0;
-    c.answered = true;
 }
 
 impl Drop for ControlServer {

@@ -8,6 +8,7 @@
 
 mod cli;
 mod config;
+mod conns;
 mod control;
 mod demo;
 mod log;
