@@ -139,6 +139,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics from the master (e.g. 127.0.0.1:9100)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
     /// The cluster's name, for the control socket and client commands [default: the first
     /// bind's port]
     #[arg(long)]

@@ -69,6 +69,8 @@ pub struct Config {
     pub control: Option<PathBuf>,
     /// `--log-prefix`.
     pub log_prefix: bool,
+    /// `--metrics`.
+    pub metrics: Option<SocketAddr>,
     /// What each worker runs.
     pub app: App,
 }
@@ -195,6 +197,11 @@ impl Config {
             name: args.name.clone(),
             control: args.control.clone(),
             log_prefix: args.log_prefix,
+            metrics: args
+                .metrics
+                .as_deref()
+                .map(|m| parse_addr(m).map_err(|e| invalid!("--metrics {m}: {e}")))
+                .transpose()?,
             app,
         })
     }
@@ -225,7 +232,7 @@ fn parse_bind(spec: &str, index: usize) -> Result<Bind, Invalid> {
     Ok(Bind { name, addr })
 }
 
-fn parse_addr(addr: &str) -> Result<SocketAddr, String> {
+pub fn parse_addr(addr: &str) -> Result<SocketAddr, String> {
     if let Ok(sa) = SocketAddr::from_str(addr) {
         return Ok(sa);
     }

@@ -13,6 +13,7 @@ mod control;
 mod demo;
 mod log;
 mod master;
+mod metrics;
 mod notify;
 mod readiness;
 mod rolling;

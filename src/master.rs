@@ -30,6 +30,7 @@ use signal_hook::iterator::exfiltrator::SignalOnly;
 
 use crate::config::{format_cpu_list, App, Config};
 use crate::control::{ControlServer, Request};
+use crate::metrics::MetricsServer;
 use crate::notify::NotifySocket;
 use crate::readiness;
 use crate::socket;
@@ -68,6 +69,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         .unwrap_or_else(|| config.binds[0].addr.port().to_string());
     let control_path = crate::control::socket_path(&name, config.control.as_deref());
     let mut control = ControlServer::open(&control_path, &name)?;
+    let mut metrics = config.metrics.map(MetricsServer::bind).transpose()?;
     let started = Instant::now();
     let notify = match config.ready.uses_notify() {
         true => Some(NotifySocket::bind()?),
@@ -82,6 +84,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     spawn::count_deliveries(SIGHUP, Arc::clone(&reloads)).context("counting SIGHUPs")?;
 
     announce(&config);
+    if let Some(addr) = metrics.as_ref().and_then(|m| m.local_addr()) {
+        info!("metrics at http://{addr}/metrics");
+    }
     info!("control socket {} (name {name})", control_path.display());
     let settings = Settings {
         workers: config.workers,
@@ -120,15 +125,27 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
 
         let scanning = config.ready.uses_listening() && supervisor.starting().next().is_some();
         let scan = scanning.then(|| Instant::now() + READINESS_SCAN);
-        let deadline = [supervisor.next_deadline(), scan, control.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min();
+        let metrics_deadline = metrics.as_ref().and_then(|m| m.next_deadline());
+        let deadline = [
+            supervisor.next_deadline(),
+            scan,
+            control.next_deadline(),
+            metrics_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let mut fds = vec![PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN)];
         if let Some(n) = &notify {
             fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
         }
-        for (fd, events) in control.poll_fds().into_iter().chain(output.poll_fds()) {
+        let metrics_fds = metrics.as_ref().map(|m| m.poll_fds()).unwrap_or_default();
+        for (fd, events) in control
+            .poll_fds()
+            .into_iter()
+            .chain(output.poll_fds())
+            .chain(metrics_fds)
+        {
             fds.push(PollFd::new(fd, events));
         }
         wait(&mut fds, deadline);
@@ -138,6 +155,16 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         // must find it gone (and not SIGKILL, nor report exit 3, for nothing).
         output.service();
         reap(&supervisor, &mut events);
+        if let Some(m) = metrics.as_mut() {
+            let wanted = m.service(Instant::now());
+            if !wanted.is_empty() {
+                let status =
+                    ClusterStatus::collect(&config, &supervisor, &name, started, Instant::now());
+                for id in wanted {
+                    m.respond(id, &status);
+                }
+            }
+        }
         for (id, request) in control.service(Instant::now()) {
             let answer = match request {
                 Request::Status { json } => {

@@ -38,6 +38,10 @@ pub struct ClusterStatus {
     pub migrate: String,
     /// The rolling restart under way, if any.
     pub rolling_restart: Option<RollingStatus>,
+    /// Rolling restarts begun since the master started.
+    pub rolling_restarts_total: u64,
+    /// Rolling restarts that failed (and were stopped).
+    pub rolling_restarts_failed: u64,
     /// Every live worker process (a slot has two during its rolling restart).
     pub workers: Vec<WorkerStatus>,
 }
@@ -77,6 +81,8 @@ pub struct WorkerStatus {
     pub generation: u64,
     /// starting, ready or stopping.
     pub state: &'static str,
+    /// Whether it is its slot's current worker (not a surge's new one, nor an old one).
+    pub serving: bool,
     /// Seconds since exec.
     pub uptime_s: f64,
     /// Restarts of its slot after crashes.
@@ -120,6 +126,7 @@ impl ClusterStatus {
                     cpu: w.cpu,
                     generation: w.generation,
                     state: w.state.name(),
+                    serving: slot.and_then(|s| s.pid()) == Some(w.pid),
                     uptime_s: w.uptime(now).as_secs_f64(),
                     restarts: slot.map_or(0, |s| s.restarts),
                     last_exit: slot.and_then(|s| s.last_exit).map(|e| e.to_string()),
@@ -141,15 +148,11 @@ impl ClusterStatus {
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.generation, w.pid));
-        let workers_ready = supervisor
-            .slots()
+        let workers_ready = workers
             .iter()
-            .filter(|s| {
-                workers
-                    .iter()
-                    .any(|w| Some(w.pid) == s.pid().map(|p| p.as_raw()) && w.state == "ready")
-            })
+            .filter(|w| w.serving && w.state == "ready")
             .count();
+        let (rolling_restarts_total, rolling_restarts_failed) = supervisor.rolling_counts();
         ClusterStatus {
             name: name.to_string(),
             master_pid: std::process::id(),
@@ -176,6 +179,8 @@ impl ClusterStatus {
                     done,
                     total,
                 }),
+            rolling_restarts_total,
+            rolling_restarts_failed,
             workers,
         }
     }

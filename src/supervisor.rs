@@ -186,6 +186,9 @@ pub struct Supervisor {
     rolling: Option<RollingRestart>,
     /// A reload that arrived during start-up, to run once a worker is ready.
     reload_queued: bool,
+    /// Rolling restarts begun, and those that failed.
+    rolling_started: u64,
+    rolling_failed: u64,
 }
 
 impl Supervisor {
@@ -206,6 +209,8 @@ impl Supervisor {
             all_ready_logged: false,
             rolling: None,
             reload_queued: false,
+            rolling_started: 0,
+            rolling_failed: 0,
         }
     }
 
@@ -222,6 +227,11 @@ impl Supervisor {
     /// The newest generation started.
     pub fn generation(&self) -> Generation {
         self.generation
+    }
+
+    /// Rolling restarts begun, and those that failed.
+    pub fn rolling_counts(&self) -> (u64, u64) {
+        (self.rolling_started, self.rolling_failed)
     }
 
     /// The rolling restart under way: its generation, slots done, slots in all.
@@ -581,6 +591,7 @@ impl Supervisor {
                     self.settings.rolling_batch
                 )));
                 self.rolling = Some(RollingRestart::new(self.generation, self.slots.len(), now));
+                self.rolling_started += 1;
                 out.push(Action::PrepareGeneration {
                     generation: self.generation,
                 });
@@ -622,6 +633,7 @@ impl Supervisor {
         let Some(r) = self.rolling.take() else {
             return;
         };
+        self.rolling_failed += 1;
         let starting: Vec<Pid> = r.starting().collect();
         for pid in starting {
             self.stop_worker(pid, now, out);

@@ -412,3 +412,161 @@ fn log_format_json_writes_one_object_per_line_with_the_worker_fields() {
     assert_eq!(v["level"], "error");
     assert!(v["msg"].as_str().unwrap().contains("--workers 0"));
 }
+
+/// GET /metrics, parsed by a real Prometheus parser: (metric, labels) -> value.
+fn scrape(addr: &str) -> Vec<(String, std::collections::HashMap<String, String>, f64)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert!(!scrape.samples.is_empty(), "{body}");
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                other => panic!("{} is not a counter or gauge: {other:?}", s.metric),
+            };
+            let labels = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (s.metric, labels, value)
+        })
+        .collect()
+}
+
+fn sample(
+    samples: &[(String, std::collections::HashMap<String, String>, f64)],
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(m, l, _)| {
+            m == metric
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| *v)
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_follow_the_cluster() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let name = unique_tag("metrics");
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "web=127.0.0.1:0",
+        "--metrics",
+        &addr,
+        "--name",
+        &name,
+    ]);
+    c.expect_log(&format!("metrics at http://{addr}/metrics"));
+    let m = scrape(&addr);
+    let cluster = [("cluster", name.as_str())];
+    assert_eq!(
+        sample(&m, "reuseport_cluster_workers_configured", &cluster),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&m, "reuseport_cluster_workers_ready", &cluster),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&m, "reuseport_cluster_generation", &cluster),
+        Some(1.0)
+    );
+    for slot in ["0", "1"] {
+        assert_eq!(
+            sample(
+                &m,
+                "reuseport_cluster_worker_restarts_total",
+                &[("slot", slot)]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &m,
+                "reuseport_cluster_accept_queue_depth",
+                &[("slot", slot), ("bind", "web")]
+            ),
+            Some(0.0)
+        );
+        assert!(
+            sample(
+                &m,
+                "reuseport_cluster_accept_queue_backlog",
+                &[("slot", slot), ("bind", "web")]
+            )
+            .unwrap()
+                > 0.0
+        );
+        assert!(
+            sample(
+                &m,
+                "reuseport_cluster_worker_uptime_seconds",
+                &[("slot", slot)]
+            )
+            .unwrap()
+                > 0.0
+        );
+    }
+    // A crash and a rolling restart show up.
+    let old = c.workers()[&1];
+    signal(old, Signal::SIGKILL);
+    assert!(wait_until(TIMEOUT, || c
+        .workers()
+        .get(&1)
+        .is_some_and(|p| *p != old)));
+    c.signal(Signal::SIGHUP);
+    c.expect_log("rolling restart to generation 2 done");
+    let m = scrape(&addr);
+    assert_eq!(
+        sample(
+            &m,
+            "reuseport_cluster_worker_restarts_total",
+            &[("slot", "1")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "reuseport_cluster_rolling_restarts_total", &cluster),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "reuseport_cluster_rolling_restarts_failed_total",
+            &cluster
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&m, "reuseport_cluster_generation", &cluster),
+        Some(2.0)
+    );
+    // Anything but GET /metrics gets a plain refusal.
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
+}

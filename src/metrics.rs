@@ -1,0 +1,223 @@
+//! `--metrics ADDR`: the cluster's figures in Prometheus text format at `/metrics`, served
+//! by the master inside its loop (see `conns.rs`; this is the master's own endpoint, not a
+//! connection of the app).
+
+use std::fmt::Write as _;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+use anyhow::Context;
+use nix::poll::PollFlags;
+
+use crate::conns::Conns;
+use crate::status::ClusterStatus;
+
+/// Longest request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// The metrics endpoint.
+pub struct MetricsServer {
+    listener: TcpListener,
+    conns: Conns<TcpStream>,
+}
+
+impl MetricsServer {
+    /// Listens on `addr`.
+    pub fn bind(addr: SocketAddr) -> anyhow::Result<MetricsServer> {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("--metrics {addr}: listening"))?;
+        listener.set_nonblocking(true)?;
+        Ok(MetricsServer {
+            listener,
+            conns: Conns::new(MAX_REQUEST),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// The fds to poll.
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+        let mut fds = vec![(self.listener.as_fd(), PollFlags::POLLIN)];
+        fds.extend(self.conns.poll_fds());
+        fds
+    }
+
+    /// When the oldest connection times out.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns.next_deadline()
+    }
+
+    /// Accepts, reads; answers what it can itself and returns the ids that want metrics.
+    pub fn service(&mut self, now: Instant) -> Vec<u64> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nonblocking(true);
+                    let refusal = (!self.conns.has_room())
+                        .then(|| http(503, "text/plain", "too many connections\n"));
+                    self.conns.add(stream, refusal, now);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let head_end = |input: &[u8]| {
+            input
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|p| p + 4)
+        };
+        let too_long = |_| http(431, "text/plain", "request head too long\n");
+        let mut wanted = Vec::new();
+        for (id, head) in self.conns.read(now, head_end, too_long) {
+            let head = String::from_utf8_lossy(&head);
+            let mut request_line = head.lines().next().unwrap_or("").split_whitespace();
+            match (request_line.next(), request_line.next()) {
+                (Some("GET"), Some("/metrics")) => wanted.push(id),
+                (Some("GET"), _) => self
+                    .conns
+                    .respond(id, http(404, "text/plain", "see /metrics\n")),
+                _ => self
+                    .conns
+                    .respond(id, http(405, "text/plain", "GET /metrics\n")),
+            }
+        }
+        wanted
+    }
+
+    /// Answers request `id` with the metrics of `status`.
+    pub fn respond(&mut self, id: u64, status: &ClusterStatus) {
+        self.conns.respond(
+            id,
+            http(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &render(status),
+            ),
+        );
+    }
+}
+
+fn http(code: u16, content_type: &str, body: &str) -> Vec<u8> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The Prometheus text exposition of `status`.
+pub fn render(status: &ClusterStatus) -> String {
+    let mut out = String::new();
+    let cluster = format!("cluster=\"{}\"", escape(&status.name));
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP reuseport_cluster_{name} {help}");
+        let _ = writeln!(out, "# TYPE reuseport_cluster_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "reuseport_cluster_{name}{{{cluster}{labels}}} {value}");
+        }
+    };
+    // One series per slot: its serving worker (a slot has two workers during its surge).
+    let serving: Vec<_> = status.workers.iter().filter(|w| w.serving).collect();
+    let per_slot = |value: &dyn Fn(&crate::status::WorkerStatus) -> f64| {
+        serving
+            .iter()
+            .map(|w| (format!(",slot=\"{}\"", w.slot), value(w)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "workers_configured",
+        "gauge",
+        "Worker slots configured.",
+        vec![(String::new(), status.workers_configured as f64)],
+    );
+    family(
+        "workers_ready",
+        "gauge",
+        "Slots whose worker is ready.",
+        vec![(String::new(), status.workers_ready as f64)],
+    );
+    family(
+        "generation",
+        "gauge",
+        "Newest generation started by a rolling restart (1 at start).",
+        vec![(String::new(), status.generation as f64)],
+    );
+    family(
+        "worker_restarts_total",
+        "counter",
+        "Workers started in a slot to replace one that exited.",
+        per_slot(&|w| w.restarts as f64),
+    );
+    family(
+        "worker_uptime_seconds",
+        "gauge",
+        "Seconds since the slot's worker was started.",
+        per_slot(&|w| w.uptime_s),
+    );
+    family(
+        "rolling_restarts_total",
+        "counter",
+        "Rolling restarts begun.",
+        vec![(String::new(), status.rolling_restarts_total as f64)],
+    );
+    family(
+        "rolling_restarts_failed_total",
+        "counter",
+        "Rolling restarts stopped by a failing new worker.",
+        vec![(String::new(), status.rolling_restarts_failed as f64)],
+    );
+    let queue = |depth: bool| {
+        serving
+            .iter()
+            .flat_map(|w| {
+                w.queues.iter().map(move |q| {
+                    let bind = status
+                        .binds
+                        .iter()
+                        .find(|b| b.fd == q.fd)
+                        .map_or(String::new(), |b| escape(&b.name));
+                    let value = if depth { q.depth } else { q.backlog };
+                    (
+                        format!(",slot=\"{}\",bind=\"{bind}\"", w.slot),
+                        value as f64,
+                    )
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    family(
+        "accept_queue_depth",
+        "gauge",
+        "Connections waiting in a worker's listening socket's accept queue.",
+        queue(true),
+    );
+    family(
+        "accept_queue_backlog",
+        "gauge",
+        "Limit of that accept queue (the effective listen backlog).",
+        queue(false),
+    );
+    out
+}
+
+/// Escapes a label value.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
