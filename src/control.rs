@@ -252,6 +252,15 @@ pub fn request(path: &Path, request: &str) -> anyhow::Result<String> {
     Ok(answer)
 }
 
+/// Whether a master holds the lock of the socket at `path` (a SIGKILLed one leaves its
+/// files behind; the next master of that name replaces them).
+fn is_live(path: &Path) -> bool {
+    let Ok(file) = File::open(path.with_extension("lock")) else {
+        return false;
+    };
+    Flock::lock(file, FlockArg::LockSharedNonblock).is_err()
+}
+
 /// The socket a client talks to: `--control`, `--name`, or the only cluster running.
 pub fn client_path(name: Option<&str>, control: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = control {
@@ -270,6 +279,7 @@ pub fn client_path(name: Option<&str>, control: Option<&Path>) -> anyhow::Result
                         .strip_suffix(".sock")
                         .map(String::from)
                 })
+                .filter(|name| is_live(&socket_path(name, None)))
                 .collect()
         })
         .unwrap_or_default();

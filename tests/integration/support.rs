@@ -228,6 +228,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Gracefully first, so that the master removes its control socket and lock file.
+        if !self.exited() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid() as i32),
+                Signal::SIGTERM,
+            );
+            wait_until(Duration::from_secs(2), || self.exited());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in &self.seen_workers {
