@@ -143,6 +143,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 
+    /// Run workers as this user: each worker binds its sockets as the master's user (so a
+    /// root master can bind port 80, and all sockets join one reuseport group), then drops
+    /// to the user (supplementary groups, group, user) before exec
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// Run workers with this group [default: the --user's primary group]
+    #[arg(long, value_name = "NAME", requires = "user")]
+    pub group: Option<String>,
+
     /// The cluster's name, for the control socket and client commands [default: the first
     /// bind's port]
     #[arg(long)]

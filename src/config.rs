@@ -71,6 +71,8 @@ pub struct Config {
     pub log_prefix: bool,
     /// `--metrics`.
     pub metrics: Option<SocketAddr>,
+    /// `--user`/`--group`: who workers run as.
+    pub credentials: Option<Credentials>,
     /// What each worker runs.
     pub app: App,
 }
@@ -88,6 +90,49 @@ impl fmt::Display for Bind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}", self.name, self.addr)
     }
+}
+
+/// The user, group and supplementary groups a worker drops to before exec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Credentials {
+    /// The user's name.
+    pub user: String,
+    /// Its uid.
+    pub uid: nix::unistd::Uid,
+    /// The group to run as.
+    pub gid: nix::unistd::Gid,
+    /// Supplementary groups (the user's, from /etc/group).
+    pub groups: Vec<nix::unistd::Gid>,
+}
+
+fn resolve_credentials(user: &str, group: Option<&str>) -> Result<Credentials, Invalid> {
+    use nix::unistd::{getgrouplist, Group, User};
+    let found = User::from_name(user)
+        .map_err(|e| invalid!("--user {user}: looking it up: {e}"))?
+        .ok_or_else(|| invalid!("--user {user}: no such user"))?;
+    let gid = match group {
+        None => found.gid,
+        Some(g) => {
+            Group::from_name(g)
+                .map_err(|e| invalid!("--group {g}: looking it up: {e}"))?
+                .ok_or_else(|| invalid!("--group {g}: no such group"))?
+                .gid
+        }
+    };
+    let me = nix::unistd::geteuid();
+    if !me.is_root() && me != found.uid {
+        return Err(invalid!(
+            "--user {user}: only root can run workers as another user (this is uid {me})"
+        ));
+    }
+    let name = std::ffi::CString::new(user).map_err(|_| invalid!("--user: a NUL byte"))?;
+    let groups = getgrouplist(&name, gid).unwrap_or_else(|_| vec![gid]);
+    Ok(Credentials {
+        user: user.to_string(),
+        uid: found.uid,
+        gid,
+        groups,
+    })
 }
 
 /// The program every worker runs.
@@ -197,6 +242,11 @@ impl Config {
             name: args.name.clone(),
             control: args.control.clone(),
             log_prefix: args.log_prefix,
+            credentials: args
+                .user
+                .as_deref()
+                .map(|user| resolve_credentials(user, args.group.as_deref()))
+                .transpose()?,
             metrics: args
                 .metrics
                 .as_deref()

@@ -7,10 +7,11 @@
 //! [`Spawner::spawn`] before it forks, and [`child`] only makes syscalls and plain stores.
 //!
 //! The child, in order: restores default signal dispositions and an empty mask, becomes its
-//! own process group leader (so a stop signal reaches everything the app starts), asks for
-//! SIGKILL when the master dies (PR_SET_PDEATHSIG), opens its listening sockets (socket2:
-//! SO_REUSEADDR, SO_REUSEPORT, bind, listen) and moves them to fds 3.., marks every other
-//! fd close-on-exec, pins itself to its CPU (core_affinity), fills in LISTEN_PID and execs.
+//! own process group leader (so a stop signal reaches everything the app starts), opens its
+//! listening sockets (socket2: SO_REUSEADDR, SO_REUSEPORT, bind, listen) and moves them to
+//! fds 3.., marks every other fd close-on-exec, drops to `--user` if given, asks for SIGKILL
+//! when the master dies (PR_SET_PDEATHSIG, after the drop, which would clear it), pins
+//! itself to its CPU (core_affinity), fills in LISTEN_PID and execs.
 //! Before exec the child writes each socket's inode to a close-on-exec pipe (for
 //! `--ready listening`, which looks for that socket in /proc); a failing step writes
 //! (step, bind index, errno) and `_exit`s. The master reads until EOF, which comes when
@@ -40,7 +41,7 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use nix::sys::wait::waitpid;
 use nix::unistd::{pipe2, ForkResult, Pid};
 
-use crate::config::{App, Config};
+use crate::config::{App, Config, Credentials};
 use crate::socket::{self, ListenSpec, SocketStep};
 use crate::worker::{ExitReason, Generation};
 
@@ -89,6 +90,8 @@ pub enum Step {
     Exec,
     /// dup2 of a `--log-prefix` pipe onto fd 1 or 2.
     Output,
+    /// setgroups/setgid/setuid for `--user`.
+    DropPrivileges,
 }
 
 impl Step {
@@ -105,6 +108,7 @@ impl Step {
             Affinity,
             Exec,
             Output,
+            DropPrivileges,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -141,6 +145,8 @@ pub struct Spawner {
     notify_socket: Option<CString>,
     /// `--log-prefix`: give each worker pipes as stdout and stderr.
     log_pipes: bool,
+    /// `--user`: who workers run as.
+    credentials: Option<Credentials>,
     binds: Vec<(SocketAddr, ListenSpec)>,
     backlog: c_int,
 }
@@ -182,6 +188,7 @@ impl Spawner {
             listen_fdnames: env_entry("LISTEN_FDNAMES", names.join(":")),
             notify_socket: notify_socket.map(|n| env_entry("NOTIFY_SOCKET", n)),
             log_pipes: config.log_prefix,
+            credentials: config.credentials.clone(),
             binds: config
                 .binds
                 .iter()
@@ -265,6 +272,7 @@ impl Spawner {
             moved: vec![-1; self.binds.len()],
             cpu,
             report: report_write.as_raw_fd(),
+            credentials: self.credentials.as_ref(),
             output: match &output[..] {
                 [(_, out), (_, err)] => Some([out.as_raw_fd(), err.as_raw_fd()]),
                 _ => None,
@@ -338,6 +346,13 @@ impl Spawner {
             (Step::ProcessGroup, _) => format!("setpgid: {err}"),
             (Step::DeathSignal, _) => format!("prctl(PR_SET_PDEATHSIG): {err}"),
             (Step::Output, _) => format!("connecting stdout/stderr to the master: {err}"),
+            (Step::DropPrivileges, _) => match &self.credentials {
+                Some(c) => format!(
+                    "dropping to user {} (uid {}, gid {}): {err}",
+                    c.user, c.uid, c.gid
+                ),
+                None => format!("dropping privileges: {err}"),
+            },
             (_, None) => format!("{step:?}: {err}"),
         }
     }
@@ -429,6 +444,8 @@ struct ChildPlan<'a> {
     report: RawFd,
     /// `--log-prefix` pipes to become fds 1 and 2.
     output: Option<[RawFd; 2]>,
+    /// `--user`: dropped to after the sockets are bound.
+    credentials: Option<&'a Credentials>,
     master: Pid,
 }
 
@@ -446,17 +463,11 @@ fn child(plan: &mut ChildPlan) -> ! {
 
     // SAFETY (whole function): every call below is a direct syscall wrapper
     // (setpgid, prctl, getppid, socket, setsockopt, bind, listen, fcntl, close, dup2,
-    // close_range, sched_setaffinity, getpid, execve, write, _exit), all async-signal-safe;
+    // close_range, setgroups, setgid, setuid, sched_setaffinity, getpid, execve, write,
+    // _exit), all async-signal-safe in this single-threaded child;
     // nothing allocates, locks or panics, and the buffers they read were filled before fork.
     if nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).is_err() {
         fail(plan.report, Step::ProcessGroup, 0, Errno::last_raw());
-    }
-    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
-        fail(plan.report, Step::DeathSignal, 0, Errno::last_raw());
-    }
-    if nix::unistd::getppid() != plan.master {
-        // The master died before PR_SET_PDEATHSIG took effect: nobody to serve for.
-        exit_now(1);
     }
 
     let first_free = 3 + plan.binds.len() as c_int;
@@ -506,6 +517,26 @@ fn child(plan: &mut ChildPlan) -> ! {
             libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
         )
     };
+
+    // Sockets are bound as the master's user (a root master can bind port 80, and the kernel
+    // groups SO_REUSEPORT sockets of one effective uid only); then the worker drops to
+    // --user, failing closed: supplementary groups, group, user, in that order.
+    if let Some(c) = plan.credentials {
+        if let Err(e) = nix::unistd::setgroups(&c.groups)
+            .and_then(|()| nix::unistd::setgid(c.gid))
+            .and_then(|()| nix::unistd::setuid(c.uid))
+        {
+            fail(plan.report, Step::DropPrivileges, 0, e as i32);
+        }
+    }
+    // After the drop: a change of credentials clears the parent-death signal.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        fail(plan.report, Step::DeathSignal, 0, e as i32);
+    }
+    if nix::unistd::getppid() != plan.master {
+        // The master died before PR_SET_PDEATHSIG took effect: nobody to serve for.
+        exit_now(1);
+    }
 
     if let Some(cpu) = plan.cpu {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {

@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod control;
+mod deploy;
 mod launcher;
 mod rolling;
 mod support;
