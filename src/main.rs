@@ -21,6 +21,7 @@ mod socket;
 mod spawn;
 mod status;
 mod supervisor;
+mod systemd;
 mod worker;
 mod worker_output;
 

@@ -37,6 +37,7 @@ use crate::socket;
 use crate::spawn::{self, Spawner};
 use crate::status::ClusterStatus;
 use crate::supervisor::{Action, Event, Outcome, Settings, Supervisor};
+use crate::systemd::{SystemdNotify, View};
 use crate::worker_output::WorkerOutput;
 use crate::{debug, info, log, warn};
 
@@ -99,6 +100,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
     let mut output = WorkerOutput::default();
+    let mut systemd = SystemdNotify::from_env(Instant::now());
     let mut events = VecDeque::from([Event::Start]);
     loop {
         while let Some(event) = events.pop_front() {
@@ -116,6 +118,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             );
             if let Some(outcome) = outcome {
                 output.flush();
+                if let Some(sd) = systemd.as_mut() {
+                    sd.update(systemd_view(&supervisor));
+                }
                 return Ok(outcome);
             }
             for answer in answers.into_iter().rev() {
@@ -123,14 +128,19 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             }
         }
 
+        if let Some(sd) = systemd.as_mut() {
+            sd.update(systemd_view(&supervisor));
+        }
         let scanning = config.ready.uses_listening() && supervisor.starting().next().is_some();
         let scan = scanning.then(|| Instant::now() + READINESS_SCAN);
         let metrics_deadline = metrics.as_ref().and_then(|m| m.next_deadline());
+        let watchdog = systemd.as_ref().and_then(|sd| sd.next_deadline());
         let deadline = [
             supervisor.next_deadline(),
             scan,
             control.next_deadline(),
             metrics_deadline,
+            watchdog,
         ]
         .into_iter()
         .flatten()
@@ -154,6 +164,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         // Exits first: a stop request handled in the same wake as the last worker's exit
         // must find it gone (and not SIGKILL, nor report exit 3, for nothing).
         output.service();
+        if let Some(sd) = systemd.as_mut() {
+            sd.tick(Instant::now());
+        }
         reap(&supervisor, &mut events);
         if let Some(m) = metrics.as_mut() {
             let wanted = m.service(Instant::now());
@@ -228,6 +241,21 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             }
         }
         events.push_back(Event::Tick);
+    }
+}
+
+/// What systemd is told about the cluster now.
+fn systemd_view(supervisor: &Supervisor) -> View {
+    let slots = supervisor.slots().len();
+    let ready = supervisor.ready_count();
+    View {
+        all_ready: ready == slots,
+        reloading: supervisor.rolling().is_some(),
+        stopping: supervisor.is_stopping(),
+        status: format!(
+            "{ready}/{slots} workers ready, generation {}",
+            supervisor.generation()
+        ),
     }
 }
 

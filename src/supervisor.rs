@@ -229,6 +229,23 @@ impl Supervisor {
         self.generation
     }
 
+    /// Slots whose current worker is ready.
+    pub fn ready_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.pid()
+                    .and_then(|p| self.workers.get(&p))
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+            })
+            .count()
+    }
+
+    /// Whether the master is shutting down.
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. } | Phase::Done)
+    }
+
     /// Rolling restarts begun, and those that failed.
     pub fn rolling_counts(&self) -> (u64, u64) {
         (self.rolling_started, self.rolling_failed)

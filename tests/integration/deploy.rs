@@ -83,3 +83,118 @@ fn unknown_user_or_group_is_refused() {
         "{log}"
     );
 }
+
+/// A fake systemd: a datagram socket that records every sd_notify message.
+struct FakeSystemd {
+    path: std::path::PathBuf,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeSystemd {
+    fn new() -> FakeSystemd {
+        let path = temp_dir("systemd").join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&messages);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        FakeSystemd { path, messages }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits for a message containing `needle` after the first `from` ones; its index.
+    fn expect(&self, from: usize, needle: &str) -> usize {
+        let found = wait_until(TIMEOUT, || {
+            self.messages()
+                .iter()
+                .skip(from)
+                .any(|m| m.contains(needle))
+        });
+        let all = self.messages();
+        assert!(found, "no {needle:?} after message {from}: {all:#?}");
+        from + all
+            .iter()
+            .skip(from)
+            .position(|m| m.contains(needle))
+            .unwrap()
+    }
+}
+
+#[test]
+fn systemd_hears_ready_reloading_ready_stopping_and_the_watchdog() {
+    let systemd = FakeSystemd::new();
+    let path = systemd.path.to_str().unwrap().to_string();
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "listening",
+        ],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
+    );
+    c.expect_log("workers ready");
+    let ready = systemd.expect(0, "READY=1");
+    let first = &systemd.messages()[ready];
+    assert!(first.contains(&format!("MAINPID={}", c.pid())), "{first}");
+    systemd.expect(0, "STATUS=2/2 workers ready, generation 1");
+    // Workers never see the master's NOTIFY_SOCKET.
+    for pid in c.workers().values() {
+        assert_ne!(env_of(*pid).get("NOTIFY_SOCKET"), Some(&path));
+    }
+
+    c.signal(Signal::SIGHUP);
+    let reloading = systemd.expect(ready + 1, "RELOADING=1");
+    let message = &systemd.messages()[reloading];
+    let usec: u64 = message
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC: {message}"))
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    let ready_again = systemd.expect(reloading + 1, "READY=1");
+    c.expect_log("rolling restart to generation 2 done");
+    systemd.expect(reloading, "generation 2");
+
+    // The watchdog: WATCHDOG=1 every 200 ms (half of WATCHDOG_USEC).
+    let before = systemd
+        .messages()
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    std::thread::sleep(Duration::from_millis(1100));
+    let after = systemd
+        .messages()
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(
+        after - before >= 3,
+        "{} watchdog pings in 1.1 s",
+        after - before
+    );
+
+    c.signal(Signal::SIGTERM);
+    systemd.expect(ready_again + 1, "STOPPING=1");
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+}
+
+#[test]
+fn without_notify_socket_nothing_is_sent_and_nothing_breaks() {
+    // Control: the same start and stop with no NOTIFY_SOCKET at all.
+    let mut c = Cluster::start(&["--workers", "1", "--bind", "127.0.0.1:0"]);
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+}
