@@ -198,3 +198,71 @@ fn without_notify_socket_nothing_is_sent_and_nothing_breaks() {
     c.signal(Signal::SIGTERM);
     assert_eq!(c.wait_exit(TIMEOUT), Some(0));
 }
+
+#[test]
+fn as_pid_1_of_a_container_it_stops_on_sigterm_reaps_orphans_and_exits_meaningfully() {
+    // `unshare --pid --fork --mount-proc` gives the master a new PID namespace in which it is
+    // PID 1, as in a container (without an image: what matters is the process model).
+    if std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        eprintln!("skipped: unshare --pid is not permitted here (needs root or user namespaces)");
+        return;
+    }
+    let dir = temp_dir("pid1");
+    let report = dir.join("grandchild-ppid");
+    let app = script(
+        "daemonizer.py",
+        &format!(
+            "#!/usr/bin/env python3\nimport os, socket, time\nif os.fork() == 0:\n    if os.fork() == 0:\n        time.sleep(0.5)\n        open('{}', 'w').write(str(os.getppid()))\n        os._exit(0)\n    os._exit(0)\nsock = socket.socket(fileno=3)\nwhile True:\n    c, _ = sock.accept()\n    c.recv(4096)\n    c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\nX-Worker: 0\\r\\nConnection: close\\r\\n\\r\\nok\\n')\n    c.close()\n",
+            report.display()
+        ),
+    );
+    let mut c = Cluster::spawn_wrapped(
+        &["unshare", "--pid", "--fork", "--mount-proc"],
+        &[
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "listening",
+            "--cmd",
+            app.to_str().unwrap(),
+        ],
+        &[],
+    );
+    c.expect_log("workers ready");
+    let master = c.pid();
+    let ns_pids = status_field(master, "NSpid").unwrap();
+    assert_eq!(
+        ns_pids.split_whitespace().last(),
+        Some("1"),
+        "the master is PID 1 inside: {ns_pids}"
+    );
+    assert_eq!(get(c.addr()).unwrap().status, 200);
+    assert!(wait_until(TIMEOUT, || std::fs::read_to_string(&report)
+        .is_ok_and(|s| !s.is_empty())));
+    assert_eq!(
+        std::fs::read_to_string(&report).unwrap(),
+        "1",
+        "orphans are adopted by PID 1, the master"
+    );
+    let zombies = || {
+        children(master)
+            .into_iter()
+            .filter(|p| status_field(*p, "State").is_some_and(|s| s.starts_with('Z')))
+            .count()
+    };
+    assert!(wait_until(TIMEOUT, || zombies() == 0), "PID 1 left zombies");
+    // The runtime's SIGTERM: a graceful stop, and the exit status says it was clean.
+    c.signal(Signal::SIGTERM);
+    assert_eq!(
+        c.wait_exit(TIMEOUT),
+        Some(0),
+        "unshare passes on the master's exit status"
+    );
+    c.expect_log("all workers stopped");
+}

@@ -53,6 +53,8 @@ pub struct Cluster {
     pub control: Option<PathBuf>,
     seen_workers: Vec<u32>,
     status: Option<ExitStatus>,
+    /// Started through a wrapper (unshare): the master is the wrapper's child.
+    wrapped: bool,
 }
 
 impl Cluster {
@@ -66,8 +68,20 @@ impl Cluster {
     /// Starts the binary and returns at once (after it has announced its sockets, unless
     /// it exits first).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Cluster {
+        Cluster::spawn_wrapped(&[], args, env)
+    }
+
+    /// Like [`Cluster::spawn`], with the binary run by `wrapper` (e.g. `unshare --pid --fork`).
+    pub fn spawn_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Cluster {
         let lock = machine_lock(false);
-        let mut cmd = Command::new(bin());
+        let mut cmd = match wrapper {
+            [program, rest @ ..] => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(bin());
+                cmd
+            }
+            [] => Command::new(bin()),
+        };
         cmd.args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -102,6 +116,7 @@ impl Cluster {
             control: None,
             seen_workers: Vec::new(),
             status: None,
+            wrapped: !wrapper.is_empty(),
         };
         wait_until(TIMEOUT, || c.log_contains("control socket") || c.exited());
         if let Some(line) = c.log().into_iter().find(|l| l.contains("sockets:")) {
@@ -142,9 +157,12 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
     }
 
-    /// The master's pid.
+    /// The master's pid (as this test sees it).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match self.wrapped {
+            true => children(self.child.id()).first().copied().unwrap_or(0),
+            false => self.child.id(),
+        }
     }
 
     /// The first socket's address, as a client reaches it.
@@ -229,7 +247,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Gracefully first, so that the master removes its control socket and lock file.
-        if !self.exited() {
+        if !self.exited() && self.pid() > 1 {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(self.pid() as i32),
                 Signal::SIGTERM,
