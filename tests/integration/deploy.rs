@@ -266,3 +266,151 @@ fn as_pid_1_of_a_container_it_stops_on_sigterm_reaps_orphans_and_exits_meaningfu
     );
     c.expect_log("all workers stopped");
 }
+
+/// Seconds of a duration flag value such as `20s`.
+fn seconds(value: &str) -> u64 {
+    value
+        .trim_end_matches('s')
+        .parse()
+        .unwrap_or_else(|_| panic!("{value:?} is not N s"))
+}
+
+/// The value following `flag` in `args`.
+fn flag<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let i = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    &args[i + 1]
+}
+
+/// Starts the real binary with `args` (addresses made local and free) and stops it.
+fn starts_with(args: &[String]) {
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("0.0.0.0:") {
+                "127.0.0.1:0".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .map(|a| {
+            if a == "/tmp/reuseport-cluster.sock" {
+                temp_dir("sock").join("c.sock").display().to_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let mut refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    refs.extend(["--workers", "1"]);
+    let mut c = Cluster::start(&refs);
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0), "{args:?}");
+}
+
+#[test]
+fn kubernetes_manifests_give_the_master_time_to_stop_gracefully() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("deploy/kubernetes/deployment.yaml")).unwrap();
+    let d: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(d["kind"], "Deployment");
+    let pod = &d["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let grace = seconds(flag(&args, "--grace"));
+    let pre_stop: u64 = container["lifecycle"]["preStop"]["exec"]["command"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let termination = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        termination > pre_stop + grace,
+        "terminationGracePeriodSeconds {termination} <= preStop {pre_stop} + --grace {grace}"
+    );
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "http");
+    let liveness: Vec<String> = container["livenessProbe"]["exec"]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(liveness[1], "status");
+    assert_eq!(
+        flag(&liveness, "--control"),
+        flag(&args, "--control"),
+        "the probe asks the master it runs"
+    );
+    let ports: Vec<u64> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    assert!(ports.contains(&8000) && ports.contains(&9100));
+    assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let service: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("deploy/kubernetes/service.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        service["spec"]["selector"],
+        d["spec"]["selector"]["matchLabels"]
+    );
+    // The container's arguments are ones the launcher accepts.
+    starts_with(&args);
+}
+
+#[test]
+fn systemd_unit_and_dockerfile_match_the_launcher() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit =
+        std::fs::read_to_string(root.join("deploy/systemd/reuseport-cluster@.service")).unwrap();
+    let value = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in the unit"))
+            .to_string()
+    };
+    assert_eq!(
+        value("Type"),
+        "notify-reload",
+        "the master speaks RELOADING=1/READY=1"
+    );
+    assert_eq!(
+        value("KillMode"),
+        "mixed",
+        "systemd signals the master, which stops its workers"
+    );
+    assert_eq!(value("NotifyAccess"), "main");
+    let example_grace = unit
+        .lines()
+        .find_map(|l| l.split("--grace ").nth(1))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(
+        seconds(&value("TimeoutStopSec")) > seconds(example_grace),
+        "TimeoutStopSec must exceed --grace"
+    );
+    assert!(value("ExecStart").starts_with("/usr/local/bin/reuseport-cluster --name %i"));
+
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    assert!(dockerfile.contains(
+        "COPY --from=build /src/target/release/reuseport-cluster /usr/local/bin/reuseport-cluster"
+    ));
+    let json = |prefix: &str| -> Vec<String> {
+        let line = dockerfile.lines().find(|l| l.starts_with(prefix)).unwrap();
+        serde_json::from_str(line.trim_start_matches(prefix).trim()).unwrap()
+    };
+    assert_eq!(json("ENTRYPOINT"), vec!["/usr/local/bin/reuseport-cluster"]);
+    starts_with(&json("CMD"));
+}
