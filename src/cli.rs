@@ -58,6 +58,21 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Check this host for what the launcher needs (kernel, sysctls, limits, CPUs, ports)
+    Doctor {
+        /// Addresses to check, as for the launcher
+        #[arg(long = "bind", value_name = "[NAME=]ADDR")]
+        binds: Vec<String>,
+        /// Workers planned [default: the CPUs this process may run on]
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
+        /// listen() backlog planned
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        backlog: u32,
+        /// Connections the cluster should hold at once (for the open-files limit)
+        #[arg(long, value_name = "N", default_value_t = 10_000)]
+        connections: u64,
+    },
     /// The built-in demo app, as a worker process runs it (internal).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker,

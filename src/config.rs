@@ -269,6 +269,11 @@ impl Config {
     }
 }
 
+/// The address of a `[NAME=]HOST:PORT` bind.
+pub fn parse_bind_addr(spec: &str) -> Result<SocketAddr, String> {
+    parse_bind(spec, 0).map(|b| b.addr).map_err(|e| e.0)
+}
+
 /// Parses `[NAME=]HOST:PORT`; `index` gives the default name.
 fn parse_bind(spec: &str, index: usize) -> Result<Bind, Invalid> {
     let (name, addr) = match spec.split_once('=') {

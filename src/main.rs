@@ -11,6 +11,7 @@ mod config;
 mod conns;
 mod control;
 mod demo;
+mod doctor;
 mod log;
 mod master;
 mod metrics;
@@ -50,6 +51,23 @@ fn main() -> ExitCode {
         Some(Command::Reload { target }) => ("reload".into(), target),
         Some(Command::Scale { n, target }) => (format!("scale {n}"), target),
         Some(Command::Stop { target }) => ("stop".into(), target),
+        Some(Command::Doctor {
+            binds,
+            workers,
+            backlog,
+            connections,
+        }) => {
+            let plan = doctor::Plan {
+                binds,
+                workers,
+                backlog,
+                connections,
+            };
+            return match doctor::run(&plan) {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::from(1),
+            };
+        }
     };
     let answer = control::client_path(target.name.as_deref(), target.control.as_deref())
         .and_then(|path| control::request(&path, &request));

@@ -161,12 +161,16 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         wait(&mut fds, deadline);
         drop(fds);
 
-        // Exits first: a stop request handled in the same wake as the last worker's exit
-        // must find it gone (and not SIGKILL, nor report exit 3, for nothing).
         output.service();
         if let Some(sd) = systemd.as_mut() {
             sd.tick(Instant::now());
         }
+        // Drain the signal pipe before reaping: a child that exits after this writes a new
+        // byte and wakes the next poll. (Reaping first, then draining, would swallow the
+        // wake-up of a child that exited in between, and the master would sleep forever.)
+        let arrived: Vec<i32> = signals.pending().collect();
+        // Exits are queued before the signals: a stop request handled in the same wake as
+        // the last worker's exit must find it gone (and not SIGKILL, nor exit 3, for nothing).
         reap(&supervisor, &mut events);
         if let Some(m) = metrics.as_mut() {
             let wanted = m.service(Instant::now());
@@ -214,7 +218,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             };
             control.respond(id, answer);
         }
-        for signal in signals.pending() {
+        for signal in arrived {
             match signal {
                 SIGTERM | SIGINT => events.push_back(Event::StopGracefully),
                 SIGQUIT => events.push_back(Event::StopNow),

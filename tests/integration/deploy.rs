@@ -414,3 +414,50 @@ fn systemd_unit_and_dockerfile_match_the_launcher() {
     assert_eq!(json("ENTRYPOINT"), vec!["/usr/local/bin/reuseport-cluster"]);
     starts_with(&json("CMD"));
 }
+
+#[test]
+fn doctor_explains_each_check_and_fails_on_a_taken_port() {
+    let doctor = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .arg("doctor")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = doctor(&["--bind", "127.0.0.1:0", "--workers", "1"]);
+    assert_eq!(code, Some(0), "{out}");
+    for topic in [
+        "kernel",
+        "SO_REUSEPORT",
+        "tcp_migrate_req",
+        "somaxconn",
+        "open files limit",
+        "CPUs in the affinity mask",
+        "127.0.0.1:0",
+        "NOTIFY_SOCKET",
+    ] {
+        assert!(out.contains(topic), "no line about {topic}:\n{out}");
+    }
+    assert!(
+        out.lines()
+            .all(|l| l.starts_with("ok ") || l.starts_with("warn ") || l.starts_with("fail ")),
+        "{out}"
+    );
+
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = plain.local_addr().unwrap().to_string();
+    let (code, out) = doctor(&["--bind", &taken]);
+    assert_eq!(code, Some(1), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("fail"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(&taken) && line.contains("without SO_REUSEPORT"),
+        "{line}"
+    );
+}

@@ -1,0 +1,175 @@
+//! `reuseport-cluster doctor`: checks this host for what the launcher needs, one line each
+//! (ok / warn / fail) with what to do about it; exits non-zero on any fail.
+
+use std::net::SocketAddr;
+
+use nix::sys::resource::{getrlimit, Resource};
+
+use crate::config::{format_cpu_list, parse_bind_addr};
+use crate::socket::{self, ListenSpec};
+
+/// What `doctor` checks against.
+pub struct Plan {
+    /// `--bind` addresses.
+    pub binds: Vec<String>,
+    /// `--workers`.
+    pub workers: Option<usize>,
+    /// `--backlog`.
+    pub backlog: u32,
+    /// Connections the cluster should hold at once.
+    pub connections: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// Runs every check, prints one line each, and returns whether none failed.
+pub fn run(plan: &Plan) -> bool {
+    let mut worst = Verdict::Ok;
+    let mut say = |v: Verdict, line: String| {
+        let tag = match v {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "fail",
+        };
+        println!("{tag}  {line}");
+        worst = worst.max(v);
+    };
+
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let at_least = |major: u32, minor: u32| version.as_slice() >= [major, minor].as_slice();
+    match (at_least(3, 9), at_least(5, 14)) {
+        (true, true) => say(Verdict::Ok, format!("kernel {release}: SO_REUSEPORT groups (3.9+) and tcp_migrate_req (5.14+)")),
+        (true, false) => say(Verdict::Warn, format!("kernel {release}: no tcp_migrate_req (5.14+): a stopping worker's queued connections are reset")),
+        (false, _) => say(Verdict::Fail, format!("kernel {release}: SO_REUSEPORT load balancing needs Linux 3.9+")),
+    }
+    match reuseport_works() {
+        Ok(()) => say(
+            Verdict::Ok,
+            "two SO_REUSEPORT sockets share a port here".into(),
+        ),
+        Err(e) => say(
+            Verdict::Fail,
+            format!("SO_REUSEPORT does not work here: {e}"),
+        ),
+    }
+
+    match std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").map(|v| v.trim().to_string()) {
+        Ok(v) if v == "1" => say(Verdict::Ok, "net.ipv4.tcp_migrate_req=1: queued connections move off a stopping worker".into()),
+        Ok(v) => say(Verdict::Warn, format!("net.ipv4.tcp_migrate_req={v}: rolling restarts reset queued connections; run: sysctl -w net.ipv4.tcp_migrate_req=1 (a root master with --migrate auto does it)")),
+        Err(_) => say(Verdict::Warn, "net.ipv4.tcp_migrate_req is missing (Linux 5.14+)".into()),
+    }
+
+    match socket::somaxconn() {
+        Some(max) if max >= plan.backlog => say(Verdict::Ok, format!("net.core.somaxconn={max} >= --backlog {}", plan.backlog)),
+        Some(max) => say(Verdict::Warn, format!("net.core.somaxconn={max} caps --backlog {} silently; run: sysctl -w net.core.somaxconn={}", plan.backlog, plan.backlog)),
+        None => say(Verdict::Warn, "net.core.somaxconn is unreadable".into()),
+    }
+
+    let workers = plan.workers.unwrap_or_else(num_cpus::get).max(1) as u64;
+    let per_worker = plan.connections.div_ceil(workers) + 64;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft >= per_worker => say(Verdict::Ok, format!("open files limit {soft} (hard {hard}) >= {per_worker} per worker for {} connections", plan.connections)),
+        Ok((soft, hard)) => say(Verdict::Warn, format!("open files limit {soft} (hard {hard}) < {per_worker} per worker for {} connections; raise it (ulimit -n, LimitNOFILE=)", plan.connections)),
+        Err(e) => say(Verdict::Warn, format!("open files limit unreadable: {e}")),
+    }
+
+    let cpus: Vec<usize> = core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect())
+        .unwrap_or_default();
+    let quota = cgroup_cpu_quota();
+    let usable = num_cpus::get();
+    let quota_text = quota.map_or("no cgroup CPU quota".into(), |q| {
+        format!("cgroup quota {q:.2} CPUs")
+    });
+    let line = format!(
+        "{} CPUs in the affinity mask ({}), {quota_text}",
+        cpus.len(),
+        format_cpu_list(&cpus)
+    );
+    match plan.workers {
+        Some(w) if w > usable => say(Verdict::Warn, format!("{line}: --workers {w} is more than the {usable} CPUs usable; workers will share CPUs")),
+        Some(w) => say(Verdict::Ok, format!("{line}: --workers {w} fits")),
+        None => say(Verdict::Ok, format!("{line}: --workers defaults to {usable}")),
+    }
+
+    for bind in &plan.binds {
+        match parse_bind_addr(bind) {
+            Err(e) => say(Verdict::Fail, format!("--bind {bind}: {e}")),
+            Ok(addr) => check_port(addr, &mut say),
+        }
+    }
+
+    match std::env::var("NOTIFY_SOCKET") {
+        Ok(s) if !s.is_empty() => say(Verdict::Ok, format!("NOTIFY_SOCKET={s}: the master will report READY/RELOADING/STOPPING to its supervisor")),
+        _ => say(Verdict::Ok, "NOTIFY_SOCKET not set: fine outside systemd Type=notify units".into()),
+    }
+    worst != Verdict::Fail
+}
+
+fn check_port(addr: SocketAddr, say: &mut impl FnMut(Verdict, String)) {
+    match socket::open(&ListenSpec::new(addr), None) {
+        Ok(_) if addr.port() != 0 && listening_on(addr.port()) => say(
+            Verdict::Warn,
+            format!("{addr}: SO_REUSEPORT sockets of this user already listen there (another cluster?); a new one would share its connections"),
+        ),
+        Ok(_) => say(Verdict::Ok, format!("{addr}: free")),
+        Err((step, e)) => say(Verdict::Fail, socket::explain(step, addr, &e)),
+    }
+}
+
+/// Whether a TCP socket listens on `port` (any address).
+fn listening_on(port: u16) -> bool {
+    let port_hex = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(&port_hex) && f[3] == "0A"
+            })
+    })
+}
+
+/// Two SO_REUSEPORT listeners on one loopback port.
+fn reuseport_works() -> Result<(), String> {
+    let first = socket::open(
+        &ListenSpec::new(SocketAddr::from(([127, 0, 0, 1], 0))),
+        Some(1),
+    )
+    .map_err(|(step, e)| format!("{step:?}: {e}"))?;
+    let addr = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or("no local address")?;
+    socket::open(&ListenSpec::new(addr), Some(1))
+        .map_err(|(step, e)| format!("second socket, {step:?}: {e}"))?;
+    Ok(())
+}
+
+/// The cgroup v2 CPU quota of this process, in CPUs.
+fn cgroup_cpu_quota() -> Option<f64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cpu.max"))
+        .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/cpu.max"))
+        .ok()?;
+    let mut fields = max.split_whitespace();
+    let quota: f64 = fields.next()?.parse().ok()?; // "max" fails here: no quota
+    let period: f64 = fields.next()?.parse().ok()?;
+    Some(quota / period)
+}
