@@ -461,3 +461,51 @@ fn doctor_explains_each_check_and_fails_on_a_taken_port() {
         "{line}"
     );
 }
+
+#[test]
+fn load_multihost_demo_through_haproxy_loses_no_request() {
+    // scripts/multihost-demo.sh: two network-namespace hosts behind HAProxy; one does
+    // rolling restarts, the other's master is stopped and started again, under wrk.
+    let _load = load_lock();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: ip netns needs root");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join("scripts/multihost-demo.sh"))
+        .arg("10")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("host 1: 2 rolling restarts done"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("host 2: 1 graceful stop(s), 2 start(s)"),
+        "{stdout}"
+    );
+    let requests: u64 = stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split(" requests in ")
+                .next()
+                .filter(|_| l.contains(" requests in "))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no wrk summary: {stdout}"));
+    assert!(requests > 1000, "{stdout}");
+    assert!(stdout.contains("failed requests: 0"), "{stdout}");
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout).contains("rc-"),
+        "namespaces left behind"
+    );
+}
