@@ -1,0 +1,14 @@
+// Node's cluster module with round-robin scheduling: the primary accepts every connection
+// and hands it to a worker (the design reuseport-cluster replaces). WORKERS workers.
+const cluster = require('cluster');
+cluster.schedulingPolicy = cluster.SCHED_RR;
+if (cluster.isPrimary) {
+  const n = Number(process.env.WORKERS || 1);
+  for (let i = 0; i < n; i++) cluster.fork();
+  process.on('SIGTERM', () => {
+    for (const id in cluster.workers) cluster.workers[id].kill('SIGTERM');
+    cluster.disconnect(() => process.exit(0));
+  });
+} else {
+  require('./app.js');
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the load tools and what the comparison benchmark runs: wrk and fonts-dejavu-core
+# (Debian packages), oha (crates.io), node and PM2 (npm, into target/bench-node, private).
+# Idempotent: installs nothing that is already there.
+#   scripts/install-load-tools.sh [--no-oha]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v node >/dev/null || need+=(nodejs npm)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo=sudo; else sudo=; fi
+    echo "installing ${need[*]} (apt-get)" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ "${1:-}" != "--no-oha" ] && ! command -v oha >/dev/null; then
+    echo "installing oha (cargo install, a few minutes once)" >&2
+    cargo install --locked oha
+fi
+if [ ! -x target/bench-node/node_modules/.bin/pm2 ]; then
+    echo "installing pm2 (npm, into target/bench-node)" >&2
+    mkdir -p target/bench-node
+    npm install --prefix target/bench-node --no-audit --no-fund --silent pm2@5 >/dev/null
+fi
