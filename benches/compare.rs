@@ -5,12 +5,13 @@
 //! 4. N node processes started by hand, each with its own SO_REUSEPORT socket (the ceiling
 //!    for our design);
 //! 5. reuseport-cluster;
+//!
 //! and the built-in demo app under reuseport-cluster, for reference.
 //!
 //! Two load shapes (keep-alive, and a new connection per request), launchers interleaved
 //! round by round, medians over rounds, ratios against (2) and (4) computed within a round.
-//! With N = 1 the launcher and its workers run on CPU 1 and wrk on CPU 0; with N >= the
-//! number of CPUs they share them (said in the output).
+//! With fewer workers than CPUs, the launcher and its workers run on CPU 1 and wrk on
+//! CPU 0; otherwise they share the CPUs (said in the output).
 //!
 //! Run: `scripts/install-load-tools.sh --no-oha && cargo bench --bench compare`
 //! (`-- --workers 1,2 --rounds 3 --seconds 4`). Writes docs/compare.png.
