@@ -15,8 +15,12 @@ cd "$(dirname "$0")/.."
 SECONDS_TOTAL=${1:-20}
 [ "$(id -u)" -eq 0 ] || { echo "error: ip netns needs root; run with sudo" >&2; exit 1; }
 scripts/install-multihost-tools.sh
-cargo build --release --quiet
-BIN=$PWD/target/release/reuseport-cluster
+# REUSEPORT_CLUSTER_BIN: the binary to run (the test suite passes the one under test).
+if [ -z "${REUSEPORT_CLUSTER_BIN:-}" ]; then
+    cargo build --release --quiet
+    REUSEPORT_CLUSTER_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/reuseport-cluster
+fi
+BIN=$REUSEPORT_CLUSTER_BIN
 WORK=$(mktemp -d /tmp/rc-multihost.XXXXXX)
 NS=(rc-lb rc-h1 rc-h2)
 
@@ -55,9 +59,9 @@ start_host() { # $1: 1 or 2
         >>"$WORK/h$1.log" 2>&1 &
     echo $! >"$WORK/h$1.pid"
 }
-wait_ready() { # $1: 1 or 2
+wait_ready() { # $1: 1 or 2; $2: how many starts the log must show (default 1)
     for _ in $(seq 100); do
-        grep -q "workers ready" "$WORK/h$1.log" 2>/dev/null && return 0
+        [ "$(grep -c "workers ready" "$WORK/h$1.log" 2>/dev/null)" -ge "${2:-1}" ] && return 0
         sleep 0.1
     done
     echo "error: host $1 did not come up:" >&2; cat "$WORK/h$1.log" >&2; exit 1
@@ -105,11 +109,17 @@ kill -TERM "$(cat "$WORK/h2.pid")"
 wait "$(cat "$WORK/h2.pid")" 2>/dev/null || true
 sleep 1
 echo "t=$((2 * step + 1))s: host 2 started again"
-start_host 2; wait_ready 2
+start_host 2; wait_ready 2 2
 sleep "$step"
 echo "t=$((3 * step + 1))s: host 1 rolling restart (SIGHUP)"
 kill -HUP "$(cat "$WORK/h1.pid")"
 wait "$WRK"
+# The last rolling restart may still be finishing (each old worker lingers up to 1 s for
+# HAProxy's idle keep-alive connections): wait for it, bounded.
+for _ in $(seq 150); do
+    [ "$(grep -c 'rolling restart to generation .* done' "$WORK/h1.log")" -ge 2 ] && break
+    sleep 0.1
+done
 echo
 cat "$WORK/wrk.txt"
 echo

@@ -30,7 +30,7 @@ impl fmt::Display for Invalid {
 impl std::error::Error for Invalid {}
 
 /// More workers than this is a typo, not a deployment (and would exhaust memory or pids).
-const MAX_WORKERS: usize = 4096;
+pub const MAX_WORKERS: usize = 4096;
 /// CPU_SETSIZE: the highest CPU number an affinity mask can hold, plus one.
 const MAX_CPUS: usize = 1024;
 /// Durations above this are typos (and would overflow the monotonic clock).
@@ -246,7 +246,10 @@ impl Config {
                 .user
                 .as_deref()
                 .map(|user| resolve_credentials(user, args.group.as_deref()))
-                .transpose()?,
+                .transpose()?
+                // Already that user and group: there is nothing to drop (and setgroups
+                // would need CAP_SETGID).
+                .filter(|c| c.uid != nix::unistd::geteuid() || c.gid != nix::unistd::getegid()),
             metrics: args
                 .metrics
                 .as_deref()

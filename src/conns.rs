@@ -13,8 +13,11 @@ use nix::poll::PollFlags;
 
 /// Time a client has to send its request and read the answer.
 const DEADLINE: Duration = Duration::from_secs(5);
-/// Connections served at once; more are refused.
+/// Connections served at once; more are refused and closed at once.
 pub const MAX_CONNS: usize = 8;
+/// How long accepting pauses when the process is out of fds (EMFILE/ENFILE): the listener
+/// stays readable, and polling it meanwhile would spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 struct Conn<S> {
     id: u64,
@@ -35,6 +38,7 @@ pub struct Conns<S> {
     conns: Vec<Conn<S>>,
     next_id: u64,
     max_request: usize,
+    accept_paused_until: Option<Instant>,
 }
 
 impl<S: Read + Write + AsFd> Conns<S> {
@@ -44,16 +48,55 @@ impl<S: Read + Write + AsFd> Conns<S> {
             conns: Vec::new(),
             next_id: 0,
             max_request,
+            accept_paused_until: None,
         }
     }
 
-    /// Whether another connection may be served.
-    pub fn has_room(&self) -> bool {
-        self.conns.len() < MAX_CONNS
+    /// Whether the listener should be polled and accepted from now.
+    pub fn accepting(&self, now: Instant) -> bool {
+        self.accept_paused_until.is_none_or(|until| now >= until)
+    }
+
+    /// Accepts every waiting connection with `accept`: each gets `check` (a refusal, or
+    /// None); past the limit a connection is told so and closed at once; when the process
+    /// is out of fds, accepting pauses for a moment.
+    pub fn accept_all(
+        &mut self,
+        now: Instant,
+        mut accept: impl FnMut() -> std::io::Result<S>,
+        check: impl Fn(&S) -> Option<Vec<u8>>,
+        busy: &[u8],
+    ) {
+        if !self.accepting(now) {
+            return;
+        }
+        self.accept_paused_until = None;
+        loop {
+            match accept() {
+                Ok(mut stream) if self.conns.len() >= MAX_CONNS => {
+                    let _ = stream.write(busy); // best effort: non-blocking, then closed
+                }
+                Ok(stream) => {
+                    let refusal = check(&stream);
+                    self.add(stream, refusal, now);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+                    ) =>
+                {
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
+                Err(_) => return, // WouldBlock: all taken
+            }
+        }
     }
 
     /// Takes a freshly accepted connection; `refusal` answers whatever it asks.
-    pub fn add(&mut self, stream: S, refusal: Option<Vec<u8>>, now: Instant) {
+    fn add(&mut self, stream: S, refusal: Option<Vec<u8>>, now: Instant) {
         self.next_id += 1;
         self.conns.push(Conn {
             id: self.next_id,
@@ -81,9 +124,13 @@ impl<S: Read + Write + AsFd> Conns<S> {
             .collect()
     }
 
-    /// When the oldest connection times out.
+    /// When the oldest connection times out, or accepting resumes.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.conns.iter().map(|c| c.deadline).min()
+        self.conns
+            .iter()
+            .map(|c| c.deadline)
+            .chain(self.accept_paused_until)
+            .min()
     }
 
     /// Reads what came in; returns each complete request as (id, bytes). `complete` gives

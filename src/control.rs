@@ -15,7 +15,7 @@
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -107,7 +107,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
-    lock_path: PathBuf,
     _lock: Flock<File>,
     clients: Conns<UnixStream>,
     owner: u32,
@@ -116,16 +115,23 @@ pub struct ControlServer {
 impl ControlServer {
     /// Takes the name's lock and listens on `path`.
     pub fn open(path: &Path, name: &str) -> anyhow::Result<ControlServer> {
-        if let Some(dir) = path.parent() {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        if dir == runtime_dir() {
+            private_dir(dir)?;
+        } else {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating {} for the control socket", dir.display()))?;
         }
+        // The lock file is never removed: a master that removed it at exit would let the
+        // next two masters of the name lock two different files.
         let lock_path = path.with_extension("lock");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -142,13 +148,16 @@ impl ControlServer {
         };
         lock.set_len(0)?;
         write!(&mut *lock, "{}", std::process::id())?;
-        // The lock is ours: a socket file still there was left by a dead master.
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("removing the stale {}", path.display()))
-            }
+        // The lock is ours: a socket file still there was left by a dead master. Anything
+        // else at that path is not ours to delete.
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale {}", path.display()))?,
+            Ok(_) => bail!(
+                "--control {}: a file that is not a socket is in the way; pick another path",
+                path.display()
+            ),
+            Err(_) => {}
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("listening on the control socket {}", path.display()))?;
@@ -157,7 +166,6 @@ impl ControlServer {
         Ok(ControlServer {
             listener,
             path: path.to_path_buf(),
-            lock_path,
             _lock: lock,
             clients: Conns::new(MAX_REQUEST),
             owner: nix::unistd::geteuid().as_raw(),
@@ -166,7 +174,10 @@ impl ControlServer {
 
     /// The fds to poll, with the events that matter for each.
     pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
-        let mut fds = vec![(self.listener.as_fd(), PollFlags::POLLIN)];
+        let mut fds = Vec::new();
+        if self.clients.accepting(Instant::now()) {
+            fds.push((self.listener.as_fd(), PollFlags::POLLIN));
+        }
         fds.extend(self.clients.poll_fds());
         fds
     }
@@ -200,38 +211,60 @@ impl ControlServer {
     }
 
     fn accept(&mut self, now: Instant) {
-        loop {
-            let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            let _ = stream.set_nonblocking(true);
-            let uid = getsockopt(&stream, sockopt::PeerCredentials).map(|c| c.uid());
-            let mut refusal = match uid {
-                Ok(uid) if uid == 0 || uid == self.owner => None,
-                Ok(uid) => Some(format!(
+        let owner = self.owner;
+        let listener = &self.listener;
+        let accept = || {
+            let (stream, _) = listener.accept()?;
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        };
+        let check = |stream: &UnixStream| {
+            let refusal = match getsockopt(stream, sockopt::PeerCredentials).map(|c| c.uid()) {
+                Ok(uid) if uid == 0 || uid == owner => return None,
+                Ok(uid) => format!(
                     "error: permission denied: uid {uid} may not control this cluster \
-                     (only root and uid {})\n",
-                    self.owner
-                )),
-                Err(e) => Some(format!("error: reading peer credentials: {e}\n")),
+                     (only root and uid {owner})\n"
+                ),
+                Err(e) => format!("error: reading peer credentials: {e}\n"),
             };
-            if !self.clients.has_room() {
-                refusal
-                    .get_or_insert_with(|| "error: too many control connections; retry\n".into());
-            }
-            self.clients
-                .add(stream, refusal.map(String::into_bytes), now);
-        }
+            Some(refusal.into_bytes())
+        };
+        self.clients.accept_all(
+            now,
+            accept,
+            check,
+            b"error: too many control connections; retry\n",
+        );
     }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        // Only the socket: the lock file stays (see `open`).
         let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(&self.lock_path);
     }
+}
+
+/// Makes sure `dir` is a directory of ours that nobody else may write to, creating it
+/// (0700) if need be: in /tmp, another user could otherwise have made it first and put a
+/// symlink where the lock file goes, or replaced the socket.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("checking {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is not a private directory of uid {me} (a symlink, someone else's, or writable by others); \
+             remove it, or give --control a path in a directory of yours",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// The client: sends `request` to the master at `path` and returns its answer.

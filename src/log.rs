@@ -6,11 +6,31 @@
 //! lines appear only with `REUSEPORT_CLUSTER_LOG=debug`.
 
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::cli::LogFormat;
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// With `--log-prefix`, stderr carries worker output that the master writes only when
+/// stderr can take it; the master's own lines then queue here and join that stream
+/// (worker_output.rs), instead of blocking the loop on a full pipe.
+static QUEUED: Mutex<Option<Vec<u8>>> = Mutex::new(None);
+/// Bytes queued at most; beyond that lines are dropped (and counted in the next line).
+const QUEUE_LIMIT: usize = 1024 * 1024;
+
+/// Queues the master's own lines from now on (see `QUEUED`).
+pub fn queue_own_lines() {
+    *QUEUED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+}
+
+/// The queued lines, whole.
+pub fn take_queued() -> Vec<u8> {
+    match QUEUED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        Some(queue) => std::mem::take(queue),
+        None => Vec::new(),
+    }
+}
 
 /// Sets the format of every later line (once, at start-up).
 pub fn set_format(format: LogFormat) {
@@ -48,6 +68,13 @@ pub fn line(level: Level, msg: &str) {
         Some(LogFormat::Json) => json(name, msg),
         _ => format!("{prefix}{msg}"),
     };
+    if let Some(queue) = QUEUED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if queue.len() < QUEUE_LIMIT {
+            queue.extend_from_slice(text.as_bytes());
+            queue.push(b'\n');
+        }
+        return;
+    }
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 

@@ -100,6 +100,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
     let mut output = WorkerOutput::default();
+    if config.log_prefix {
+        crate::log::queue_own_lines();
+    }
     let mut systemd = SystemdNotify::from_env(Instant::now());
     let mut events = VecDeque::from([Event::Start]);
     loop {
@@ -197,6 +200,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                         false => status.to_text(),
                     }
                 }
+                _ if supervisor.is_stopping() => "error: the cluster is stopping\n".into(),
                 Request::Reload => {
                     events.push_back(Event::Reload);
                     match supervisor.rolling() {
@@ -204,6 +208,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                         None => "ok: rolling restart started\n".into(),
                     }
                 }
+                Request::Scale(n) if n > crate::config::MAX_WORKERS => format!(
+                    "error: scale {n}: at most {} workers\n",
+                    crate::config::MAX_WORKERS
+                ),
                 Request::Scale(n) if supervisor.rolling().is_some() => {
                     format!("error: scale {n}: a rolling restart is under way; try again once it is done\n")
                 }
@@ -255,10 +263,11 @@ fn systemd_view(supervisor: &Supervisor) -> View {
     View {
         all_ready: ready == slots,
         reloading: supervisor.rolling().is_some(),
+        rolling_started: supervisor.rolling_counts().0,
         stopping: supervisor.is_stopping(),
         status: format!(
             "{ready}/{slots} workers ready, generation {}",
-            supervisor.generation()
+            supervisor.serving_generation()
         ),
     }
 }

@@ -3,7 +3,6 @@
 //! connection of the app).
 
 use std::fmt::Write as _;
-use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
@@ -42,7 +41,10 @@ impl MetricsServer {
 
     /// The fds to poll.
     pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
-        let mut fds = vec![(self.listener.as_fd(), PollFlags::POLLIN)];
+        let mut fds = Vec::new();
+        if self.conns.accepting(Instant::now()) {
+            fds.push((self.listener.as_fd(), PollFlags::POLLIN));
+        }
         fds.extend(self.conns.poll_fds());
         fds
     }
@@ -54,18 +56,14 @@ impl MetricsServer {
 
     /// Accepts, reads; answers what it can itself and returns the ids that want metrics.
     pub fn service(&mut self, now: Instant) -> Vec<u64> {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(true);
-                    let refusal = (!self.conns.has_room())
-                        .then(|| http(503, "text/plain", "too many connections\n"));
-                    self.conns.add(stream, refusal, now);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
+        let listener = &self.listener;
+        let accept = || {
+            let (stream, _) = listener.accept()?;
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        };
+        let busy = http(503, "text/plain", "too many connections\n");
+        self.conns.accept_all(now, accept, |_| None, &busy);
         let head_end = |input: &[u8]| {
             input
                 .windows(4)

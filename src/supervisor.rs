@@ -229,6 +229,11 @@ impl Supervisor {
         self.generation
     }
 
+    /// The newest generation a rolling restart completed (1 before any).
+    pub fn serving_generation(&self) -> Generation {
+        self.serving_generation
+    }
+
     /// Slots whose current worker is ready.
     pub fn ready_count(&self) -> usize {
         self.slots

@@ -23,6 +23,8 @@ pub struct View {
     pub all_ready: bool,
     /// A rolling restart is under way.
     pub reloading: bool,
+    /// Rolling restarts begun so far (one may begin and fail between two views).
+    pub rolling_started: u64,
     /// The master is shutting down.
     pub stopping: bool,
     /// The STATUS= text.
@@ -51,6 +53,9 @@ impl SystemdNotify {
         }
         .ok()?;
         let socket = UnixDatagram::unbound().ok()?;
+        // Never block the loop on a supervisor that does not read: a message that does not
+        // fit is dropped (the next WATCHDOG=1 comes at the next tick).
+        socket.set_nonblocking(true).ok()?;
         // WATCHDOG_PID, when set, names the process the watchdog is for.
         let ours = std::env::var("WATCHDOG_PID")
             .map_or(true, |p| p.trim() == std::process::id().to_string());
@@ -84,29 +89,30 @@ impl SystemdNotify {
 
     /// Tells systemd what changed since the last view.
     pub fn update(&mut self, view: View) {
-        let mut lines = Vec::new();
+        let mut messages: Vec<String> = Vec::new();
         if view.stopping && !self.last.stopping {
-            lines.push("STOPPING=1".to_string());
+            messages.push("STOPPING=1".into());
         } else if !view.stopping {
-            if view.reloading && !self.last.reloading {
+            let new_pass = view.rolling_started > self.last.rolling_started;
+            if new_pass {
                 let usec = clock_gettime(ClockId::CLOCK_MONOTONIC)
                     .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
                     .unwrap_or(0);
-                lines.push("RELOADING=1".into());
-                lines.push(format!("MONOTONIC_USEC={usec}"));
-            } else if !view.reloading && self.last.reloading && self.ready_sent {
-                lines.push("READY=1".into());
+                messages.push(format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+            }
+            // The pass ended (done or failed), perhaps in the very turn it began.
+            if (new_pass || self.last.reloading) && !view.reloading && self.ready_sent {
+                messages.push("READY=1".into());
             } else if view.all_ready && !self.ready_sent {
-                lines.push("READY=1".into());
-                lines.push(format!("MAINPID={}", std::process::id()));
+                messages.push(format!("READY=1\nMAINPID={}", std::process::id()));
                 self.ready_sent = true;
             }
         }
         if view.status != self.last.status {
-            lines.push(format!("STATUS={}", view.status));
+            messages.push(format!("STATUS={}", view.status));
         }
-        if !lines.is_empty() {
-            self.send(&lines.join("\n"));
+        for message in &messages {
+            self.send(message);
         }
         self.last = view;
     }

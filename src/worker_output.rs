@@ -19,6 +19,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 const HIGH_WATER: usize = 256 * 1024;
 /// Bytes written per write(2): what a writable pipe or tty takes without blocking.
 const CHUNK: usize = 4096;
+/// A line longer than this goes out in pieces (so output without newlines cannot pile up).
+const MAX_LINE: usize = 4096;
+/// Bytes read from one pipe per wake, so one chatty worker cannot hold the loop.
+const READ_PER_WAKE: usize = 256 * 1024;
 
 struct Pipe {
     fd: OwnedFd,
@@ -80,6 +84,7 @@ impl WorkerOutput {
 
     /// Reads what the pipes have, and writes what the master's streams can take now.
     pub fn service(&mut self) {
+        self.take_master_lines();
         self.read_pipes();
         for stream in 0..2 {
             while !self.pending[stream].is_empty() && writable(self.stream(stream)) {
@@ -92,6 +97,7 @@ impl WorkerOutput {
 
     /// At exit: takes what is left in the pipes and writes everything, blocking if need be.
     pub fn flush(&mut self) {
+        self.take_master_lines();
         self.read_pipes();
         for stream in 0..2 {
             while !self.pending[stream].is_empty() {
@@ -102,32 +108,52 @@ impl WorkerOutput {
         }
     }
 
+    /// The master's own log lines, queued by log.rs while worker output shares stderr: they
+    /// go into the same buffer, between whole lines, and never block the loop.
+    fn take_master_lines(&mut self) {
+        self.pending[1].extend(crate::log::take_queued());
+    }
+
     fn read_pipes(&mut self) {
         let mut buf = vec![0u8; 64 * 1024];
         let pending = &mut self.pending;
-        self.pipes.retain_mut(|pipe| loop {
-            if pending[pipe.stream].len() >= HIGH_WATER {
-                return true;
-            }
-            match nix::unistd::read(&pipe.fd, &mut buf) {
-                Ok(0) => {
-                    // EOF: every writer is gone. A last line without a newline still counts.
-                    if !pipe.partial.is_empty() {
-                        pipe.partial.push(b'\n');
-                        emit(&mut pending[pipe.stream], &pipe.prefix, &pipe.partial);
-                    }
-                    return false;
+        self.pipes.retain_mut(|pipe| {
+            let mut read = 0;
+            loop {
+                if pending[pipe.stream].len() >= HIGH_WATER || read >= READ_PER_WAKE {
+                    return true; // the rest waits for room, or for the next wake
                 }
-                Ok(n) => {
-                    pipe.partial.extend_from_slice(&buf[..n]);
-                    if let Some(end) = pipe.partial.iter().rposition(|b| *b == b'\n') {
-                        let rest = pipe.partial.split_off(end + 1);
-                        emit(&mut pending[pipe.stream], &pipe.prefix, &pipe.partial);
-                        pipe.partial = rest;
+                match nix::unistd::read(&pipe.fd, &mut buf) {
+                    Ok(0) => {
+                        // EOF: every writer is gone. A last line without a newline still counts.
+                        if !pipe.partial.is_empty() {
+                            pipe.partial.push(b'\n');
+                            emit(&mut pending[pipe.stream], &pipe.prefix, &pipe.partial);
+                        }
+                        return false;
                     }
+                    Ok(n) => {
+                        read += n;
+                        let searched = pipe.partial.len();
+                        pipe.partial.extend_from_slice(&buf[..n]);
+                        // Only the bytes just read can hold a new line end.
+                        let end = pipe.partial[searched..]
+                            .iter()
+                            .rposition(|b| *b == b'\n')
+                            .map(|i| searched + i + 1)
+                            .or((pipe.partial.len() >= MAX_LINE).then_some(pipe.partial.len()));
+                        if let Some(end) = end {
+                            let rest = pipe.partial.split_off(end);
+                            if pipe.partial.last() != Some(&b'\n') {
+                                pipe.partial.push(b'\n'); // a piece of an over-long line
+                            }
+                            emit(&mut pending[pipe.stream], &pipe.prefix, &pipe.partial);
+                            pipe.partial = rest;
+                        }
+                    }
+                    Err(Errno::EINTR) => continue,
+                    Err(_) => return true, // EAGAIN: drained for now
                 }
-                Err(Errno::EINTR) => continue,
-                Err(_) => return true, // EAGAIN: drained for now
             }
         });
     }
@@ -175,13 +201,14 @@ fn emit(out: &mut Vec<u8>, prefix: &str, lines: &[u8]) {
     }
 }
 
-/// Whether the master's stream takes a write now without blocking.
+/// Whether the master's stream takes a write now without blocking. An error or hang-up
+/// counts too: the write then fails at once (EPIPE) and the bytes are dropped, instead of
+/// the loop polling a dead stream for ever.
 fn writable(fd: BorrowedFd<'_>) -> bool {
     let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    let ready = PollFlags::POLLOUT | PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL;
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
-        && fds[0]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLOUT))
+        && fds[0].revents().is_some_and(|r| r.intersects(ready))
 }
 
 #[cfg(test)]
@@ -211,6 +238,34 @@ mod tests {
         out.read_pipes();
         assert_eq!(out.pending[0], b"[w3 42] one\n[w3 42] two\n[w3 42] last\n");
         assert!(out.pipes.is_empty(), "both pipes reached EOF");
+    }
+
+    #[test]
+    fn output_without_newlines_goes_out_in_pieces_instead_of_piling_up() {
+        let mut out = WorkerOutput::default();
+        let (r1, w1) = nix::unistd::pipe().unwrap();
+        let (r2, _w2) = nix::unistd::pipe().unwrap();
+        for r in [&r1, &r2] {
+            nix::fcntl::fcntl(
+                r,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap();
+        }
+        out.add(1, 7, [r1, r2]);
+        nix::unistd::write(&w1, &[b'x'; 10_000]).unwrap();
+        out.read_pipes();
+        assert!(
+            out.pipes[0].partial.len() < MAX_LINE,
+            "{}",
+            out.pipes[0].partial.len()
+        );
+        assert!(out.pending[0].starts_with(b"[w1 7] xxx"));
+        assert_eq!(
+            out.pending[0].len(),
+            "[w1 7] ".len() + 10_000 + 1,
+            "all of it, now"
+        );
     }
 
     #[test]

@@ -102,7 +102,14 @@ fn a_stopped_worker_shows_a_growing_accept_queue_that_drains_after_sigcont() {
         "the queue drains after SIGCONT"
     );
     let (_, text, _) = c.ctl(&["status"]);
-    assert!(text.contains("0/"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!(" {stuck} ")))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains(" 0/"),
+        "the stuck worker's queue is back to 0: {line}"
+    );
 }
 
 #[test]
@@ -427,6 +434,20 @@ fn scrape(addr: &str) -> Vec<(String, std::collections::HashMap<String, String>,
         "{head}"
     );
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let mut series = std::collections::HashSet::new();
+    for sample in &scrape.samples {
+        let mut labels: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        labels.sort();
+        assert!(
+            series.insert((sample.metric.clone(), labels)),
+            "duplicate series {}",
+            sample.metric
+        );
+    }
     assert!(!scrape.samples.is_empty(), "{body}");
     scrape
         .samples
@@ -569,4 +590,81 @@ fn metrics_parse_as_prometheus_text_and_follow_the_cluster() {
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
+}
+
+/// `status` through the control socket answers within `limit`.
+fn answers_quickly(c: &Cluster, limit: Duration) {
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = c.ctl(&["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(t0.elapsed() < limit, "status took {:?}", t0.elapsed());
+}
+
+#[test]
+fn load_a_worker_writing_without_newlines_does_not_stall_the_master() {
+    let _load = load_lock();
+    let app = script(
+        "no_newlines.py",
+        "#!/usr/bin/env python3\nimport sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n    sys.stdout.flush()\n",
+    );
+    let mut c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:50ms",
+        "--log-prefix",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    answers_quickly(&c, Duration::from_secs(3));
+    let rss_kib: u64 = status_field(c.pid(), "VmRSS")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        rss_kib < 64 * 1024,
+        "the master buffers without bound: {rss_kib} KiB"
+    );
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+}
+
+#[test]
+fn more_than_eight_control_clients_are_turned_away_at_once() {
+    use std::io::Read;
+    let c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--name",
+        &unique_tag("busy"),
+    ]);
+    let control = c.control.clone().unwrap();
+    let fds_before = fds(c.pid()).len();
+    // Eight clients that connect and say nothing hold every place.
+    let idle: Vec<_> = (0..8)
+        .map(|_| std::os::unix::net::UnixStream::connect(&control).unwrap())
+        .collect();
+    assert!(wait_until(TIMEOUT, || fds(c.pid()).len() >= fds_before + 8));
+    let mut ninth = std::os::unix::net::UnixStream::connect(&control).unwrap();
+    ninth
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = ninth.read_to_string(&mut answer);
+    assert_eq!(answer, "error: too many control connections; retry\n");
+    assert!(
+        fds(c.pid()).len() <= fds_before + 8,
+        "a refused client holds no fd"
+    );
+    // The idle ones time out (5 s), then status works again.
+    assert!(wait_until(TIMEOUT, || c.ctl(&["status"]).0 == Some(0)));
+    drop(idle);
 }

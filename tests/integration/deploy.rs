@@ -474,6 +474,7 @@ fn load_multihost_demo_through_haproxy_loses_no_request() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(root.join("scripts/multihost-demo.sh"))
         .arg("10")
+        .env("REUSEPORT_CLUSTER_BIN", bin())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -508,4 +509,34 @@ fn load_multihost_demo_through_haproxy_loses_no_request() {
         !String::from_utf8_lossy(&namespaces.stdout).contains("rc-"),
         "namespaces left behind"
     );
+}
+
+#[test]
+fn a_supervisor_that_never_reads_its_notify_socket_cannot_stall_the_master() {
+    let path = temp_dir("deaf-systemd").join("notify.sock");
+    let _deaf = std::os::unix::net::UnixDatagram::bind(&path).unwrap(); // never read
+    let path = path.to_str().unwrap().to_string();
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            "127.0.0.1:0",
+            "--name",
+            &unique_tag("deaf"),
+        ],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "20000")],
+    );
+    c.expect_log("workers ready");
+    // A WATCHDOG=1 every 10 ms fills the socket's queue within a second or two.
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = std::time::Instant::now();
+    assert_eq!(c.ctl(&["status"]).0, Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "status took {:?}",
+        t0.elapsed()
+    );
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
 }

@@ -74,6 +74,14 @@ impl Cluster {
     /// Like [`Cluster::spawn`], with the binary run by `wrapper` (e.g. `unshare --pid --fork`).
     pub fn spawn_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Cluster {
         let lock = machine_lock(false);
+        // A control socket of its own in a temp dir, unless the test picks one: the
+        // host-wide default directory stays clean of test files.
+        let control = temp_dir("ctl").join("c.sock");
+        let own_control = !args.iter().any(|a| *a == "--name" || *a == "--control");
+        let control_args: Vec<&str> = match own_control {
+            true => vec!["--control", control.to_str().unwrap()],
+            false => vec![],
+        };
         let mut cmd = match wrapper {
             [program, rest @ ..] => {
                 let mut cmd = Command::new(program);
@@ -82,7 +90,8 @@ impl Cluster {
             }
             [] => Command::new(bin()),
         };
-        cmd.args(args)
+        cmd.args(&control_args)
+            .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
