@@ -51,8 +51,10 @@ else
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(awk '/50.00%/ {print $3 $4}' <<<"$out"); p99=$(awk '/99.00%/ {print $3 $4}' <<<"$out")
     max=$(awk '/Slowest/ {print $2 $3}' <<<"$out")
-    errors=$(awk '/\[200\]/ {ok=$2} /responses/ {} END {print 0}' <<<"$out")
-    grep -q "Error distribution" <<<"$out" && errors=$(awk '/Error distribution/ {f=1; next} f && /\[/ {s+=$1} END {print s+0}' <<<"$out")
+    # "Error distribution:" is followed by lines like "  [3] connection reset".
+    errors=$(awk '/Error distribution/ {f=1; next} f && /^ *\[[0-9]+\]/ {gsub(/[][]/, "", $1); s+=$1} END {print s+0}' <<<"$out")
+    bad=$(awk '/Status code distribution/ {f=1; next} f && /^ *\[[0-9]+\]/ && $1 != "[200]" {gsub(/[][]/, "", $2); s+=$2} /^$/ {f=0} END {print s+0}' <<<"$out")
+    errors=$((errors + bad))
 fi
 printf 'requests/s: %s\nlatency p50: %s  p99: %s  max: %s\nerrors: %s\n' "$rps" "$p50" "$p99" "$max" "$errors"
 [ "${errors:-0}" -eq 0 ] || { echo "$out" >&2; exit 1; }
