@@ -460,7 +460,7 @@ fn chart(o: &Opts, loads: &HashMap<(usize, &str, &str), Vec<Load>>, path: &Path)
             .iter()
             .flat_map(|l| SHAPES.iter().map(move |s| value(l, s)))
             .fold(0.0, f64::max)
-            * 1.15;
+            * 1.35; // room above the bars for the legend
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("N = {n} workers: requests/s"), ("sans-serif", 22))
             .margin(12)
@@ -499,6 +499,7 @@ fn chart(o: &Opts, loads: &HashMap<(usize, &str, &str), Vec<Load>>, path: &Path)
         }
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
