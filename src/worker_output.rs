@@ -216,19 +216,22 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
-    #[test]
-    fn lines_are_prefixed_and_a_last_line_without_newline_is_kept() {
+    /// A WorkerOutput reading one worker's two pipes; returns their write ends.
+    fn watched(slot: usize, pid: i32) -> (WorkerOutput, OwnedFd, OwnedFd) {
         let mut out = WorkerOutput::default();
         let (r1, w1) = nix::unistd::pipe().unwrap();
         let (r2, w2) = nix::unistd::pipe().unwrap();
         for r in [&r1, &r2] {
-            nix::fcntl::fcntl(
-                r,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .unwrap();
+            let nonblocking = nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK);
+            nix::fcntl::fcntl(r, nonblocking).unwrap();
         }
-        out.add(3, 42, [r1, r2]);
+        out.add(slot, pid, [r1, r2]);
+        (out, w1, w2)
+    }
+
+    #[test]
+    fn lines_are_prefixed_and_a_last_line_without_newline_is_kept() {
+        let (mut out, w1, w2) = watched(3, 42);
         nix::unistd::write(&w1, b"one\ntw").unwrap();
         out.read_pipes();
         assert_eq!(out.pending[0], b"[w3 42] one\n");
@@ -242,17 +245,7 @@ mod tests {
 
     #[test]
     fn output_without_newlines_goes_out_in_pieces_instead_of_piling_up() {
-        let mut out = WorkerOutput::default();
-        let (r1, w1) = nix::unistd::pipe().unwrap();
-        let (r2, _w2) = nix::unistd::pipe().unwrap();
-        for r in [&r1, &r2] {
-            nix::fcntl::fcntl(
-                r,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .unwrap();
-        }
-        out.add(1, 7, [r1, r2]);
+        let (mut out, w1, _w2) = watched(1, 7);
         nix::unistd::write(&w1, &[b'x'; 10_000]).unwrap();
         out.read_pipes();
         assert!(
@@ -270,17 +263,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_stops_reading_the_pipe() {
-        let mut out = WorkerOutput::default();
-        let (r1, w1) = nix::unistd::pipe().unwrap();
-        let (r2, _w2) = nix::unistd::pipe().unwrap();
-        for r in [&r1, &r2] {
-            nix::fcntl::fcntl(
-                r,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .unwrap();
-        }
-        out.add(0, 1, [r1, r2]);
+        let (mut out, w1, _w2) = watched(0, 1);
         out.pending[0] = vec![b'x'; HIGH_WATER];
         nix::unistd::write(&w1, b"waits\n").unwrap();
         assert!(out
