@@ -126,6 +126,7 @@ fn start(launcher: &str, port: u16, n: usize, cpu: Option<usize>) -> Running {
         }
         "reuseport-cluster" | "demo" => {
             let mut c = pinned(cpu, bin);
+            let control = std::env::temp_dir().join(format!("{name}.sock"));
             c.args([
                 "--bind",
                 &bind,
@@ -133,7 +134,9 @@ fn start(launcher: &str, port: u16, n: usize, cpu: Option<usize>) -> Running {
                 &n.to_string(),
                 "--name",
                 &name,
-            ]);
+            ])
+            .arg("--control")
+            .arg(control);
             if launcher == "reuseport-cluster" {
                 c.args(["--", "node", app.to_str().unwrap()]);
             }

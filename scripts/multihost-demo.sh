@@ -56,6 +56,7 @@ done
 
 start_host() { # $1: 1 or 2
     ip netns exec "rc-h$1" "$BIN" --bind 0.0.0.0:8000 --workers 2 --grace 10s --name "multihost-h$1" \
+        --control "$WORK/h$1.sock" \
         >>"$WORK/h$1.log" 2>&1 &
     echo $! >"$WORK/h$1.pid"
 }

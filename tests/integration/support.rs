@@ -74,13 +74,25 @@ impl Cluster {
     /// Like [`Cluster::spawn`], with the binary run by `wrapper` (e.g. `unshare --pid --fork`).
     pub fn spawn_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Cluster {
         let lock = machine_lock(false);
-        // A control socket of its own in a temp dir, unless the test picks one: the
-        // host-wide default directory stays clean of test files.
-        let control = temp_dir("ctl").join("c.sock");
-        let own_control = !args.iter().any(|a| *a == "--name" || *a == "--control");
-        let control_args: Vec<&str> = match own_control {
-            true => vec!["--control", control.to_str().unwrap()],
-            false => vec![],
+        // A control socket in a temp dir, so that the host-wide default directory stays
+        // clean of test files: its own, or one per --name (two masters of one name must
+        // meet at the same lock), unless the test gives --control itself.
+        let name = args
+            .iter()
+            .position(|a| *a == "--name")
+            .map(|i| args[i + 1]);
+        let control = match name {
+            Some(name) => {
+                let dir =
+                    std::env::temp_dir().join(format!("rc-test-names-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                dir.join(format!("{name}.sock"))
+            }
+            None => temp_dir("ctl").join("c.sock"),
+        };
+        let control_args: Vec<&str> = match args.contains(&"--control") {
+            false => vec!["--control", control.to_str().unwrap()],
+            true => vec![],
         };
         let mut cmd = match wrapper {
             [program, rest @ ..] => {
