@@ -9,7 +9,8 @@
 //! (with net.ipv4.tcp_migrate_req=1 the kernel hands its queued connections to the other
 //! workers), answers every further request with `Connection: close`, closes keep-alive
 //! connections that stay idle for a second (closing them at once would race a client that
-//! is sending its next request), and exits 0 once every connection is closed.
+//! is sending its next request; a connection not answered yet waits for its request), and
+//! exits 0 once every connection is closed.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -37,13 +38,22 @@ struct Response {
     head_len: usize,
 }
 
+/// An open connection, as the stop sees it.
+struct Conn {
+    stream: TcpStream,
+    /// Whether it has been answered once: only then may a stop close it while it is idle
+    /// (a client retries a request on a reused connection that closes; a fresh connection
+    /// closed before its first request just fails).
+    answered: Arc<AtomicBool>,
+}
+
 struct Shared {
     keep_alive: Response,
     close: Response,
     stopping: AtomicBool,
     next_id: AtomicU64,
     /// Open connections, so that a stop can wake the idle ones.
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    conns: Mutex<HashMap<u64, Conn>>,
     drained: Condvar,
 }
 
@@ -111,9 +121,9 @@ pub fn run() -> anyhow::Result<()> {
         .drained
         .wait_timeout_while(conns, IDLE_LINGER, |c| !c.is_empty())
         .unwrap_or_else(|e| e.into_inner());
-    for stream in conns.values() {
+    for conn in conns.values().filter(|c| c.answered.load(Ordering::SeqCst)) {
         // Idle keep-alive readers see EOF; a request already received still gets its answer.
-        let _ = stream.shutdown(Shutdown::Read);
+        let _ = conn.stream.shutdown(Shutdown::Read);
     }
     let _ = shared
         .drained
@@ -136,19 +146,26 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Even when accepted just as the stop began, the connection is served (its answer
         // says Connection: close): dropping it would fail a request the kernel handed us.
+        let answered = Arc::new(AtomicBool::new(false));
         match stream.try_clone() {
             Ok(clone) => shared
                 .conns
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id, clone),
+                .insert(
+                    id,
+                    Conn {
+                        stream: clone,
+                        answered: Arc::clone(&answered),
+                    },
+                ),
             Err(_) => continue,
         };
         let conn_shared = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .stack_size(64 * 1024)
             .spawn(move || {
-                serve(stream, &conn_shared);
+                serve(stream, &conn_shared, &answered);
                 let mut conns = conn_shared.conns.lock().unwrap_or_else(|e| e.into_inner());
                 conns.remove(&id);
                 if conns.is_empty() {
@@ -166,7 +183,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Serves requests on one connection until the client or a stop closes it.
-fn serve(mut stream: TcpStream, shared: &Shared) {
+fn serve(mut stream: TcpStream, shared: &Shared, answered: &AtomicBool) {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 4096];
     let mut filled = 0;
@@ -215,6 +232,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         if stream.write_all(bytes).is_err() || !keep_alive {
             return;
         }
+        answered.store(true, Ordering::SeqCst);
     }
 }
 

@@ -147,6 +147,9 @@ pub struct Spawner {
     log_pipes: bool,
     /// `--user`: who workers run as.
     credentials: Option<Credentials>,
+    /// /dev/null, given to workers as stdin when the master's stdin is a terminal: a worker
+    /// is in a background process group, and reading the terminal would stop it (SIGTTIN).
+    null_stdin: Option<OwnedFd>,
     binds: Vec<(SocketAddr, ListenSpec)>,
     backlog: c_int,
 }
@@ -189,6 +192,10 @@ impl Spawner {
             notify_socket: notify_socket.map(|n| env_entry("NOTIFY_SOCKET", n)),
             log_pipes: config.log_prefix,
             credentials: config.credentials.clone(),
+            null_stdin: match nix::unistd::isatty(std::io::stdin()) {
+                Ok(true) => Some(null_stdin(3 + config.binds.len() as c_int)?),
+                _ => None,
+            },
             binds: config
                 .binds
                 .iter()
@@ -273,6 +280,7 @@ impl Spawner {
             cpu,
             report: report_write.as_raw_fd(),
             credentials: self.credentials.as_ref(),
+            stdin: self.null_stdin.as_ref().map(|fd| fd.as_raw_fd()),
             output: match &output[..] {
                 [(_, out), (_, err)] => Some([out.as_raw_fd(), err.as_raw_fd()]),
                 _ => None,
@@ -377,6 +385,12 @@ fn env_entry(key: &str, value: impl fmt::Display) -> CString {
     CString::new(format!("{key}={value}")).expect("keys and numbers hold no NUL")
 }
 
+/// /dev/null, close-on-exec, at an fd >= `min` (clear of the fds the sockets move to).
+fn null_stdin(min: c_int) -> anyhow::Result<OwnedFd> {
+    let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    move_above(null.into(), min).context("moving /dev/null")
+}
+
 /// Duplicates `fd` to the lowest free fd >= `min` (close-on-exec) and closes the original.
 fn move_above(fd: OwnedFd, min: c_int) -> Result<OwnedFd, Errno> {
     let raw = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
@@ -446,12 +460,20 @@ struct ChildPlan<'a> {
     output: Option<[RawFd; 2]>,
     /// `--user`: dropped to after the sockets are bound.
     credentials: Option<&'a Credentials>,
+    /// /dev/null to become fd 0 (when the master's stdin is a terminal).
+    stdin: Option<RawFd>,
     master: Pid,
 }
 
 /// The forked child: async-signal-safe calls only, never returns.
 fn child(plan: &mut ChildPlan) -> ! {
     reset_signals();
+    if let Some(null) = plan.stdin {
+        // SAFETY: dup2(2) is a syscall; `null` is a valid fd opened before fork.
+        if unsafe { libc::dup2(null, 0) } < 0 {
+            fail(plan.report, Step::Output, 0, Errno::last_raw());
+        }
+    }
     if let Some(pipes) = plan.output {
         for (pipe, target) in pipes.into_iter().zip([1, 2]) {
             // SAFETY: dup2(2) is a syscall; `pipe` is a valid fd made before fork.

@@ -839,6 +839,12 @@ impl Supervisor {
                 pgid: pid,
                 signal: self.settings.stop_signal,
             });
+            // A stopped process (SIGSTOP, SIGTTIN) acts on the stop signal only once it is
+            // continued; systemd sends SIGCONT after its kill signal for the same reason.
+            out.push(Action::Signal {
+                pgid: pid,
+                signal: Signal::SIGCONT,
+            });
         }
     }
 
@@ -965,11 +971,14 @@ mod tests {
             .collect()
     }
 
+    /// The signals sent, but the SIGCONT that follows every stop signal.
     fn signals(actions: &[Action]) -> Vec<(i32, Signal)> {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Signal { pgid, signal } => Some((pgid.as_raw(), *signal)),
+                Action::Signal { pgid, signal } if *signal != Signal::SIGCONT => {
+                    Some((pgid.as_raw(), *signal))
+                }
                 _ => None,
             })
             .collect()
@@ -1495,5 +1504,19 @@ mod tests {
             "{log}"
         );
         assert_eq!(s.slots()[0].pid(), Some(pid(200)));
+    }
+
+    #[test]
+    fn a_stop_signal_is_followed_by_sigcont_so_a_stopped_worker_can_act_on_it() {
+        let (mut s, t) = running(1);
+        let out = s.step(Event::StopGracefully, t);
+        let sent: Vec<Signal> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Signal { signal, .. } => Some(*signal),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![TERM, Signal::SIGCONT]);
     }
 }

@@ -66,8 +66,11 @@ impl WorkerOutput {
         }
     }
 
-    /// The fds to poll: pipes whose stream has room, and streams with bytes waiting.
-    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+    /// The fds to poll: pipes whose stream has room, and streams with bytes waiting
+    /// (the master's own queued lines included: polling without them could sleep for ever
+    /// with a line waiting).
+    pub fn poll_fds(&mut self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+        self.take_master_lines();
         let mut fds: Vec<_> = self
             .pipes
             .iter()
@@ -266,11 +269,11 @@ mod tests {
         let (mut out, w1, _w2) = watched(0, 1);
         out.pending[0] = vec![b'x'; HIGH_WATER];
         nix::unistd::write(&w1, b"waits\n").unwrap();
+        let stdout_pipe = out.pipes[0].fd.as_raw_fd();
         assert!(out
             .poll_fds()
             .iter()
-            .all(|(fd, ev)| *ev != PollFlags::POLLIN
-                || fd.as_raw_fd() != out.pipes[0].fd.as_raw_fd()));
+            .all(|(fd, ev)| *ev != PollFlags::POLLIN || fd.as_raw_fd() != stdout_pipe));
         out.read_pipes();
         assert_eq!(
             out.pending[0].len(),

@@ -584,3 +584,58 @@ fn load_many_workers_killed_at_once_are_all_reaped() {
         );
     }
 }
+
+#[test]
+fn workers_of_a_master_on_a_terminal_are_not_stopped_for_reading_stdin() {
+    // On a terminal, workers are background process groups: reading the terminal would stop
+    // them (SIGTTIN) for good. The master gives them /dev/null as stdin instead.
+    let dir = temp_dir("tty");
+    let marker = dir.join("read-stdin");
+    let app = script(
+        "reads_stdin.py",
+        &format!(
+            "#!/usr/bin/env python3\nimport sys, time\ndata = sys.stdin.read()\nopen('{}', 'w').write('eof %d' % len(data))\ntime.sleep(1000)\n",
+            marker.display()
+        ),
+    );
+    let control = dir.join("c.sock");
+    // pty.fork: the master runs as a session leader with a pseudo-terminal as stdin.
+    let driver = format!(
+        r#"
+import os, pty, signal, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv({bin:?}, [{bin:?}, "--bind", "127.0.0.1:0", "--workers", "1", "--ready", "delay:50ms",
+                       "--control", {control:?}, "--cmd", {app:?}])
+os.set_blocking(fd, False)
+deadline = time.time() + 20
+while time.time() < deadline and not os.path.exists({marker:?}):
+    try:
+        os.read(fd, 4096)
+    except OSError:
+        pass
+    time.sleep(0.05)
+os.kill(pid, signal.SIGTERM)
+os.waitpid(pid, 0)
+print("done")
+"#,
+        bin = bin(),
+        control = control.display().to_string(),
+        app = app.display().to_string(),
+        marker = marker.display().to_string(),
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &driver])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("done"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker).ok().as_deref(),
+        Some("eof 0"),
+        "the worker read EOF instead of being stopped"
+    );
+}
