@@ -6,19 +6,28 @@
 # Idempotent: installs nothing that is already there.
 set -euo pipefail
 
-need_apt=()
-command -v python3 >/dev/null || need_apt+=(python3)
-command -v sleep >/dev/null || need_apt+=(coreutils)
-command -v node >/dev/null || need_apt+=(nodejs)
-command -v unshare >/dev/null || need_apt+=(util-linux)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo=sudo; else sudo=; fi
-    echo "installing ${need_apt[*]} (apt-get)" >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo=sudo; else sudo=; fi
+apt_install() { # $1: required|optional, then packages
+    local kind=$1; shift
+    echo "installing $* (apt-get)" >&2
+    if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null; }; then
+        [ "$kind" = required ] && { echo "error: could not install $* (apt-get)" >&2; exit 1; }
+        echo "warning: could not install $*; the tests that need it will be skipped" >&2
+    fi
+}
 
-"$(dirname "$0")/install-multihost-tools.sh"
+# Required: most integration tests run python3 apps.
+need=()
+command -v python3 >/dev/null || need+=(python3)
+command -v sleep >/dev/null || need+=(coreutils)
+[ ${#need[@]} -eq 0 ] || apt_install required "${need[@]}"
+# Optional: the node readiness test and the PID 1 test skip with a reason without them.
+need=()
+command -v node >/dev/null || need+=(nodejs)
+command -v unshare >/dev/null || need+=(util-linux)
+[ ${#need[@]} -eq 0 ] || apt_install optional "${need[@]}"
+
+"$(dirname "$0")/install-multihost-tools.sh" --optional
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest (cargo install, a few minutes once)" >&2

@@ -471,6 +471,16 @@ fn load_multihost_demo_through_haproxy_loses_no_request() {
         eprintln!("skipped: ip netns needs root");
         return;
     }
+    for tool in ["haproxy", "wrk", "ip"] {
+        if std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            eprintln!("skipped: {tool} is missing and scripts/install-multihost-tools.sh could not install it");
+            return;
+        }
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(root.join("scripts/multihost-demo.sh"))
         .arg("10")
