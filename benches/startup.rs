@@ -13,18 +13,9 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Listening sockets on `port` in /proc/net/tcp (state 0A = LISTEN).
+/// Listening sockets on `port`.
 fn listening(port: u16) -> usize {
-    let port_hex = format!(":{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&port_hex) && f[3] == "0A"
-        })
-        .count()
+    listening_inodes(port).len()
 }
 
 /// Sends new-connection requests until every one of `n` slots has answered.

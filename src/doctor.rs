@@ -65,10 +65,10 @@ pub fn run(plan: &Plan) -> bool {
         ),
     }
 
-    match std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").map(|v| v.trim().to_string()) {
-        Ok(v) if v == "1" => say(Verdict::Ok, "net.ipv4.tcp_migrate_req=1: queued connections move off a stopping worker".into()),
-        Ok(v) => say(Verdict::Warn, format!("net.ipv4.tcp_migrate_req={v}: rolling restarts reset queued connections; run: sysctl -w net.ipv4.tcp_migrate_req=1 (a root master with --migrate auto does it)")),
-        Err(_) => say(Verdict::Warn, "net.ipv4.tcp_migrate_req is missing (Linux 5.14+)".into()),
+    match socket::migrate_req() {
+        Some(v) if v == "1" => say(Verdict::Ok, "net.ipv4.tcp_migrate_req=1: queued connections move off a stopping worker".into()),
+        Some(v) => say(Verdict::Warn, format!("net.ipv4.tcp_migrate_req={v}: rolling restarts reset queued connections; run: sysctl -w net.ipv4.tcp_migrate_req=1 (a root master with --migrate auto does it)")),
+        None => say(Verdict::Warn, "net.ipv4.tcp_migrate_req is missing (Linux 5.14+)".into()),
     }
 
     match socket::somaxconn() {
@@ -131,17 +131,9 @@ fn check_port(addr: SocketAddr, say: &mut impl FnMut(Verdict, String)) {
 
 /// Whether a TCP socket listens on `port` (any address).
 fn listening_on(port: u16) -> bool {
-    let port_hex = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-            .any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 3 && f[1].ends_with(&port_hex) && f[3] == "0A"
-            })
-    })
+    crate::status::proc_listeners()
+        .iter()
+        .any(|l| l.port == port)
 }
 
 /// Two SO_REUSEPORT listeners on one loopback port.

@@ -134,9 +134,9 @@ pub fn apply_migrate(mode: Migrate) -> anyhow::Result<Option<(Level, String)>> {
     }
     let fix = "run: sysctl -w net.ipv4.tcp_migrate_req=1";
     let lost = "connections queued on a stopping worker's socket will be reset";
-    match std::fs::read_to_string(MIGRATE_REQ).map(|v| v.trim().to_string()) {
-        Ok(v) if v == "1" => Ok(None),
-        Ok(_) => match std::fs::write(MIGRATE_REQ, "1") {
+    match migrate_req() {
+        Some(v) if v == "1" => Ok(None),
+        Some(_) => match std::fs::write(MIGRATE_REQ, "1") {
             Ok(()) => Ok(Some((
                 Level::Info,
                 "set net.ipv4.tcp_migrate_req=1: a stopping worker's queued connections move to the other workers"
@@ -150,14 +150,21 @@ pub fn apply_migrate(mode: Migrate) -> anyhow::Result<Option<(Level, String)>> {
                 format!("net.ipv4.tcp_migrate_req is 0 and setting it failed ({e}): {lost}; {fix}"),
             ))),
         },
-        Err(_) if mode == Migrate::On => anyhow::bail!(
+        None if mode == Migrate::On => anyhow::bail!(
             "--migrate on: this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+)"
         ),
-        Err(_) => Ok(Some((
+        None => Ok(Some((
             Level::Warn,
             format!("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+): {lost}"),
         ))),
     }
+}
+
+/// net.ipv4.tcp_migrate_req as the kernel shows it (`0`, `1`); None before Linux 5.14.
+pub fn migrate_req() -> Option<String> {
+    std::fs::read_to_string(MIGRATE_REQ)
+        .ok()
+        .map(|v| v.trim().to_string())
 }
 
 /// net.core.somaxconn, the kernel's cap on any listen() backlog.

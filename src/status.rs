@@ -148,10 +148,7 @@ impl ClusterStatus {
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.generation, w.pid));
-        let workers_ready = workers
-            .iter()
-            .filter(|w| w.serving && w.state == "ready")
-            .count();
+        let workers_ready = supervisor.ready_count();
         let (rolling_restarts_total, rolling_restarts_failed) = supervisor.rolling_counts();
         ClusterStatus {
             name: name.to_string(),
@@ -246,9 +243,7 @@ impl ClusterStatus {
 }
 
 fn migrate_setting(config: &Config) -> String {
-    let value = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
-        .map(|v| v.trim().to_string())
-        .unwrap_or_else(|_| "unsupported".into());
+    let value = crate::socket::migrate_req().unwrap_or_else(|| "unsupported".into());
     format!(
         "net.ipv4.tcp_migrate_req={value} (--migrate {:?})",
         config.migrate
@@ -332,21 +327,44 @@ fn sock_diag_listeners(family: u8, queues: &mut HashMap<u64, (u32, u32)>) -> nix
 
 /// Depths of listening sockets from /proc/net/tcp{,6} (rx_queue); no limits there.
 fn proc_net_tcp_listeners(queues: &mut HashMap<u64, (u32, u32)>) {
+    for l in proc_listeners() {
+        queues.insert(l.inode, (l.depth, 0));
+    }
+}
+
+/// A TCP socket in LISTEN state, as /proc/net/tcp{,6} lists it.
+pub struct ProcListener {
+    /// Its local port.
+    pub port: u16,
+    /// Its inode.
+    pub inode: u64,
+    /// Its accept queue (rx_queue).
+    pub depth: u32,
+}
+
+/// Every listening TCP socket of this network namespace, from /proc/net/tcp{,6}.
+pub fn proc_listeners() -> Vec<ProcListener> {
+    let mut found = Vec::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(file).unwrap_or_default();
         for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx_queue:rx_queue tr retrnsmt uid timeout inode
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 || f[3] != "0A" {
                 continue;
             }
+            let port = f[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
             let depth = f[4]
                 .split_once(':')
                 .and_then(|(_, rx)| u32::from_str_radix(rx, 16).ok());
-            if let (Some(depth), Ok(inode)) = (depth, f[9].parse::<u64>()) {
-                queues.insert(inode, (depth, 0));
+            if let (Some(port), Some(depth), Ok(inode)) = (port, depth, f[9].parse::<u64>()) {
+                found.push(ProcListener { port, inode, depth });
             }
         }
     }
+    found
 }
 
 #[cfg(test)]
