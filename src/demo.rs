@@ -5,9 +5,9 @@
 //! only std: a thread per accepted connection (64 KiB stacks), which serves hundreds of
 //! concurrent keep-alive connections per worker without an event loop.
 //!
-//! On SIGTERM/SIGINT it stops the way a production server should: it stops accepting
-//! (with net.ipv4.tcp_migrate_req=1 the kernel hands its queued connections to the other
-//! workers), answers every further request with `Connection: close`, closes keep-alive
+//! On SIGTERM/SIGINT it stops the way a production server should: it stops accepting and
+//! closes its fds of the listening sockets, never shutting them down (shutdown(2) would end
+//! the socket for the slot's next worker too, which shares it: see slot_sockets.rs), answers every further request with `Connection: close`, closes keep-alive
 //! connections that stay idle for a second (closing them at once would race a client that
 //! is sending its next request; a connection not answered yet waits for its request), and
 //! exits 0 once every connection is closed.
@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::spawn;
@@ -89,29 +90,30 @@ pub fn run() -> anyhow::Result<()> {
 
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing signal handlers")?;
-    let mut wakers = Vec::new();
+    // The accept threads wait in poll(2) on their socket and on this pipe, which the stop
+    // makes readable for all of them at once.
+    let (woken, wake) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the stop pipe")?;
     let mut acceptors = Vec::new();
     for listener in listeners {
-        wakers.push(
-            listener
-                .try_clone()
-                .context("duplicating a listening socket")?,
-        );
+        // The socket is shared with the slot's other holders, which is also why accept()
+        // must never block: another process may take the connection poll(2) announced.
+        listener
+            .set_nonblocking(true)
+            .context("making a listening socket non-blocking")?;
         let shared = Arc::clone(&shared);
+        let woken = woken.try_clone().context("duplicating the stop pipe")?;
         acceptors.push(
             std::thread::Builder::new()
                 .name("accept".into())
-                .spawn(move || accept_loop(listener, shared))
+                .spawn(move || accept_loop(listener, shared, woken))
                 .context("starting an accept thread")?,
         );
     }
 
     signals.forever().next();
     shared.stopping.store(true, Ordering::SeqCst);
-    for listener in &wakers {
-        // Wakes the blocked accept() (EINVAL) and closes the queue of this socket.
-        let _ = socket2::SockRef::from(listener).shutdown(Shutdown::Read);
-    }
+    let _ = nix::unistd::write(&wake, b"x");
     // Once the accept threads are gone, every accepted connection is registered below.
     for acceptor in acceptors {
         let _ = acceptor.join();
@@ -131,11 +133,27 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>, woken: std::os::fd::OwnedFd) {
+    use std::os::fd::AsFd;
     loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+        ];
+        let _ = poll(&mut fds, PollTimeout::NONE);
+        if shared.stopping.load(Ordering::SeqCst) {
+            return; // dropping `listener` closes this worker's fd, nothing more
+        }
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
-            Err(_) if shared.stopping.load(Ordering::SeqCst) => return,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue; // another holder of the socket took it
+            }
             Err(e) => {
                 eprintln!("demo: accept: {e}");
                 // Out of fds or memory: back off instead of spinning on the error.
@@ -143,6 +161,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        if stream.set_nonblocking(false).is_err() {
+            continue;
+        }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Even when accepted just as the stop began, the connection is served (its answer
         // says Connection: close): dropping it would fail a request the kernel handed us.

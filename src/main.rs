@@ -18,6 +18,7 @@ mod metrics;
 mod notify;
 mod readiness;
 mod rolling;
+mod slot_sockets;
 mod socket;
 mod spawn;
 mod status;

@@ -33,6 +33,7 @@ use crate::control::{ControlServer, Request};
 use crate::metrics::MetricsServer;
 use crate::notify::NotifySocket;
 use crate::readiness;
+use crate::slot_sockets::SlotSockets;
 use crate::socket;
 use crate::spawn::{self, Spawner};
 use crate::status::ClusterStatus;
@@ -99,6 +100,13 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         rolling_batch: config.rolling_batch,
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
+    let mut sockets = SlotSockets::new(SlotSockets::enabled_by_env(), config.binds.len());
+    if !sockets.enabled() {
+        info!(
+            "socket takeover off ({}=0): each worker opens its own sockets",
+            crate::slot_sockets::TAKEOVER_ENV
+        );
+    }
     let mut output = WorkerOutput::default();
     if config.log_prefix {
         crate::log::queue_own_lines();
@@ -115,6 +123,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 actions,
                 &config,
                 &mut spawner,
+                &mut sockets,
                 size,
                 &mut output,
                 &mut answers,
@@ -175,11 +184,22 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         // Exits are queued before the signals: a stop request handled in the same wake as
         // the last worker's exit must find it gone (and not SIGKILL, nor exit 3, for nothing).
         reap(&supervisor, &mut events);
+        // A socket an app shut down is dead for every holder: checked on every wake, one
+        // getsockopt per held socket.
+        for (slot, inode) in sockets.lost() {
+            events.push_back(Event::SocketLost { slot, inode });
+        }
         if let Some(m) = metrics.as_mut() {
             let wanted = m.service(Instant::now());
             if !wanted.is_empty() {
-                let status =
-                    ClusterStatus::collect(&config, &supervisor, &name, started, Instant::now());
+                let status = ClusterStatus::collect(
+                    &config,
+                    &supervisor,
+                    &sockets,
+                    &name,
+                    started,
+                    Instant::now(),
+                );
                 for id in wanted {
                     m.respond(id, &status);
                 }
@@ -191,6 +211,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                     let status = ClusterStatus::collect(
                         &config,
                         &supervisor,
+                        &sockets,
                         &name,
                         started,
                         Instant::now(),
@@ -277,6 +298,7 @@ fn perform(
     actions: Vec<Action>,
     config: &Config,
     spawner: &mut Spawner,
+    sockets: &mut SlotSockets,
     size: usize,
     output: &mut WorkerOutput,
     answers: &mut Vec<Event>,
@@ -301,24 +323,46 @@ fn perform(
                 slot,
                 cpu,
                 generation,
-            } => answers.push(match spawner.spawn(slot, cpu, generation, size) {
-                Ok(spawned) => Event::Spawned {
-                    sockets: spawned.sockets,
-                    slot,
-                    generation,
-                    pid: {
-                        if let Some(pipes) = spawned.output {
-                            output.add(slot, spawned.pid.as_raw(), pipes);
+            } => {
+                let grant = sockets.grant(slot, &format!("worker {slot}"));
+                if let Some(note) = grant.note {
+                    info!("{note}");
+                }
+                let inherit = grant.inherit.as_deref();
+                let send = sockets.enabled();
+                answers.push(
+                    match spawner.spawn(slot, cpu, generation, size, inherit, send) {
+                        Ok(spawned) => {
+                            sockets.started(
+                                slot,
+                                inherit.is_some(),
+                                spawned.opened,
+                                &spawned.sockets,
+                            );
+                            if let Some(pipes) = spawned.output {
+                                output.add(slot, spawned.pid.as_raw(), pipes);
+                            }
+                            Event::Spawned {
+                                sockets: spawned.sockets,
+                                slot,
+                                generation,
+                                pid: spawned.pid,
+                            }
                         }
-                        spawned.pid
+                        Err(e) => Event::SpawnFailed {
+                            slot,
+                            generation,
+                            error: e.to_string(),
+                        },
                     },
-                },
-                Err(e) => Event::SpawnFailed {
-                    slot,
-                    generation,
-                    error: e.to_string(),
-                },
-            }),
+                );
+            }
+            Action::ReleaseSockets { slot, why } => {
+                if let Some(line) = sockets.release(slot, &why, &format!("worker {slot}")) {
+                    info!("{line}");
+                }
+            }
+            Action::ReleaseAllSockets => sockets.release_all(),
             Action::Signal { pgid, signal } => match signal_group(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => warn!("sending {signal} to process group {pgid}: {e}"),

@@ -12,10 +12,13 @@
 //! fds 3.., marks every other fd close-on-exec, drops to `--user` if given, asks for SIGKILL
 //! when the master dies (PR_SET_PDEATHSIG, after the drop, which would clear it), pins
 //! itself to its CPU (core_affinity), fills in LISTEN_PID and execs.
-//! Before exec the child writes each socket's inode to a close-on-exec pipe (for
-//! `--ready listening`, which looks for that socket in /proc); a failing step writes
-//! (step, bind index, errno) and `_exit`s. The master reads until EOF, which comes when
-//! exec succeeded, like `std::process::Command` does.
+//! Before exec the child writes each socket's inode to a close-on-exec socketpair (for
+//! `--ready listening`, which looks for that socket in /proc), with the socket itself
+//! attached (SCM_RIGHTS) when it opened it, so that the master can hold it for the slot's
+//! next workers (slot_sockets.rs); a failing step writes (step, bind index, errno) and
+//! `_exit`s. The master reads until EOF, which comes when exec succeeded, like
+//! `std::process::Command` does. A worker given the slot's held sockets (`inherit`) moves
+//! those to fds 3.. instead of opening new ones.
 //!
 //! **LISTEN_PID** must be the worker's own pid, known only after fork. The envp entry is
 //! built before fork as `LISTEN_PID=` followed by room for 20 digits; the child writes its
@@ -38,6 +41,9 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc::{self, c_char, c_int};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+use nix::sys::socket::{
+    recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
 use nix::sys::wait::waitpid;
 use nix::unistd::{pipe2, ForkResult, Pid};
 
@@ -161,6 +167,9 @@ pub struct Spawned {
     pub pid: Pid,
     /// Inodes of its listening sockets, in fd order.
     pub sockets: Vec<u64>,
+    /// The sockets it opened itself, as the master's close-on-exec copies (none when it
+    /// inherited them, or with `send_sockets` off).
+    pub opened: Vec<OwnedFd>,
     /// With `--log-prefix`: the read ends of its stdout and stderr (non-blocking).
     pub output: Option<[OwnedFd; 2]>,
 }
@@ -212,14 +221,22 @@ impl Spawner {
         Ok(())
     }
 
-    /// Forks and execs the worker for `slot`; returns once it has exec'd or failed.
+    /// Forks and execs the worker for `slot`; returns once it has exec'd or failed. With
+    /// `inherit` (one fd per bind), the worker gets those sockets at fds 3.. instead of
+    /// opening its own; otherwise it opens them and, with `send_sockets`, sends them to the
+    /// master.
     pub fn spawn(
         &self,
         slot: usize,
         cpu: Option<usize>,
         generation: Generation,
         workers: usize,
+        inherit: Option<&[RawFd]>,
+        send_sockets: bool,
     ) -> Result<Spawned, SpawnError> {
+        if inherit.is_some_and(|fds| fds.len() != self.binds.len()) {
+            return Err(SpawnError("held sockets do not match the binds".into()));
+        }
         let path = self
             .paths
             .range(..=generation)
@@ -249,8 +266,14 @@ impl Spawner {
         argv.push(std::ptr::null());
 
         let fail = |what: &str, e: Errno| SpawnError(format!("{what}: {}", io::Error::from(e)));
-        let (report_read, report_write) =
-            pipe2(OFlag::O_CLOEXEC).map_err(|e| fail("creating the start-up pipe", e))?;
+        // A socketpair rather than a pipe: the child attaches the sockets it opened.
+        let (report_read, report_write) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| fail("creating the start-up pipe", e))?;
         // Keep the write end above the fds the sockets move to, so no dup2 can replace it.
         let first_free = 3 + self.binds.len() as c_int;
         let report_write = move_above(report_write, first_free)
@@ -276,6 +299,8 @@ impl Spawner {
             listen_pid_index,
             binds: &self.binds,
             backlog: self.backlog,
+            inherit,
+            send_sockets: send_sockets && inherit.is_none(),
             moved: vec![-1; self.binds.len()],
             cpu,
             report: report_write.as_raw_fd(),
@@ -317,9 +342,10 @@ impl Spawner {
         };
 
         match read_report(&report_read, self.binds.len()) {
-            Ok(sockets) => Ok(Spawned {
+            Ok((sockets, opened)) => Ok(Spawned {
                 pid,
                 sockets,
+                opened,
                 output,
             }),
             Err((step, index, errno)) => {
@@ -414,23 +440,38 @@ fn record(kind: u8, step: u8, index: usize, errno: i32, inode: u64) -> [u8; RECO
     r
 }
 
-/// Reads the child's report until EOF: the sockets' inodes when exec succeeded, or the
-/// failed (step, bind index, errno).
-fn read_report(fd: &OwnedFd, binds: usize) -> Result<Vec<u64>, (Step, usize, i32)> {
+/// Reads the child's report until EOF: the sockets' inodes (and the sockets it attached)
+/// when exec succeeded, or the failed (step, bind index, errno).
+#[allow(clippy::type_complexity)]
+fn read_report(fd: &OwnedFd, binds: usize) -> Result<(Vec<u64>, Vec<OwnedFd>), (Step, usize, i32)> {
     let mut sockets = Vec::with_capacity(binds);
+    let mut opened = Vec::new();
     loop {
         let mut buf = [0u8; RECORD];
-        let mut got = 0;
-        while got < RECORD {
-            match nix::unistd::read(fd, &mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(Errno::EINTR) => continue,
-                Err(_) => break,
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        // MSG_CMSG_CLOEXEC: the master's copy of a socket must never reach a later worker
+        // except through an explicit dup2.
+        let got = match recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                for c in msg.cmsgs().into_iter().flatten() {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        // SAFETY: the kernel just installed these fds in this process for us.
+                        opened.extend(fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    }
+                }
+                msg.bytes
             }
-        }
+            Err(Errno::EINTR) => continue,
+            Err(_) => 0,
+        };
         if got < RECORD {
-            return Ok(sockets); // EOF: the exec succeeded
+            return Ok((sockets, opened)); // EOF: the exec succeeded
         }
         let index = u16::from_ne_bytes([buf[2], buf[3]]) as usize;
         let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
@@ -452,6 +493,10 @@ struct ChildPlan<'a> {
     listen_pid_index: usize,
     binds: &'a [(SocketAddr, ListenSpec)],
     backlog: c_int,
+    /// The slot's held sockets, to use instead of opening new ones.
+    inherit: Option<&'a [RawFd]>,
+    /// Attach each socket opened here to its report record, for the master to hold.
+    send_sockets: bool,
     /// Scratch space for the sockets' temporary fds, so the child never allocates.
     moved: Vec<RawFd>,
     cpu: Option<usize>,
@@ -494,25 +539,30 @@ fn child(plan: &mut ChildPlan) -> ! {
 
     let first_free = 3 + plan.binds.len() as c_int;
     for (i, (_, spec)) in plan.binds.iter().enumerate() {
-        let sock = match socket::open(spec, Some(plan.backlog)) {
-            Ok(s) => s,
-            Err((step, e)) => fail(
-                plan.report,
-                Step::from_socket(step),
-                i,
-                e.raw_os_error().unwrap_or(0),
-            ),
+        let raw = match plan.inherit {
+            Some(held) => held[i],
+            None => match socket::open(spec, Some(plan.backlog)) {
+                Ok(s) => s.into_raw_fd(),
+                Err((step, e)) => fail(
+                    plan.report,
+                    Step::from_socket(step),
+                    i,
+                    e.raw_os_error().unwrap_or(0),
+                ),
+            },
         };
         // Park every socket above 3..3+n first, so that moving one into place can never
-        // replace another.
-        let raw = sock.into_raw_fd();
+        // replace another (a held socket may well be at fd 3 of the master).
         // SAFETY: see the function comment; fcntl(F_DUPFD_CLOEXEC) and close are syscalls.
         let parked = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, first_free) };
         if parked < 0 {
             fail(plan.report, Step::MoveFd, i, Errno::last_raw());
         }
-        // SAFETY: `raw` is the socket's original fd, which nothing else uses.
-        unsafe { libc::close(raw) };
+        if plan.inherit.is_none() {
+            // SAFETY: `raw` is the socket's original fd, which nothing else uses. (A held
+            // socket's fd is the master's, close-on-exec: exec closes this copy.)
+            unsafe { libc::close(raw) };
+        }
         plan.moved[i] = parked;
     }
     for (i, &parked) in plan.moved.iter().enumerate() {
@@ -525,7 +575,11 @@ fn child(plan: &mut ChildPlan) -> ! {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above; fd 3+i was just made a copy of the socket.
         if unsafe { libc::fstat(3 + i as c_int, &mut st) } == 0 {
-            report(plan.report, &record(RECORD_SOCKET, 0, i, 0, st.st_ino));
+            let record = record(RECORD_SOCKET, 0, i, 0, st.st_ino);
+            match plan.send_sockets {
+                true => report_with_fd(plan.report, &record, 3 + i as c_int),
+                false => report(plan.report, &record),
+            }
         }
     }
     // Any fd the master inherited without FD_CLOEXEC would leak into the app: mark them all.
@@ -595,6 +649,41 @@ fn reset_signals() {
 fn report(fd: RawFd, record: &[u8; RECORD]) {
     // SAFETY: write(2) on our own pipe fd from a stack buffer of the given length.
     unsafe { libc::write(fd, record.as_ptr().cast(), RECORD) };
+}
+
+/// Writes one record with `pass` attached (SCM_RIGHTS); async-signal-safe: the control
+/// buffer is on this stack frame and sendmsg(2) is a syscall.
+fn report_with_fd(fd: RawFd, record: &[u8; RECORD], pass: RawFd) {
+    // Aligned like a cmsghdr, and large enough for one header and one fd.
+    #[repr(C)]
+    union Control {
+        _align: libc::cmsghdr,
+        bytes: [u8; 64],
+    }
+    let mut control = Control { bytes: [0; 64] };
+    let mut iov = libc::iovec {
+        iov_base: record.as_ptr() as *mut libc::c_void,
+        iov_len: RECORD,
+    };
+    // SAFETY: msghdr is a plain C struct; all zeroes is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&mut control as *mut Control).cast();
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<c_int>() as u32) } as usize;
+    // SAFETY: msg_control points at `control`, which has room for one header and one int
+    // (checked by msg_controllen above); CMSG_FIRSTHDR and CMSG_DATA only compute pointers
+    // into it, and the writes stay inside it. sendmsg(2) reads `msg`, `iov`, `record` and
+    // `control`, all alive on this stack frame.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<c_int>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<c_int>(), pass);
+        libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL);
+    }
 }
 
 /// Writes the failed step to the master and exits; async-signal-safe.
@@ -748,24 +837,61 @@ mod tests {
         );
     }
 
+    fn report_channel() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
     #[test]
-    fn report_records_round_trip_through_a_pipe() {
-        let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+    fn report_records_round_trip_through_the_channel() {
+        let (r, w) = report_channel();
         report(
             w.as_raw_fd(),
             &record(RECORD_SOCKET, 0, 0, 0, 0xdead_beef_1234),
         );
         report(w.as_raw_fd(), &record(RECORD_SOCKET, 0, 1, 0, 7));
         drop(w);
-        assert_eq!(read_report(&r, 2), Ok(vec![0xdead_beef_1234, 7]));
-        let (r, w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+        let (inodes, opened) = read_report(&r, 2).unwrap();
+        assert_eq!(inodes, vec![0xdead_beef_1234, 7]);
+        assert!(opened.is_empty());
+        let (r, w) = report_channel();
         report(w.as_raw_fd(), &record(RECORD_SOCKET, 0, 0, 0, 9));
         report(
             w.as_raw_fd(),
             &record(RECORD_FAILURE, Step::Exec as u8, 0, libc::ENOENT, 0),
         );
         drop(w);
-        assert_eq!(read_report(&r, 1), Err((Step::Exec, 0, libc::ENOENT)));
+        assert_eq!(
+            read_report(&r, 1).map(|(i, _)| i),
+            Err((Step::Exec, 0, libc::ENOENT))
+        );
+    }
+
+    #[test]
+    fn an_attached_socket_arrives_as_a_close_on_exec_copy_of_the_same_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (r, w) = report_channel();
+        report_with_fd(
+            w.as_raw_fd(),
+            &record(RECORD_SOCKET, 0, 0, 0, 5),
+            listener.as_raw_fd(),
+        );
+        drop(w);
+        let (inodes, opened) = read_report(&r, 1).unwrap();
+        assert_eq!((inodes, opened.len()), (vec![5], 1));
+        let flags = fcntl(&opened[0], FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "close-on-exec in the master");
+        let ino = |fd: RawFd| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            ino(opened[0].as_raw_fd()).ino(),
+            ino(listener.as_raw_fd()).ino()
+        );
     }
 
     #[test]

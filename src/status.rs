@@ -12,6 +12,7 @@ use nix::libc;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::slot_sockets::SlotSockets;
 use crate::supervisor::Supervisor;
 use crate::worker::ms;
 
@@ -44,6 +45,25 @@ pub struct ClusterStatus {
     pub rolling_restarts_failed: u64,
     /// Every live worker process (a slot has two during its rolling restart).
     pub workers: Vec<WorkerStatus>,
+    /// Whether the master holds each slot's sockets for its next workers (socket takeover).
+    pub socket_takeover: bool,
+    /// The sockets the master holds, per slot.
+    pub held_sockets: Vec<HeldSocketsStatus>,
+}
+
+/// The sockets the master holds for one slot: they outlive its workers.
+#[derive(Debug, Serialize)]
+pub struct HeldSocketsStatus {
+    /// The slot.
+    pub slot: usize,
+    /// Each socket's inode, in fd order (fd 3, 4, …).
+    pub inodes: Vec<u64>,
+    /// Seconds since the master took hold of them.
+    pub held_s: f64,
+    /// When that was, in seconds since the Unix epoch.
+    pub held_since_unix_s: u64,
+    /// Workers of the slot started with these sockets so far.
+    pub workers_served: u32,
 }
 
 /// One `--bind`.
@@ -111,6 +131,7 @@ impl ClusterStatus {
     pub fn collect(
         config: &Config,
         supervisor: &Supervisor,
+        sockets: &SlotSockets,
         name: &str,
         started: Instant,
         now: Instant,
@@ -179,6 +200,21 @@ impl ClusterStatus {
             rolling_restarts_total,
             rolling_restarts_failed,
             workers,
+            socket_takeover: sockets.enabled(),
+            held_sockets: sockets
+                .slots()
+                .into_iter()
+                .filter_map(|slot| {
+                    let v = sockets.view(slot, now)?;
+                    Some(HeldSocketsStatus {
+                        slot,
+                        inodes: v.inodes,
+                        held_s: v.held_for.as_secs_f64(),
+                        held_since_unix_s: v.since_unix_s,
+                        workers_served: v.workers,
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -202,6 +238,27 @@ impl ClusterStatus {
         );
         let _ = writeln!(out, "sockets: {}", binds.join(", "));
         let _ = writeln!(out, "ready: {}; migrate: {}", self.ready_mode, self.migrate);
+        let held: Vec<String> = self
+            .held_sockets
+            .iter()
+            .map(|h| {
+                let inodes: Vec<String> = h.inodes.iter().map(|i| i.to_string()).collect();
+                format!(
+                    "slot {} inode {} for {} ({} workers)",
+                    h.slot,
+                    inodes.join("+"),
+                    ms(Duration::from_secs_f64(h.held_s)),
+                    h.workers_served
+                )
+            })
+            .collect();
+        match (self.socket_takeover, held.is_empty()) {
+            (false, _) => out.push_str("held sockets: takeover off\n"),
+            (true, true) => out.push_str("held sockets: none\n"),
+            (true, false) => {
+                let _ = writeln!(out, "held sockets: {}", held.join(", "));
+            }
+        }
         match &self.rolling_restart {
             Some(r) => {
                 let _ = writeln!(

@@ -84,6 +84,14 @@ pub enum Event {
     StopNow,
     /// `scale N`, SIGTTIN, SIGTTOU: grow or shrink to this many slots (at least 1).
     Scale(usize),
+    /// The socket the master held for `slot` no longer listens (the app shut it down):
+    /// slot_sockets.rs dropped it; a worker still serving it must be replaced.
+    SocketLost {
+        /// The slot.
+        slot: usize,
+        /// The dead socket's inode.
+        inode: u64,
+    },
     /// Time passed; timers may be due.
     Tick,
 }
@@ -112,6 +120,15 @@ pub enum Action {
         /// The signal.
         signal: Signal,
     },
+    /// Let go of the master's reference to `slot`'s sockets (slot_sockets.rs).
+    ReleaseSockets {
+        /// The slot.
+        slot: usize,
+        /// Why, for the log line.
+        why: String,
+    },
+    /// Let go of every slot's sockets: the master is stopping.
+    ReleaseAllSockets,
     /// Write a line to the master's log.
     Log(String),
     /// Everything has stopped: exit.
@@ -362,6 +379,7 @@ impl Supervisor {
                 self.kill_all(now, &mut out);
             }
             Event::Scale(n) => self.on_scale(n, now, &mut out),
+            Event::SocketLost { slot, inode } => self.on_socket_lost(slot, inode, now, &mut out),
             Event::Tick => self.on_tick(now, &mut out),
         }
         self.finish_if_stopped(&mut out);
@@ -415,6 +433,12 @@ impl Supervisor {
             }
         } else if self.slots.get(index).is_none_or(|s| s.pid().is_some()) {
             // The surge it was forked for was abandoned, or the slot scaled away, meanwhile.
+            if self.slots.get(index).is_none() {
+                out.push(Action::ReleaseSockets {
+                    slot: index,
+                    why: "the slot was scaled away".into(),
+                });
+            }
             self.stop_worker(pid, now, out);
         } else {
             let slot = &mut self.slots[index];
@@ -455,6 +479,7 @@ impl Supervisor {
                 let delay = slot.backoff.delay(Duration::ZERO);
                 slot.state = SlotState::Waiting { at: now + delay };
                 out.push(Action::Log(format!("{line}; retrying in {}", ms(delay))));
+                release_if_crash_looping(index, delay, out);
             }
             Phase::Stopping { .. } | Phase::Done => out.push(Action::Log(line)),
         }
@@ -522,6 +547,7 @@ impl Supervisor {
                 let delay = slot.backoff.delay(uptime);
                 slot.state = SlotState::Waiting { at: now + delay };
                 out.push(Action::Log(format!("{line}; restarting in {}", ms(delay))));
+                release_if_crash_looping(worker.slot, delay, out);
             }
             Phase::Stopping { .. } | Phase::Done => out.push(Action::Log(line)),
         }
@@ -757,7 +783,14 @@ impl Supervisor {
             self.spawn_next_initial(out);
         } else {
             while self.slots.len() > wanted {
-                if let Some(pid) = self.slots.pop().and_then(|s| s.pid()) {
+                let Some(slot) = self.slots.pop() else { break };
+                // Its worker's own fd decides from here, as without takeover: the master's
+                // reference would keep the socket in the group with nobody to serve it.
+                out.push(Action::ReleaseSockets {
+                    slot: slot.index,
+                    why: "the slot was scaled away".into(),
+                });
+                if let Some(pid) = slot.pid() {
                     self.stop_worker(pid, now, out);
                 }
             }
@@ -765,6 +798,44 @@ impl Supervisor {
         }
         self.settings.workers = wanted;
         self.all_ready_logged = false;
+    }
+
+    fn on_socket_lost(&mut self, index: usize, inode: u64, now: Instant, out: &mut Vec<Action>) {
+        if !matches!(self.phase, Phase::Running | Phase::Starting) {
+            return;
+        }
+        let starting = self
+            .rolling
+            .as_ref()
+            .and_then(|r| r.surge(index))
+            .and_then(|s| match s.step {
+                SurgeStep::Starting(pid) => Some(pid),
+                _ => None,
+            });
+        let why = format!(
+            "worker {index}: its socket (inode {inode}) no longer listens (an app shut it down \
+             with shutdown(2))"
+        );
+        if starting.is_some() {
+            // The surge's new worker was given the dead socket: this pass cannot finish.
+            return self.abort_rolling(why, now, out);
+        }
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        let Some(pid) = slot.pid() else {
+            // No worker serves it: the next one opens a fresh socket anyway.
+            return out.push(Action::Log(format!(
+                "{why}; the next worker opens a fresh one"
+            )));
+        };
+        // The worker serves a socket the kernel no longer sends connections to: replace it
+        // at once (no backoff, nothing crashed) with one on a fresh socket.
+        slot.state = SlotState::Waiting { at: now };
+        out.push(Action::Log(format!(
+            "{why}; replacing worker {index} (pid {pid}) with one on a fresh socket"
+        )));
+        self.stop_worker(pid, now, out);
     }
 
     fn on_ready_timeout(&mut self, pid: Pid, now: Instant, out: &mut Vec<Action>) {
@@ -813,6 +884,9 @@ impl Supervisor {
             forced: false,
             failure,
         };
+        // Held sockets would keep taking connections that nobody will serve; the workers'
+        // own fds keep theirs open while they drain.
+        out.push(Action::ReleaseAllSockets);
         for slot in &mut self.slots {
             if let SlotState::Waiting { .. } = slot.state {
                 slot.state = SlotState::Empty;
@@ -900,6 +974,19 @@ impl Supervisor {
 }
 
 /// The CPU of slot `i`: the i-th of the pin list, wrapping around.
+/// A slot whose next restart is far off lets go of its sockets (slot_sockets.rs).
+fn release_if_crash_looping(slot: usize, delay: Duration, out: &mut Vec<Action>) {
+    if delay >= crate::slot_sockets::RELEASE_AFTER_BACKOFF {
+        out.push(Action::ReleaseSockets {
+            slot,
+            why: format!(
+                "crash loop (next restart in {}), so the kernel stops sending it connections",
+                ms(delay)
+            ),
+        });
+    }
+}
+
 fn cpu_of(cpus: &Option<Vec<usize>>, i: usize) -> Option<usize> {
     cpus.as_ref()
         .filter(|c| !c.is_empty())

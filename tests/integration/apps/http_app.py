@@ -30,6 +30,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
+    # ThreadingHTTPServer makes handler threads daemons, which server_close() does not wait
+    # for: a request accepted just before the stop would be cut off when the process exits.
+    daemon_threads = False
+
     def server_bind(self):
         pass  # fd 3 is bound already
 
