@@ -4,6 +4,12 @@
 //! Run: `cargo bench --bench rolling` (or `-- 2 8 32 --passes 5`). Load: 16 client threads
 //! on 127.0.0.1, half keep-alive, half a new connection per request; the client shares the
 //! 2 cores with the workers, so the absolute figures are the machine's, the ratio is ours.
+//!
+//! A second table (as root; skipped otherwise) counts failed requests over rolling restarts
+//! in a network namespace of its own, with net.ipv4.tcp_migrate_req 1 and 0 (as in a
+//! container), socket takeover on and off (REUSEPORT_CLUSTER_TAKEOVER=0), for the demo app
+//! and for a python app that closes its listener on SIGTERM without draining it. There the
+//! keep-alive clients retry once on a connection the server closed, as HTTP clients do.
 
 #[path = "../tests/integration/support.rs"]
 mod support;
@@ -60,6 +66,61 @@ fn measure(workers: usize, passes: u64) -> Row {
     }
 }
 
+/// Failed requests over `passes` rolling restarts of 2 workers of `cmd` (empty: the demo).
+fn takeover_row(cmd: &[&str], env: &[(&str, &str)], passes: u64) -> (u64, u64) {
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "listening",
+        "--migrate",
+        "off",
+    ];
+    if !cmd.is_empty() {
+        args.push("--");
+        args.extend_from_slice(cmd);
+    }
+    let mut c = Cluster::spawn(&args, env);
+    c.expect_log("workers ready");
+    let load = Load::start_with(c.addr(), 16, Duration::from_secs(300), true);
+    std::thread::sleep(Duration::from_millis(300)); // warm up
+    for g in 2..2 + passes {
+        c.signal(Signal::SIGHUP);
+        c.expect_log(&format!("rolling restart to generation {g} done"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = load.finish();
+    (stats.failed, stats.ok + stats.failed)
+}
+
+fn takeover_table(passes: u64) {
+    if !enter_fresh_netns() {
+        return;
+    }
+    let app = script("close_app.py", PYTHON_CLOSE_APP);
+    let python = [app.to_str().unwrap()];
+    println!("\n| app | tcp_migrate_req | socket takeover | failed requests over {passes} rolling restarts of 2 workers |");
+    println!("|---|---|---|---|");
+    for migrate in ["1", "0"] {
+        std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", migrate)
+            .expect("setting tcp_migrate_req in the bench's own netns");
+        for (name, cmd) in [
+            ("demo app", &[][..]),
+            ("python, closes its listener", &python[..]),
+        ] {
+            for (takeover, env) in [
+                ("on", &[][..]),
+                ("off", &[("REUSEPORT_CLUSTER_TAKEOVER", "0")][..]),
+            ] {
+                let (failed, total) = takeover_row(cmd, env, passes);
+                println!("| {name} | {migrate} | {takeover} | {failed} of {total} |");
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -96,4 +157,5 @@ fn main() {
         );
     }
     println!("\ndemo app, --ready listening, tcp_migrate_req as the master leaves it (auto: 1)");
+    takeover_table(passes);
 }

@@ -170,6 +170,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         {
             fds.push(PollFd::new(fd, events));
         }
+        for fd in sockets.poll_fds() {
+            fds.push(PollFd::new(fd, PollFlags::empty()));
+        }
         wait(&mut fds, deadline);
         drop(fds);
 
@@ -184,8 +187,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         // Exits are queued before the signals: a stop request handled in the same wake as
         // the last worker's exit must find it gone (and not SIGKILL, nor exit 3, for nothing).
         reap(&supervisor, &mut events);
-        // A socket an app shut down is dead for every holder: checked on every wake, one
-        // getsockopt per held socket.
+        // A socket an app shut down is dead for every holder: it wakes the poll (POLLHUP),
+        // and every wake checks, one getsockopt per held socket.
         for (slot, inode) in sockets.lost() {
             events.push_back(Event::SocketLost { slot, inode });
         }

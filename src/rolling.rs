@@ -1,7 +1,7 @@
 //! The plan of one rolling restart: which slots are done, under way, and still to do.
 //!
-//! Surge, never shrink: a slot's new worker starts while the old one still serves (for a
-//! moment the slot has two sockets in the reuseport group); only once the new one is ready
+//! Surge, never shrink: a slot's new worker starts while the old one still serves (with the
+//! slot's socket, which the master holds: for a moment both accept from its queue); only once the new one is ready
 //! is the old one asked to stop, and the next slot starts once the old one has exited.
 //! The supervisor owns the processes; this only tracks where each slot of the pass is.
 

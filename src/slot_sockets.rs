@@ -189,6 +189,15 @@ impl SlotSockets {
         dead
     }
 
+    /// The held sockets, for the master's poll(2) with no events requested: a listener
+    /// never wakes it for connections, but one shut down reports POLLHUP at once.
+    pub fn poll_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.held
+            .values()
+            .flat_map(|h| h.fds.iter().map(|f| f.as_fd()))
+    }
+
     /// What `status` shows of `slot`'s sockets.
     pub fn view(&self, slot: usize, now: Instant) -> Option<HeldView> {
         self.held.get(&slot).map(|h| HeldView {
@@ -235,7 +244,6 @@ fn join(inodes: &[u64]) -> String {
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::FromRawFd;
     use std::os::unix::fs::MetadataExt;
 
     fn listener() -> (OwnedFd, u64, std::net::SocketAddr) {
@@ -275,9 +283,10 @@ mod tests {
         s.started(0, false, vec![fd], &[inode]);
         // The worker is gone; the client connects to the held socket in between.
         let mut client = TcpStream::connect(addr).unwrap();
-        let raw = s.grant(0, "worker 0").inherit.unwrap()[0];
-        // SAFETY (test): a dup of the held fd stands for the successor's fd 3.
-        let successor = unsafe { TcpListener::from_raw_fd(nix::libc::dup(raw)) };
+        assert!(s.grant(0, "worker 0").inherit.is_some());
+        // A dup of the held socket stands for the successor's fd 3.
+        let held = &s.held[&0].fds[0];
+        let successor = TcpListener::from(nix::unistd::dup(held).unwrap());
         let (mut conn, _) = successor.accept().unwrap();
         use std::io::{Read, Write};
         conn.write_all(b"x").unwrap();
@@ -309,8 +318,7 @@ mod tests {
         let mut s = SlotSockets::new(true, 1);
         let (fd, inode, _) = listener();
         // The app's fd 3 is the same socket: shutdown(2) through it ends it for the master.
-        // SAFETY (test): a dup, owned by the TcpListener.
-        let app = unsafe { TcpListener::from_raw_fd(nix::libc::dup(fd.as_raw_fd())) };
+        let app = TcpListener::from(nix::unistd::dup(&fd).unwrap());
         s.started(0, false, vec![fd], &[inode]);
         assert!(
             s.lost().is_empty(),

@@ -133,13 +133,15 @@ pub fn apply_migrate(mode: Migrate) -> anyhow::Result<Option<(Level, String)>> {
         return Ok(None);
     }
     let fix = "run: sysctl -w net.ipv4.tcp_migrate_req=1";
-    let lost = "connections queued on a stopping worker's socket will be reset";
+    let lost = "restarts lose nothing (the next worker inherits the slot's socket), but a \
+                scale-down or a crash-looping slot resets the connections queued on the socket it closes";
     match migrate_req() {
         Some(v) if v == "1" => Ok(None),
         Some(_) => match std::fs::write(MIGRATE_REQ, "1") {
             Ok(()) => Ok(Some((
                 Level::Info,
-                "set net.ipv4.tcp_migrate_req=1: a stopping worker's queued connections move to the other workers"
+                "set net.ipv4.tcp_migrate_req=1: connections queued on a socket that closes (scale-down, \
+                 a crash-looping slot) move to the other workers"
                     .into(),
             ))),
             Err(e) if mode == Migrate::On => anyhow::bail!(

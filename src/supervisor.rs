@@ -1001,7 +1001,7 @@ mod tests {
     const KILL: Signal = Signal::SIGKILL;
     const TIMEOUT: Duration = Duration::from_secs(30);
 
-    fn sup_with(workers: usize, ready: ReadyMode, batch: usize) -> (Supervisor, Instant) {
+    pub fn sup_with(workers: usize, ready: ReadyMode, batch: usize) -> (Supervisor, Instant) {
         let t0 = Instant::now();
         let s = Supervisor::new(
             Settings {
@@ -1018,15 +1018,15 @@ mod tests {
         (s, t0)
     }
 
-    fn sup(workers: usize) -> (Supervisor, Instant) {
+    pub fn sup(workers: usize) -> (Supervisor, Instant) {
         sup_with(workers, ReadyMode::Listening, 1)
     }
 
-    fn pid(n: i32) -> Pid {
+    pub fn pid(n: i32) -> Pid {
         Pid::from_raw(n)
     }
 
-    fn spawned(slot: usize, generation: Generation, p: i32) -> Event {
+    pub fn spawned(slot: usize, generation: Generation, p: i32) -> Event {
         Event::Spawned {
             slot,
             generation,
@@ -1035,18 +1035,18 @@ mod tests {
         }
     }
 
-    fn exited(p: i32, reason: ExitReason) -> Event {
+    pub fn exited(p: i32, reason: ExitReason) -> Event {
         Event::Exited {
             pid: pid(p),
             reason,
         }
     }
 
-    fn ready(p: i32) -> Event {
+    pub fn ready(p: i32) -> Event {
         Event::Ready { pid: pid(p) }
     }
 
-    fn spawns(actions: &[Action]) -> Vec<(usize, Generation)> {
+    pub fn spawns(actions: &[Action]) -> Vec<(usize, Generation)> {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -1059,7 +1059,7 @@ mod tests {
     }
 
     /// The signals sent, but the SIGCONT that follows every stop signal.
-    fn signals(actions: &[Action]) -> Vec<(i32, Signal)> {
+    pub fn signals(actions: &[Action]) -> Vec<(i32, Signal)> {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -1071,7 +1071,7 @@ mod tests {
             .collect()
     }
 
-    fn logs(actions: &[Action]) -> String {
+    pub fn logs(actions: &[Action]) -> String {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -1082,7 +1082,7 @@ mod tests {
             .join("\n")
     }
 
-    fn exit(actions: &[Action]) -> Option<Outcome> {
+    pub fn exit(actions: &[Action]) -> Option<Outcome> {
         actions.iter().find_map(|a| match a {
             Action::Exit(o) => Some(o.clone()),
             _ => None,
@@ -1090,11 +1090,11 @@ mod tests {
     }
 
     /// Starts `n` workers with pids 100.. and makes them ready.
-    fn running(n: usize) -> (Supervisor, Instant) {
+    pub fn running(n: usize) -> (Supervisor, Instant) {
         running_with(n, 1)
     }
 
-    fn running_with(n: usize, batch: usize) -> (Supervisor, Instant) {
+    pub fn running_with(n: usize, batch: usize) -> (Supervisor, Instant) {
         let (mut s, t0) = sup_with(n, ReadyMode::Listening, batch);
         assert_eq!(spawns(&s.step(Event::Start, t0)), vec![(0, 1)]);
         for i in 0..n {
@@ -1116,7 +1116,7 @@ mod tests {
     }
 
     /// Starts a rolling restart and prepares its generation.
-    fn reload(s: &mut Supervisor, t: Instant) -> Vec<Action> {
+    pub fn reload(s: &mut Supervisor, t: Instant) -> Vec<Action> {
         let out = s.step(Event::Reload, t);
         let generation = match out.iter().find_map(|a| match a {
             Action::PrepareGeneration { generation } => Some(*generation),
@@ -1605,5 +1605,83 @@ mod tests {
             })
             .collect();
         assert_eq!(sent, vec![TERM, Signal::SIGCONT]);
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    //! When the supervisor tells slot_sockets.rs to let go of a slot's sockets.
+    use super::tests::*;
+    use super::*;
+
+    fn releases(actions: &[Action]) -> Vec<usize> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ReleaseSockets { slot, .. } => Some(*slot),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_slot_keeps_its_socket_through_four_quick_crashes_and_lets_go_at_the_fifth() {
+        let (mut s, t0) = running(2);
+        let mut t = t0 + Duration::from_millis(50);
+        let mut p = 100;
+        let mut released_at = None;
+        for crash in 1..=5 {
+            let out = s.step(exited(p, ExitReason::Code(1)), t);
+            if !releases(&out).is_empty() {
+                assert_eq!(releases(&out), vec![0]);
+                assert!(logs(&out).contains("restarting in 1.6 s"), "{}", logs(&out));
+                released_at = Some(crash);
+                break;
+            }
+            t = s.next_deadline().unwrap();
+            assert_eq!(spawns(&s.step(Event::Tick, t)), vec![(0, 1)]);
+            p = 200 + crash;
+            s.step(spawned(0, 1, p), t);
+        }
+        assert_eq!(released_at, Some(5));
+    }
+
+    #[test]
+    fn scale_down_and_stop_let_go_of_sockets_and_a_crash_does_not() {
+        let (mut s, t0) = running(3);
+        let out = s.step(exited(101, ExitReason::Code(1)), t0);
+        assert!(releases(&out).is_empty(), "a first crash keeps the socket");
+        let out = s.step(Event::Scale(1), t0);
+        let mut released = releases(&out);
+        released.sort_unstable();
+        assert_eq!(released, vec![1, 2]);
+        let out = s.step(Event::StopGracefully, t0);
+        assert!(out.contains(&Action::ReleaseAllSockets));
+    }
+
+    #[test]
+    fn a_worker_on_a_socket_that_no_longer_listens_is_replaced_at_once() {
+        let (mut s, t0) = running(2);
+        let out = s.step(Event::SocketLost { slot: 1, inode: 7 }, t0);
+        assert!(logs(&out).contains("no longer listens"), "{}", logs(&out));
+        assert_eq!(signals(&out), vec![(101, Signal::SIGTERM)]);
+        // Replaced without backoff, and the old worker's exit is not a crash.
+        assert_eq!(spawns(&s.step(Event::Tick, t0)), vec![(1, 1)]);
+        s.step(spawned(1, 1, 300), t0);
+        let out = s.step(exited(101, ExitReason::Code(0)), t0);
+        assert!(spawns(&out).is_empty() && !logs(&out).contains("restarting"));
+        assert_eq!(s.slots()[1].restarts, 1);
+    }
+
+    #[test]
+    fn a_lost_socket_under_a_surges_new_worker_rolls_the_pass_back() {
+        let (mut s, t0) = running(1);
+        s.step(Event::Reload, t0);
+        let out = s.step(Event::GenerationPrepared { generation: 2 }, t0);
+        assert_eq!(spawns(&out), vec![(0, 2)]);
+        s.step(spawned(0, 2, 300), t0);
+        let out = s.step(Event::SocketLost { slot: 0, inode: 7 }, t0);
+        assert!(logs(&out).contains("failed"), "{}", logs(&out));
+        assert_eq!(signals(&out), vec![(300, Signal::SIGTERM)]);
     }
 }

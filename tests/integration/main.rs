@@ -9,3 +9,4 @@ mod deploy;
 mod launcher;
 mod rolling;
 mod support;
+mod takeover;

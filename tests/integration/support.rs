@@ -15,6 +15,10 @@ pub use nix::sys::signal::Signal;
 
 /// The python3 HTTP app of the tests (tests/integration/apps/http_app.py).
 pub const PYTHON_HTTP_APP: &str = include_str!("apps/http_app.py");
+/// A python app that closes its listener on SIGTERM without draining its queue.
+pub const PYTHON_CLOSE_APP: &str = include_str!("apps/close_app.py");
+/// A Node app that calls server.close() on SIGTERM.
+pub const NODE_CLOSE_APP: &str = include_str!("apps/close_app.js");
 
 /// Generous upper bound for anything that should take a second or two.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -635,6 +639,14 @@ impl LoadStats {
 impl Load {
     /// Starts the client against `addr`.
     pub fn start(addr: SocketAddr, conns: usize, limit: Duration) -> Load {
+        Load::start_with(addr, conns, limit, false)
+    }
+
+    /// Like [`Load::start`]; with `retry_closed`, a keep-alive client retries a request once
+    /// on a new connection when the server closed the reused one before answering (what
+    /// HTTP clients do for idempotent requests: the server may close an idle connection
+    /// at any time).
+    pub fn start_with(addr: SocketAddr, conns: usize, limit: Duration, retry_closed: bool) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let deadline = Instant::now() + limit;
@@ -658,6 +670,7 @@ impl Load {
                     if i % 2 == 0 {
                         let mut conn: Option<TcpStream> = None;
                         while running() {
+                            let reused = conn.is_some();
                             let stream = match conn.take() {
                                 Some(s) => s,
                                 None => match TcpStream::connect(addr) {
@@ -672,7 +685,16 @@ impl Load {
                                 },
                             };
                             let mut stream = stream;
-                            match get_on(&mut stream) {
+                            let mut answer = get_on(&mut stream);
+                            if retry_closed && reused && answer.is_err() {
+                                answer = TcpStream::connect(addr).and_then(|mut s| {
+                                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                                    let r = get_on(&mut s);
+                                    stream = s;
+                                    r
+                                });
+                            }
+                            match answer {
                                 Ok(r) if r.status == 200 => {
                                     stats.ok += 1;
                                     count();
@@ -723,6 +745,29 @@ impl Load {
         }
         total
     }
+}
+
+/// Moves this test thread, and every process and thread it starts from now on, into a new
+/// network namespace with its loopback up, where net.ipv4.tcp_migrate_req is 0 as in a
+/// container. False, with the reason printed, where that is not allowed.
+pub fn enter_fresh_netns() -> bool {
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+        eprintln!("skipped: cannot create a network namespace here (unshare: {e}; needs root or CAP_SYS_ADMIN)");
+        return false;
+    }
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(up, "ip link set lo up in the new namespace");
+    true
+}
+
+/// net.ipv4.tcp_migrate_req of this thread's network namespace.
+pub fn migrate_req() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .ok()
+        .map(|v| v.trim().to_string())
 }
 
 /// Whether connections queued on a closing socket migrate (net.ipv4.tcp_migrate_req=1, or 0
