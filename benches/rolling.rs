@@ -10,6 +10,7 @@
 //! container), socket takeover on and off (REUSEPORT_CLUSTER_TAKEOVER=0), for the demo app
 //! and for a python app that closes its listener on SIGTERM without draining it. There the
 //! keep-alive clients retry once on a connection the server closed, as HTTP clients do.
+//! `-- --takeover-only` runs only that table.
 
 #[path = "../tests/integration/support.rs"]
 mod support;
@@ -128,6 +129,9 @@ fn main() {
         .collect();
     let mut passes = 5;
     let mut sizes = Vec::new();
+    if args.iter().any(|a| a == "--takeover-only") {
+        return takeover_table(passes);
+    }
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {

@@ -145,6 +145,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = Migrate::Auto)]
     pub migrate: Migrate,
 
+    /// Recycle a worker whose memory (the PSS of its whole process tree) stays above SIZE,
+    /// e.g. 512M or 2G: a surge replacement, nothing is dropped [default: off]
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+
+    /// Recycle a worker older than DURATION, plus up to 10 % of its own so that slots do not
+    /// recycle together [default: off]
+    #[arg(long, value_name = "DURATION")]
+    pub max_lifetime: Option<String>,
+
+    /// Replace a worker that accepted none of the connections queued on its socket for
+    /// DURATION while stopped or using no CPU (a busy or overloaded worker is left alone);
+    /// 10s is a sane value [default: off]
+    #[arg(long, value_name = "DURATION")]
+    pub hung_after: Option<String>,
+
     /// Pass workers' stdout and stderr through the master, each line prefixed with
     /// `[w<slot> <pid>] ` [default: workers write straight to the master's stdout/stderr]
     #[arg(long)]

@@ -73,6 +73,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// `--user`/`--group`: who workers run as.
     pub credentials: Option<Credentials>,
+    /// `--max-memory`, `--max-lifetime`, `--hung-after`.
+    pub recycle: crate::recycle::RecyclePolicy,
     /// What each worker runs.
     pub app: App,
 }
@@ -206,6 +208,23 @@ impl Config {
         if args.rolling_batch == 0 {
             return Err(invalid!("--rolling-batch 0: at least one slot at a time"));
         }
+        let positive = |flag: &str, value: &Option<String>| -> Result<Option<Duration>, Invalid> {
+            let Some(v) = value else { return Ok(None) };
+            match parse_duration(v) {
+                Ok(d) if d.is_zero() => Err(invalid!("{flag} {v}: must be more than 0")),
+                Ok(d) => Ok(Some(d)),
+                Err(e) => Err(invalid!("{flag} {e}")),
+            }
+        };
+        let recycle = crate::recycle::RecyclePolicy {
+            max_memory: args
+                .max_memory
+                .as_deref()
+                .map(|m| crate::recycle::parse_size(m).map_err(|e| invalid!("--max-memory {e}")))
+                .transpose()?,
+            max_lifetime: positive("--max-lifetime", &args.max_lifetime)?,
+            hung_after: positive("--hung-after", &args.hung_after)?,
+        };
 
         let words = match (&args.cmd, args.program.is_empty()) {
             (Some(cmd), _) => Some(
@@ -255,6 +274,7 @@ impl Config {
                 .as_deref()
                 .map(|m| parse_addr(m).map_err(|e| invalid!("--metrics {m}: {e}")))
                 .transpose()?,
+            recycle,
             app,
         })
     }

@@ -17,6 +17,7 @@ mod master;
 mod metrics;
 mod notify;
 mod readiness;
+mod recycle;
 mod rolling;
 mod slot_sockets;
 mod socket;

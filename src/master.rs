@@ -33,6 +33,7 @@ use crate::control::{ControlServer, Request};
 use crate::metrics::MetricsServer;
 use crate::notify::NotifySocket;
 use crate::readiness;
+use crate::recycle::{self, Recycler};
 use crate::slot_sockets::SlotSockets;
 use crate::socket;
 use crate::spawn::{self, Spawner};
@@ -100,6 +101,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         rolling_batch: config.rolling_batch,
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
+    let mut recycler = Recycler::new(config.recycle, Instant::now());
     let mut sockets = SlotSockets::new(SlotSockets::enabled_by_env(), config.binds.len());
     if !sockets.enabled() {
         info!(
@@ -149,6 +151,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         let watchdog = systemd.as_ref().and_then(|sd| sd.next_deadline());
         let deadline = [
             supervisor.next_deadline(),
+            recycler.next_deadline(),
             scan,
             control.next_deadline(),
             metrics_deadline,
@@ -192,6 +195,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         for (slot, inode) in sockets.lost() {
             events.push_back(Event::SocketLost { slot, inode });
         }
+        look_for_recycles(&mut recycler, &supervisor, &mut events);
         if let Some(m) = metrics.as_mut() {
             let wanted = m.service(Instant::now());
             if !wanted.is_empty() {
@@ -277,6 +281,37 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             }
         }
         events.push_back(Event::Tick);
+    }
+}
+
+/// When a look is due, checks every serving worker against --max-memory, --max-lifetime
+/// and --hung-after (recycle.rs); the supervisor decides whether a recycle may start now.
+fn look_for_recycles(
+    recycler: &mut Recycler,
+    supervisor: &Supervisor,
+    events: &mut VecDeque<Event>,
+) {
+    let now = Instant::now();
+    let Some(read_memory) = recycler.begin_look(now) else {
+        return;
+    };
+    recycler.retain(|pid| supervisor.is_worker(pid));
+    let queues = match recycler.policy().hung_after {
+        Some(_) => crate::status::accept_queues(),
+        None => Default::default(),
+    };
+    for w in supervisor.serving() {
+        let queued = w
+            .sockets
+            .iter()
+            .filter_map(|inode| queues.get(inode))
+            .map(|(depth, _)| *depth)
+            .max()
+            .unwrap_or(0);
+        let look = recycle::observe_tree(w.pid, read_memory, queued);
+        if let Some(reason) = recycler.observe(w.pid, w.started, look, now) {
+            events.push_back(Event::Recycle { pid: w.pid, reason });
+        }
     }
 }
 

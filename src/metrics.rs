@@ -178,6 +178,24 @@ pub fn render(status: &ClusterStatus) -> String {
         "Rolling restarts stopped by a failing new worker.",
         vec![(String::new(), status.rolling_restarts_failed as f64)],
     );
+    family(
+        "recycles_total",
+        "counter",
+        "Workers recycled (--max-memory, --max-lifetime, --hung-after), by reason.",
+        ["memory", "lifetime", "hung"]
+            .iter()
+            .map(|r| {
+                let n = status.recycles.get(*r).copied().unwrap_or(0);
+                (format!(",reason=\"{r}\""), n as f64)
+            })
+            .collect(),
+    );
+    family(
+        "worker_memory_bytes",
+        "gauge",
+        "Memory of the slot's worker's whole process tree (sum of PSS).",
+        per_slot(&|w| w.memory_bytes as f64),
+    );
     let queue = |depth: bool| {
         serving
             .iter()

@@ -34,9 +34,25 @@ pub struct Surge {
     pub step: SurgeStep,
 }
 
-/// One pass over every slot, to `generation`.
+/// What a pass is for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Purpose {
+    /// A deploy (SIGHUP, `reload`): every slot, to a new generation.
+    Deploy,
+    /// A recycle (recycle.rs): one slot, on its own generation, for this reason.
+    Recycle {
+        /// Why, as the log line says it.
+        reason: String,
+        /// The old worker is hung: it gets a short grace after the stop signal.
+        hung: bool,
+    },
+}
+
+/// One pass over every slot, to `generation`; or a recycle of one slot (the same surge).
 #[derive(Debug, Clone)]
 pub struct RollingRestart {
+    /// What the pass is for.
+    pub purpose: Purpose,
     /// The generation the pass brings in.
     pub generation: Generation,
     /// When the pass began.
@@ -55,6 +71,7 @@ impl RollingRestart {
     /// A pass over slots `0..slots`.
     pub fn new(generation: Generation, slots: usize, now: Instant) -> RollingRestart {
         RollingRestart {
+            purpose: Purpose::Deploy,
             generation,
             started: now,
             prepared: false,
@@ -64,6 +81,32 @@ impl RollingRestart {
             replaced: 0,
             total: slots,
         }
+    }
+
+    /// A recycle of `slot`, whose workers run `generation`.
+    pub fn recycle(
+        slot: usize,
+        generation: Generation,
+        reason: String,
+        hung: bool,
+        now: Instant,
+    ) -> RollingRestart {
+        RollingRestart {
+            purpose: Purpose::Recycle { reason, hung },
+            generation,
+            started: now,
+            prepared: true, // same program, nothing to look up
+            again: false,
+            pending: VecDeque::from([slot]),
+            surges: Vec::new(),
+            replaced: 0,
+            total: 1,
+        }
+    }
+
+    /// Whether this is a deploy (not a recycle).
+    pub fn is_deploy(&self) -> bool {
+        self.purpose == Purpose::Deploy
     }
 
     /// The surge of `slot`, if it is under way.
@@ -105,6 +148,15 @@ impl RollingRestart {
             started.push(slot);
         }
         started
+    }
+
+    /// Slots under way.
+    pub fn surges(&self) -> impl Iterator<Item = usize> + '_ {
+        self.surges
+            .iter()
+            .filter(|s| s.step != SurgeStep::Done)
+            .map(|s| s.slot)
+            .chain(self.pending.iter().copied())
     }
 
     /// The new workers that are running but not yet ready.

@@ -43,6 +43,10 @@ pub struct ClusterStatus {
     pub rolling_restarts_total: u64,
     /// Rolling restarts that failed (and were stopped).
     pub rolling_restarts_failed: u64,
+    /// The slot being recycled now, if any.
+    pub recycling: Option<usize>,
+    /// Workers recycled (--max-memory, --max-lifetime, --hung-after), by reason.
+    pub recycles: std::collections::BTreeMap<String, u64>,
     /// Every live worker process (a slot has two during its rolling restart).
     pub workers: Vec<WorkerStatus>,
     /// Whether the master holds each slot's sockets for its next workers (socket takeover).
@@ -111,6 +115,10 @@ pub struct WorkerStatus {
     pub last_exit: Option<String>,
     /// The app's last sd_notify STATUS=.
     pub app_status: Option<String>,
+    /// Memory of its whole process tree (the sum of PSS), bytes.
+    pub memory_bytes: u64,
+    /// Why its slot's previous worker was recycled, if one was.
+    pub last_recycle: Option<String>,
     /// Accept queue of each listening socket.
     pub queues: Vec<QueueStatus>,
 }
@@ -152,6 +160,8 @@ impl ClusterStatus {
                     restarts: slot.map_or(0, |s| s.restarts),
                     last_exit: slot.and_then(|s| s.last_exit).map(|e| e.to_string()),
                     app_status: w.status.clone(),
+                    memory_bytes: crate::recycle::tree_memory(w.pid),
+                    last_recycle: slot.and_then(|s| s.last_recycle.clone()),
                     queues: w
                         .sockets
                         .iter()
@@ -199,6 +209,12 @@ impl ClusterStatus {
                 }),
             rolling_restarts_total,
             rolling_restarts_failed,
+            recycling: supervisor.recycling(),
+            recycles: supervisor
+                .recycles()
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             workers,
             socket_takeover: sockets.enabled(),
             held_sockets: sockets
@@ -269,10 +285,22 @@ impl ClusterStatus {
             }
             None => out.push_str("rolling restart: none\n"),
         }
+        if let Some(slot) = self.recycling {
+            let _ = writeln!(out, "recycle: slot {slot} under way");
+        }
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} STATUS",
-            "SLOT", "PID", "CPU", "GEN", "STATE", "UPTIME", "RESTARTS", "LAST EXIT", "QUEUE"
+            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} STATUS",
+            "SLOT",
+            "PID",
+            "CPU",
+            "GEN",
+            "STATE",
+            "UPTIME",
+            "RESTARTS",
+            "LAST EXIT",
+            "QUEUE",
+            "MEMORY"
         );
         for w in &self.workers {
             let queues: Vec<String> = w
@@ -282,7 +310,7 @@ impl ClusterStatus {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {}",
+                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} {}",
                 w.slot,
                 w.pid,
                 w.cpu.map_or("-".into(), |c| c.to_string()),
@@ -292,8 +320,12 @@ impl ClusterStatus {
                 w.restarts,
                 w.last_exit.as_deref().unwrap_or("-"),
                 queues.join(" "),
+                crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
                 w.app_status.as_deref().unwrap_or("-")
             );
+            if let Some(why) = w.last_recycle.as_deref().filter(|_| w.serving) {
+                let _ = writeln!(out, "      slot {} last recycled: {why}", w.slot);
+            }
         }
         out
     }

@@ -17,7 +17,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::readiness::ReadyMode;
-use crate::rolling::{RollingRestart, SurgeStep};
+use crate::recycle::Reason;
+use crate::rolling::{Purpose, RollingRestart, SurgeStep};
 use crate::worker::{ms, ExitReason, Generation, Slot, SlotState, Worker, WorkerState};
 
 /// Something that happened to the cluster.
@@ -84,6 +85,13 @@ pub enum Event {
     StopNow,
     /// `scale N`, SIGTTIN, SIGTTOU: grow or shrink to this many slots (at least 1).
     Scale(usize),
+    /// recycle.rs found that the serving worker `pid` should be replaced.
+    Recycle {
+        /// The worker.
+        pid: Pid,
+        /// Why.
+        reason: Reason,
+    },
     /// The socket the master held for `slot` no longer listens (the app shut it down):
     /// slot_sockets.rs dropped it; a worker still serving it must be replaced.
     SocketLost {
@@ -206,6 +214,8 @@ pub struct Supervisor {
     /// Rolling restarts begun, and those that failed.
     rolling_started: u64,
     rolling_failed: u64,
+    /// Recycles begun, by reason kind (memory, lifetime, hung).
+    recycles: BTreeMap<&'static str, u64>,
 }
 
 impl Supervisor {
@@ -228,6 +238,7 @@ impl Supervisor {
             reload_queued: false,
             rolling_started: 0,
             rolling_failed: 0,
+            recycles: BTreeMap::new(),
         }
     }
 
@@ -273,9 +284,20 @@ impl Supervisor {
         (self.rolling_started, self.rolling_failed)
     }
 
+    /// Recycles begun, by reason kind.
+    pub fn recycles(&self) -> &BTreeMap<&'static str, u64> {
+        &self.recycles
+    }
+
+    /// The slot being recycled, if any.
+    pub fn recycling(&self) -> Option<usize> {
+        let r = self.rolling.as_ref().filter(|r| !r.is_deploy())?;
+        r.surges().next()
+    }
+
     /// The rolling restart under way: its generation, slots done, slots in all.
     pub fn rolling(&self) -> Option<(Generation, usize, usize)> {
-        self.rolling.as_ref().map(|r| {
+        self.rolling.as_ref().filter(|r| r.is_deploy()).map(|r| {
             let (done, total) = r.progress();
             (r.generation, done, total)
         })
@@ -284,6 +306,14 @@ impl Supervisor {
     /// Whether `pid` is a worker (as opposed to an adopted orphan).
     pub fn is_worker(&self, pid: Pid) -> bool {
         self.workers.contains_key(&pid)
+    }
+
+    /// Each slot's current worker, when it is ready.
+    pub fn serving(&self) -> impl Iterator<Item = &Worker> {
+        self.slots
+            .iter()
+            .filter_map(|s| self.workers.get(&s.pid()?))
+            .filter(|w| w.state == WorkerState::Ready)
     }
 
     /// Workers that have not shown readiness yet, with their socket inodes.
@@ -311,7 +341,7 @@ impl Supervisor {
                 WorkerState::Stopping {
                     since,
                     killed: false,
-                } => deadlines.push(since + self.settings.grace),
+                } => deadlines.push(since + w.stop_grace.unwrap_or(self.settings.grace)),
                 _ => {}
             }
         }
@@ -379,6 +409,7 @@ impl Supervisor {
                 self.kill_all(now, &mut out);
             }
             Event::Scale(n) => self.on_scale(n, now, &mut out),
+            Event::Recycle { pid, reason } => self.on_recycle(pid, reason, now, &mut out),
             Event::SocketLost { slot, inode } => self.on_socket_lost(slot, inode, now, &mut out),
             Event::Tick => self.on_tick(now, &mut out),
         }
@@ -522,7 +553,7 @@ impl Supervisor {
         if self
             .rolling
             .as_ref()
-            .is_some_and(|r| r.generation == worker.generation)
+            .is_some_and(|r| r.is_deploy() && r.generation == worker.generation)
         {
             // The new generation died after it was ready: the pass stops here, and the slot
             // goes back to the generation that serves everywhere else.
@@ -574,8 +605,19 @@ impl Supervisor {
             slot.state = SlotState::Filled(pid);
             slot.generation = generation;
             out.push(Action::Log(line));
+            let hung = self
+                .rolling
+                .as_ref()
+                .is_some_and(|r| matches!(r.purpose, Purpose::Recycle { hung: true, .. }));
             let step = match old {
                 Some(old) => {
+                    if hung {
+                        // It will most likely not answer: SIGKILL comes sooner.
+                        let grace = crate::recycle::HUNG_GRACE.min(self.settings.grace);
+                        if let Some(w) = self.workers.get_mut(&old) {
+                            w.stop_grace = Some(grace);
+                        }
+                    }
                     self.stop_worker(old, now, out);
                     SurgeStep::Retiring(old)
                 }
@@ -613,6 +655,14 @@ impl Supervisor {
         match (&self.phase, self.rolling.as_mut()) {
             (Phase::Stopping { .. } | Phase::Done, _) => {
                 out.push(Action::Log("reload ignored: stopping".into()))
+            }
+            (_, Some(r)) if !r.is_deploy() => {
+                if !r.again {
+                    out.push(Action::Log(
+                        "reload during a recycle: the rolling restart follows it".into(),
+                    ));
+                }
+                r.again = true;
             }
             (_, Some(r)) => {
                 if !r.again {
@@ -662,13 +712,20 @@ impl Supervisor {
         }
         if r.is_complete() {
             let (replaced, _) = r.progress();
-            out.push(Action::Log(format!(
-                "rolling restart to generation {} done: {replaced} workers replaced in {}",
-                r.generation,
-                ms(now.saturating_duration_since(r.started))
-            )));
+            let took = ms(now.saturating_duration_since(r.started));
+            match &r.purpose {
+                Purpose::Deploy => {
+                    out.push(Action::Log(format!(
+                        "rolling restart to generation {} done: {replaced} workers replaced in {took}",
+                        r.generation,
+                    )));
+                    self.serving_generation = r.generation;
+                }
+                Purpose::Recycle { .. } => {
+                    out.push(Action::Log(format!("recycle done in {took}")));
+                }
+            }
             let again = r.again;
-            self.serving_generation = r.generation;
             self.rolling = None;
             if again {
                 self.on_reload(now, out);
@@ -681,11 +738,20 @@ impl Supervisor {
         let Some(r) = self.rolling.take() else {
             return;
         };
-        self.rolling_failed += 1;
         let starting: Vec<Pid> = r.starting().collect();
         for pid in starting {
             self.stop_worker(pid, now, out);
         }
+        if !r.is_deploy() {
+            out.push(Action::Log(format!(
+                "recycle failed: {why}; the old worker keeps serving"
+            )));
+            if r.again {
+                self.on_reload(now, out);
+            }
+            return;
+        }
+        self.rolling_failed += 1;
         let mut serving: Vec<Generation> = self
             .slots
             .iter()
@@ -743,7 +809,9 @@ impl Supervisor {
                 WorkerState::Stopping {
                     since,
                     killed: false,
-                } if now >= since + self.settings.grace => overdue.push(w.pid),
+                } if now >= since + w.stop_grace.unwrap_or(self.settings.grace) => {
+                    overdue.push(w.pid)
+                }
                 _ => {}
             }
         }
@@ -764,9 +832,14 @@ impl Supervisor {
         if wanted == have || !matches!(self.phase, Phase::Running | Phase::Starting) {
             return;
         }
-        if self.rolling.is_some() {
+        if let Some(r) = &self.rolling {
+            let what = if r.is_deploy() {
+                "a rolling restart"
+            } else {
+                "a recycle"
+            };
             return out.push(Action::Log(format!(
-                "scale to {wanted} refused: a rolling restart is under way; try again once it is done"
+                "scale to {wanted} refused: {what} is under way; try again once it is done"
             )));
         }
         out.push(Action::Log(format!(
@@ -798,6 +871,35 @@ impl Supervisor {
         }
         self.settings.workers = wanted;
         self.all_ready_logged = false;
+    }
+
+    /// Starts the recycle of the serving worker `pid`: one slot's surge, on its generation.
+    /// Ignored (the next look asks again) unless the cluster runs with nothing else under
+    /// way: one recycle at a time, none during a rolling restart.
+    fn on_recycle(&mut self, pid: Pid, reason: Reason, now: Instant, out: &mut Vec<Action>) {
+        if self.phase != Phase::Running || self.rolling.is_some() {
+            return;
+        }
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(w.slot).filter(|s| s.pid() == Some(pid)) else {
+            return;
+        };
+        if w.state != WorkerState::Ready {
+            return;
+        }
+        out.push(Action::Log(format!("{w}: recycled: {reason}")));
+        *self.recycles.entry(reason.kind()).or_default() += 1;
+        slot.last_recycle = Some(reason.to_string());
+        self.rolling = Some(RollingRestart::recycle(
+            slot.index,
+            slot.generation,
+            reason.to_string(),
+            reason.is_hung(),
+            now,
+        ));
+        self.advance_rolling(now, out);
     }
 
     fn on_socket_lost(&mut self, index: usize, inode: u64, now: Instant, out: &mut Vec<Action>) {

@@ -101,6 +101,8 @@ pub struct Worker {
     pub sockets: Vec<u64>,
     /// The app's last sd_notify STATUS=.
     pub status: Option<String>,
+    /// Time it gets after the stop signal, when not `--grace` (a hung worker's is short).
+    pub stop_grace: Option<Duration>,
 }
 
 impl Worker {
@@ -121,6 +123,7 @@ impl Worker {
             state: WorkerState::Starting,
             sockets: Vec::new(),
             status: None,
+            stop_grace: None,
         }
     }
 
@@ -216,6 +219,8 @@ pub struct Slot {
     pub last_exit: Option<ExitReason>,
     /// The next restart delay.
     pub backoff: Backoff,
+    /// Why its last worker was recycled (recycle.rs), if one was.
+    pub last_recycle: Option<String>,
 }
 
 impl Slot {
@@ -229,6 +234,7 @@ impl Slot {
             restarts: 0,
             last_exit: None,
             backoff: Backoff::default(),
+            last_recycle: None,
         }
     }
 

@@ -412,8 +412,13 @@ impl Response {
 
 /// GET / on a new connection, `Connection: close`.
 pub fn get(addr: SocketAddr) -> std::io::Result<Response> {
+    get_within(addr, Duration::from_secs(10))
+}
+
+/// GET / on a new connection, giving up after `timeout` without an answer.
+pub fn get_within(addr: SocketAddr, timeout: Duration) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
@@ -647,6 +652,21 @@ impl Load {
     /// HTTP clients do for idempotent requests: the server may close an idle connection
     /// at any time).
     pub fn start_with(addr: SocketAddr, conns: usize, limit: Duration, retry_closed: bool) -> Load {
+        Load::run(addr, conns, limit, retry_closed, false)
+    }
+
+    /// Every client opens a new connection per request and gives up on it after 5 s.
+    pub fn start_new_connections(addr: SocketAddr, conns: usize, limit: Duration) -> Load {
+        Load::run(addr, conns, limit, false, true)
+    }
+
+    fn run(
+        addr: SocketAddr,
+        conns: usize,
+        limit: Duration,
+        retry_closed: bool,
+        all_new: bool,
+    ) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let deadline = Instant::now() + limit;
@@ -667,7 +687,7 @@ impl Load {
                             stats.errors.push(e);
                         }
                     };
-                    if i % 2 == 0 {
+                    if i % 2 == 0 && !all_new {
                         let mut conn: Option<TcpStream> = None;
                         while running() {
                             let reused = conn.is_some();
@@ -711,8 +731,12 @@ impl Load {
                             }
                         }
                     } else {
+                        let timeout = match all_new {
+                            true => Duration::from_secs(5),
+                            false => Duration::from_secs(10),
+                        };
                         while running() {
-                            match get(addr) {
+                            match get_within(addr, timeout) {
                                 Ok(r) if r.status == 200 => {
                                     stats.ok += 1;
                                     count();

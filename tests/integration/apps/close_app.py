@@ -3,7 +3,8 @@
 # once on SIGTERM without accepting what is queued on it, then finishes the requests it
 # accepted and exits. Env: SHUTDOWN_ON_STOP=1 calls shutdown(2) on the listener first (which
 # ends the socket for every process that holds it); INLINE=1 serves one request at a time;
-# DELAY_MS=N takes that long per request; CRASH_MARKER=path exits 1 at start when it exists.
+# DELAY_MS=N takes that long per request; CRASH_MARKER=path exits 1 at start when it exists;
+# LEAK_MB=N keeps N MB per request (a leak, for --max-memory).
 import os, selectors, signal, socket, sys, threading, time
 
 marker = os.environ.get("CRASH_MARKER")
@@ -14,6 +15,8 @@ listener = socket.socket(fileno=3)
 listener.setblocking(False)
 delay = int(os.environ.get("DELAY_MS", "0")) / 1000
 inline = os.environ.get("INLINE") == "1"
+leak_mb = int(os.environ.get("LEAK_MB", "0"))
+leaked = []
 body = "pid={} worker={} gen={}\n".format(
     os.getpid(), os.environ["REUSEPORT_CLUSTER_WORKER"],
     os.environ["REUSEPORT_CLUSTER_GENERATION"]).encode()
@@ -39,6 +42,8 @@ def handle(conn):
             data += chunk
         if delay:
             time.sleep(delay)
+        if leak_mb:
+            leaked.append(bytearray(b"x" * (leak_mb << 20)))
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Worker: %s\r\n"
                      b"Connection: close\r\n\r\n%s" % (
                          len(body), os.environ["REUSEPORT_CLUSTER_WORKER"].encode(), body))
