@@ -1787,3 +1787,137 @@ mod socket_tests {
         assert_eq!(signals(&out), vec![(300, Signal::SIGTERM)]);
     }
 }
+
+#[cfg(test)]
+mod recycle_tests {
+    //! Recycles: a one-slot surge through the rolling-restart machinery.
+    use super::tests::*;
+    use super::*;
+    use crate::recycle::Reason;
+
+    fn memory() -> Reason {
+        Reason::Memory {
+            bytes: 700 << 20,
+            limit: 512 << 20,
+        }
+    }
+
+    fn hung() -> Reason {
+        Reason::Hung {
+            stalled: Duration::from_secs(1),
+            queued: 9,
+            stopped: true,
+        }
+    }
+
+    #[test]
+    fn a_recycle_surges_one_slot_on_its_generation_and_stops_the_old_worker_once_ready() {
+        let (mut s, t0) = running(2);
+        let out = s.step(
+            Event::Recycle {
+                pid: pid(101),
+                reason: memory(),
+            },
+            t0,
+        );
+        assert!(
+            logs(&out)
+                .contains("worker 1 (pid 101, cpu 1, gen 1): recycled: memory 700 MiB > 512 MiB"),
+            "{}",
+            logs(&out)
+        );
+        assert_eq!(spawns(&out), vec![(1, 1)]);
+        assert!(
+            signals(&out).is_empty(),
+            "the old one serves until the new one is ready"
+        );
+        assert_eq!(s.recycling(), Some(1));
+        assert!(s.rolling().is_none(), "a recycle is not a deploy");
+        s.step(spawned(1, 1, 300), t0);
+        let out = s.step(ready(300), t0);
+        assert_eq!(signals(&out), vec![(101, Signal::SIGTERM)]);
+        let out = s.step(exited(101, ExitReason::Code(0)), t0);
+        assert!(logs(&out).contains("recycle done"), "{}", logs(&out));
+        assert_eq!(s.recycling(), None);
+        assert_eq!(s.recycles().get("memory"), Some(&1));
+        assert_eq!(s.rolling_counts(), (0, 0));
+        assert!(s.slots()[1]
+            .last_recycle
+            .as_deref()
+            .unwrap()
+            .starts_with("memory"));
+    }
+
+    #[test]
+    fn one_recycle_at_a_time_and_none_during_a_rolling_restart() {
+        let (mut s, t0) = running(3);
+        s.step(
+            Event::Recycle {
+                pid: pid(100),
+                reason: memory(),
+            },
+            t0,
+        );
+        let out = s.step(
+            Event::Recycle {
+                pid: pid(101),
+                reason: memory(),
+            },
+            t0,
+        );
+        assert!(out.is_empty(), "a second recycle waits: {out:?}");
+        let (mut s, t0) = running(2);
+        s.step(Event::Reload, t0);
+        let out = s.step(
+            Event::Recycle {
+                pid: pid(100),
+                reason: memory(),
+            },
+            t0,
+        );
+        assert!(
+            out.is_empty(),
+            "no recycle during a rolling restart: {out:?}"
+        );
+    }
+
+    #[test]
+    fn a_hung_worker_is_killed_after_a_short_grace_once_its_successor_serves() {
+        let (mut s, t0) = running(1);
+        s.step(
+            Event::Recycle {
+                pid: pid(100),
+                reason: hung(),
+            },
+            t0,
+        );
+        s.step(spawned(0, 1, 300), t0);
+        s.step(ready(300), t0);
+        let grace = crate::recycle::HUNG_GRACE;
+        assert_eq!(
+            s.next_deadline(),
+            Some(t0 + grace),
+            "not --grace (5 s here)"
+        );
+        let out = s.step(Event::Tick, t0 + grace);
+        assert_eq!(signals(&out), vec![(100, Signal::SIGKILL)]);
+    }
+
+    #[test]
+    fn a_successor_that_fails_leaves_the_old_worker_serving() {
+        let (mut s, t0) = running(1);
+        s.step(
+            Event::Recycle {
+                pid: pid(100),
+                reason: memory(),
+            },
+            t0,
+        );
+        s.step(spawned(0, 1, 300), t0);
+        let out = s.step(exited(300, ExitReason::Code(1)), t0);
+        assert!(logs(&out).contains("recycle failed"), "{}", logs(&out));
+        assert!(signals(&out).is_empty());
+        assert_eq!(s.slots()[0].pid(), Some(pid(100)));
+        assert_eq!(s.recycling(), None);
+    }
+}
