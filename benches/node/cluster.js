@@ -1,7 +1,8 @@
 // Node's cluster module with round-robin scheduling: the primary accepts every connection
 // and hands it to a worker (the design reuseport-cluster replaces). WORKERS workers.
 const cluster = require('cluster');
-cluster.schedulingPolicy = cluster.SCHED_RR;
+// NODE_CLUSTER_SCHED_POLICY=none: the workers share the listening socket instead.
+if (process.env.NODE_CLUSTER_SCHED_POLICY !== 'none') cluster.schedulingPolicy = cluster.SCHED_RR;
 if (cluster.isPrimary) {
   const n = Number(process.env.WORKERS || 1);
   for (let i = 0; i < n; i++) cluster.fork();
