@@ -51,7 +51,7 @@ pub fn run(plan: &Plan) -> bool {
     let at_least = |major: u32, minor: u32| version.as_slice() >= [major, minor].as_slice();
     match (at_least(3, 9), at_least(5, 14)) {
         (true, true) => say(Verdict::Ok, format!("kernel {release}: SO_REUSEPORT groups (3.9+) and tcp_migrate_req (5.14+)")),
-        (true, false) => say(Verdict::Warn, format!("kernel {release}: no tcp_migrate_req (5.14+): a stopping worker's queued connections are reset")),
+        (true, false) => say(Verdict::Warn, format!("kernel {release}: no tcp_migrate_req (5.14+): restarts lose nothing (socket takeover), but a scale-down or a crash-looping slot resets the connections queued on the socket it closes")),
         (false, _) => say(Verdict::Fail, format!("kernel {release}: SO_REUSEPORT load balancing needs Linux 3.9+")),
     }
     match reuseport_works() {
@@ -66,8 +66,8 @@ pub fn run(plan: &Plan) -> bool {
     }
 
     match socket::migrate_req() {
-        Some(v) if v == "1" => say(Verdict::Ok, "net.ipv4.tcp_migrate_req=1: queued connections move off a stopping worker".into()),
-        Some(v) => say(Verdict::Warn, format!("net.ipv4.tcp_migrate_req={v}: rolling restarts reset queued connections; run: sysctl -w net.ipv4.tcp_migrate_req=1 (a root master with --migrate auto does it)")),
+        Some(v) if v == "1" => say(Verdict::Ok, "net.ipv4.tcp_migrate_req=1: connections queued on a closing socket (scale-down, crash loop) move to the other workers".into()),
+        Some(v) => say(Verdict::Warn, format!("net.ipv4.tcp_migrate_req={v}: restarts lose nothing (socket takeover), but a scale-down or a crash-looping slot resets the connections queued on the socket it closes; run: sysctl -w net.ipv4.tcp_migrate_req=1 (a root master with --migrate auto does it)")),
         None => say(Verdict::Warn, "net.ipv4.tcp_migrate_req is missing (Linux 5.14+)".into()),
     }
 
