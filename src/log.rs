@@ -2,33 +2,77 @@
 //! JSON object per line with ts, level, msg and, for a line about a worker, its slot, pid
 //! and generation.
 //!
-//! Writes never panic (a closed stderr must not take the master down with it), and debug
-//! lines appear only with `REUSEPORT_CLUSTER_LOG=debug`.
+//! Writes never panic (a closed stderr must not take the master down with it), never block
+//! the master's loop (a reader that stops reading, such as a stuck journald, a full Docker
+//! log pipe or a paused `| tee`, must not freeze supervision), and debug lines appear only
+//! with `REUSEPORT_CLUSTER_LOG=debug`.
 
-use std::io::Write;
+use std::os::fd::AsFd;
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::cli::LogFormat;
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
-/// With `--log-prefix`, stderr carries worker output that the master writes only when
-/// stderr can take it; the master's own lines then queue here and join that stream
-/// (worker_output.rs), instead of blocking the loop on a full pipe.
-static QUEUED: Mutex<Option<Vec<u8>>> = Mutex::new(None);
-/// Bytes queued at most; beyond that lines are dropped (and counted in the next line).
-const QUEUE_LIMIT: usize = 1024 * 1024;
+/// Once the master's loop runs, its own lines queue here and the loop writes them when
+/// stderr polls writable (worker_output.rs, which also carries `--log-prefix` output), so
+/// that a full pipe never blocks the loop.
+static QUEUED: Mutex<Option<Queue>> = Mutex::new(None);
+/// Bytes queued at most; beyond that lines are dropped, and counted once the reader catches up.
+const QUEUE_LIMIT: usize = 256 * 1024;
+/// How long a line written directly (before and after the loop) may wait for stderr.
+const DIRECT_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Queue {
+    bytes: Vec<u8>,
+    /// Lines dropped since the queue was last emptied.
+    dropped: u64,
+}
 
 /// Queues the master's own lines from now on (see `QUEUED`).
 pub fn queue_own_lines() {
-    *QUEUED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    *QUEUED.lock().unwrap_or_else(|e| e.into_inner()) = Some(Queue::default());
 }
 
-/// The queued lines, whole.
+/// Writes lines directly again (at exit), bounded in time; returns what was still queued.
+pub fn stop_queueing() -> Vec<u8> {
+    let queue = QUEUED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    queue
+        .map(|mut q| {
+            add_drop_note(&mut q);
+            q.bytes
+        })
+        .unwrap_or_default()
+}
+
+/// The queued lines, whole; once the queue is empty again, a line saying how many were
+/// dropped while it was full follows them.
 pub fn take_queued() -> Vec<u8> {
     match QUEUED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        Some(queue) => std::mem::take(queue),
+        Some(queue) => {
+            add_drop_note(queue);
+            std::mem::take(&mut queue.bytes)
+        }
         None => Vec::new(),
+    }
+}
+
+fn add_drop_note(queue: &mut Queue) {
+    if queue.dropped > 0 {
+        let note = format(
+            Level::Warn,
+            &format!(
+                "{} log lines dropped: stderr was not being read (a stuck log reader?)",
+                std::mem::take(&mut queue.dropped)
+            ),
+        );
+        queue.bytes.extend_from_slice(note.as_bytes());
+        queue.bytes.push(b'\n');
     }
 }
 
@@ -57,25 +101,63 @@ fn debug_enabled() -> bool {
 
 /// Writes one line at `level`.
 pub fn line(level: Level, msg: &str) {
+    if level == Level::Debug && !debug_enabled() {
+        return;
+    }
+    let text = format(level, msg);
+    if let Some(queue) = QUEUED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if queue.bytes.len() < QUEUE_LIMIT {
+            queue.bytes.extend_from_slice(text.as_bytes());
+            queue.bytes.push(b'\n');
+        } else {
+            queue.dropped += 1;
+        }
+        return;
+    }
+    write_direct(format!("{text}\n").as_bytes());
+}
+
+/// Writes `bytes` to stderr, waiting at most [`DIRECT_WAIT`] for it to take them: at exit a
+/// reader that never reads must not keep the master (and its stop) hanging.
+pub fn write_direct(bytes: &[u8]) {
+    let stderr = std::io::stderr();
+    let deadline = Instant::now() + DIRECT_WAIT;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(stderr.as_fd(), PollFlags::POLLOUT)];
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => return, // not writable in time: dropped
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        // At most a pipe's atomic size per write: what a pipe that polls writable takes.
+        let chunk = &rest[..rest.len().min(4096)];
+        match nix::unistd::write(&stderr, chunk) {
+            Ok(n) => rest = &rest[n..],
+            Err(Errno::EINTR | Errno::EAGAIN) => {}
+            Err(_) => return,
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
+/// One line as it is written, without its newline.
+fn format(level: Level, msg: &str) -> String {
     let (prefix, name) = match level {
-        Level::Debug if !debug_enabled() => return,
         Level::Debug => ("debug: ", "debug"),
         Level::Info => ("", "info"),
         Level::Warn => ("warning: ", "warn"),
         Level::Error => ("error: ", "error"),
     };
-    let text = match FORMAT.get() {
+    match FORMAT.get() {
         Some(LogFormat::Json) => json(name, msg),
         _ => format!("{prefix}{msg}"),
-    };
-    if let Some(queue) = QUEUED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        if queue.len() < QUEUE_LIMIT {
-            queue.extend_from_slice(text.as_bytes());
-            queue.push(b'\n');
-        }
-        return;
     }
-    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 fn json(level: &str, msg: &str) -> String {

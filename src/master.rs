@@ -110,9 +110,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         );
     }
     let mut output = WorkerOutput::default();
-    if config.log_prefix {
-        crate::log::queue_own_lines();
-    }
+    // From here on the master's own lines never block the loop (log.rs).
+    crate::log::queue_own_lines();
     let mut systemd = SystemdNotify::from_env(Instant::now());
     let mut events = VecDeque::from([Event::Start]);
     loop {

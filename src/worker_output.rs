@@ -1,5 +1,7 @@
 //! `--log-prefix`: workers' stdout and stderr reach the master through pipes, and the master
-//! writes them to its own stdout and stderr line by line as `[w<slot> <pid>] line`.
+//! writes them to its own stdout and stderr line by line as `[w<slot> <pid>] line`. The
+//! master's own log lines go out through the same stderr buffer, with or without
+//! `--log-prefix`.
 //!
 //! The master's loop must never block on a slow terminal: it writes only when poll says its
 //! stdout/stderr can take more, at most 4 KiB at a time (what a pipe or tty accepts without
@@ -23,6 +25,8 @@ const CHUNK: usize = 4096;
 const MAX_LINE: usize = 4096;
 /// Bytes read from one pipe per wake, so one chatty worker cannot hold the loop.
 const READ_PER_WAKE: usize = 256 * 1024;
+/// How long the master waits at exit for its streams to take what is left.
+const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Pipe {
     fd: OwnedFd,
@@ -98,23 +102,36 @@ impl WorkerOutput {
         }
     }
 
-    /// At exit: takes what is left in the pipes and writes everything, blocking if need be.
+    /// At exit: takes what is left in the pipes and writes everything, waiting up to
+    /// [`EXIT_FLUSH`] in all for streams to take it (a reader that never reads must not keep
+    /// the master from exiting); what is left then is dropped.
     pub fn flush(&mut self) {
-        self.take_master_lines();
+        self.pending[1].extend(crate::log::stop_queueing());
         self.read_pipes();
+        let deadline = std::time::Instant::now() + EXIT_FLUSH;
         for stream in 0..2 {
             while !self.pending[stream].is_empty() {
-                if !self.write_chunk(stream) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                let mut fds = [PollFd::new(self.stream(stream), PollFlags::POLLOUT)];
+                if !matches!(
+                    poll(&mut fds, PollTimeout::from(ms)),
+                    Ok(1) | Err(Errno::EINTR)
+                ) || !self.write_chunk(stream)
+                {
                     break;
                 }
             }
         }
     }
 
-    /// The master's own log lines, queued by log.rs while worker output shares stderr: they
-    /// go into the same buffer, between whole lines, and never block the loop.
+    /// The master's own log lines, queued by log.rs: they go into the same buffer as worker
+    /// output, between whole lines, and never block the loop. While that buffer is full they
+    /// stay queued (and log.rs drops and counts what does not fit there either).
     fn take_master_lines(&mut self) {
-        self.pending[1].extend(crate::log::take_queued());
+        if self.pending[1].len() < HIGH_WATER {
+            self.pending[1].extend(crate::log::take_queued());
+        }
     }
 
     fn read_pipes(&mut self) {

@@ -7,6 +7,7 @@ mod bad_input;
 mod control;
 mod deploy;
 mod launcher;
+mod master_robustness;
 mod recycle;
 mod rolling;
 mod support;
