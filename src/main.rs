@@ -16,6 +16,7 @@ mod log;
 mod master;
 mod metrics;
 mod notify;
+mod procs;
 mod readiness;
 mod recycle;
 mod rolling;

@@ -11,7 +11,7 @@
 //! The master must stay single-threaded: `fork` is only safe without other threads, and
 //! PR_SET_PDEATHSIG fires when the forking *thread* exits.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -32,6 +32,7 @@ use crate::config::{format_cpu_list, App, Config};
 use crate::control::{ControlServer, Request};
 use crate::metrics::MetricsServer;
 use crate::notify::NotifySocket;
+use crate::procs::{Ending, Leftovers};
 use crate::readiness;
 use crate::recycle::{self, Recycler};
 use crate::slot_sockets::SlotSockets;
@@ -40,6 +41,7 @@ use crate::spawn::{self, Spawner};
 use crate::status::ClusterStatus;
 use crate::supervisor::{Action, Event, Outcome, Settings, Supervisor};
 use crate::systemd::{SystemdNotify, View};
+use crate::worker::WorkerState;
 use crate::worker_output::WorkerOutput;
 use crate::{debug, info, log, warn};
 
@@ -114,6 +116,11 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     crate::log::queue_own_lines();
     let mut systemd = SystemdNotify::from_env(Instant::now());
     let mut events = VecDeque::from([Event::Start]);
+    let mut leftovers = Leftovers::new(config.grace, config.stop_signal);
+    // Leftovers SIGKILLed before the stop began do not make it a forced one.
+    let mut killed_before_stop = None;
+    // The supervisor is done, but processes the workers left still run: waited for here.
+    let mut exit: Option<Outcome> = None;
     loop {
         while let Some(event) = events.pop_front() {
             let actions = supervisor.step(event, Instant::now());
@@ -129,16 +136,33 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 &mut output,
                 &mut answers,
             );
-            if let Some(outcome) = outcome {
-                output.flush();
-                if let Some(sd) = systemd.as_mut() {
-                    sd.update(systemd_view(&supervisor));
-                }
-                return Ok(outcome);
+            if outcome.is_some() {
+                exit = outcome;
             }
             for answer in answers.into_iter().rev() {
                 events.push_front(answer);
             }
+        }
+        if supervisor.is_stopping() && killed_before_stop.is_none() {
+            killed_before_stop = Some(leftovers.killed());
+        }
+        let live: HashSet<i32> = supervisor.workers().map(|w| w.pid.as_raw()).collect();
+        if !leftovers.is_empty() || exit.is_some() {
+            for line in leftovers.advance(&live, Instant::now()) {
+                info!("{line}");
+            }
+        }
+        if let (Some(outcome), true) = (&exit, leftovers.is_empty()) {
+            let forced = leftovers.killed() > killed_before_stop.unwrap_or(0);
+            let outcome = match outcome {
+                Outcome::Stopped if forced => Outcome::Killed,
+                other => other.clone(),
+            };
+            output.flush();
+            if let Some(sd) = systemd.as_mut() {
+                sd.update(systemd_view(&supervisor));
+            }
+            return Ok(outcome);
         }
 
         if let Some(sd) = systemd.as_mut() {
@@ -155,6 +179,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             control.next_deadline(),
             metrics_deadline,
             watchdog,
+            leftovers.next_deadline(Instant::now()),
         ]
         .into_iter()
         .flatten()
@@ -188,7 +213,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         let arrived: Vec<i32> = signals.pending().collect();
         // Exits are queued before the signals: a stop request handled in the same wake as
         // the last worker's exit must find it gone (and not SIGKILL, nor exit 3, for nothing).
-        reap(&supervisor, &mut events);
+        reap(&supervisor, &mut leftovers, &mut events);
         // A socket an app shut down is dead for every holder: it wakes the poll (POLLHUP),
         // and every wake checks, one getsockopt per held socket.
         for (slot, inode) in sockets.lost() {
@@ -468,8 +493,9 @@ fn wait(fds: &mut [PollFd], deadline: Option<Instant>) {
     }
 }
 
-/// Reaps every exited child: workers become events, adopted orphans are just reaped.
-fn reap(supervisor: &Supervisor, events: &mut VecDeque<Event>) {
+/// Reaps every exited child: workers become events (what they leave behind is handed to
+/// `leftovers`), adopted orphans are just reaped.
+fn reap(supervisor: &Supervisor, leftovers: &mut Leftovers, events: &mut VecDeque<Event>) {
     loop {
         let pid = match spawn::exited_child() {
             Ok(Some(pid)) => pid,
@@ -477,10 +503,29 @@ fn reap(supervisor: &Supervisor, events: &mut VecDeque<Event>) {
             Err(Errno::EINTR) => continue,
             Err(e) => return warn!("waitid: {e}"),
         };
-        if supervisor.is_worker(pid) {
+        if let Some(w) = supervisor.workers().find(|w| w.pid == pid) {
             // While the worker is an unreaped zombie its pid (= its group id) cannot be
-            // reused, so this reaches exactly what it left behind in its group.
-            let _ = signal_group(pid, Signal::SIGKILL);
+            // reused, so its group is exactly what it left behind in it.
+            let ending = match w.state {
+                WorkerState::Stopping {
+                    killed: false,
+                    since,
+                } => Ending::Stopping {
+                    since,
+                    grace: w.stop_grace,
+                },
+                WorkerState::Stopping { killed: true, .. } => Ending::Killed,
+                _ => Ending::Unasked,
+            };
+            let live = supervisor
+                .workers()
+                .filter(|o| o.pid != pid)
+                .map(|o| o.pid.as_raw())
+                .collect();
+            let label = w.to_string();
+            for line in leftovers.worker_ended(label, pid.as_raw(), ending, &live, Instant::now()) {
+                info!("{line}");
+            }
         }
         match spawn::reap(pid) {
             Ok(Some(reason)) => {

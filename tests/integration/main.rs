@@ -9,6 +9,6 @@ mod deploy;
 mod launcher;
 mod master_robustness;
 mod recycle;
-mod rolling;
+pub(crate) mod rolling;
 mod support;
 mod takeover;

@@ -156,3 +156,214 @@ impl NonBlock for std::fs::OpenOptions {
         self.custom_flags(nix::libc::O_NONBLOCK)
     }
 }
+
+/// A drain script: on SIGTERM it takes 1.5 s, then writes "drained" to $MARKER.
+const DRAIN_SH: &str = r#"#!/bin/sh
+trap 'sleep 1.5; echo drained > "$MARKER"; exit 0' TERM
+while :; do sleep 0.1; done
+"#;
+
+fn npm_installed() -> bool {
+    let ok = Command::new("npm")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: npm is not installed (scripts/install-test-deps.sh installs node)");
+    }
+    ok
+}
+
+/// Issue 9, item 1: the leader of the worker's group (`sh -c`) exits at once on SIGTERM;
+/// the drain it started still gets the grace.
+#[test]
+fn a_wrapper_that_exits_first_does_not_cut_the_drain_short() {
+    let dir = temp_dir("wrapper-drain");
+    let drain = script("drain.sh", DRAIN_SH);
+    let marker = dir.join("marker");
+    let cmd = format!("sh -c '{}; echo done'", drain.display());
+    let mut c = Cluster::spawn(
+        &[
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--ready",
+            "delay:100ms",
+            "--grace",
+            "10s",
+            "--cmd",
+            &cmd,
+        ],
+        &[("MARKER", marker.to_str().unwrap())],
+    );
+    c.expect_log("workers ready");
+    let started = Instant::now();
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0), "a clean stop");
+    let took = started.elapsed();
+    assert_eq!(
+        std::fs::read_to_string(&marker).ok().as_deref(),
+        Some("drained\n"),
+        "the drain finished; log:\n{}",
+        c.log().join("\n")
+    );
+    assert!(
+        took >= Duration::from_millis(1400),
+        "the master waited for the drain: {took:?}"
+    );
+    eprintln!("stop took {took:?} (drain 1.5 s, grace 10 s)");
+}
+
+/// Issue 9, item 1, with `npm start`: npm exits on SIGTERM, node drains.
+#[test]
+fn npm_start_drains_within_grace() {
+    if !npm_installed() {
+        return;
+    }
+    let dir = temp_dir("npm-drain");
+    std::fs::write(
+        dir.join("package.json"),
+        r#"{"name":"drain","version":"1.0.0","scripts":{"start":"node server.js"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("server.js"),
+        "process.on('SIGTERM', () => setTimeout(() => {\n\
+         require('fs').writeFileSync(process.env.MARKER, 'drained');\n\
+         process.exit(0);\n}, 1500));\nsetInterval(() => {}, 1000);\n",
+    )
+    .unwrap();
+    let marker = dir.join("marker");
+    let cmd = format!("sh -c 'cd {} && exec npm start'", dir.display());
+    let mut c = Cluster::spawn(
+        &[
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--ready",
+            "delay:1s",
+            "--grace",
+            "10s",
+            "--cmd",
+            &cmd,
+        ],
+        &[("MARKER", marker.to_str().unwrap())],
+    );
+    c.expect_log("workers ready");
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0), "a clean stop");
+    assert_eq!(
+        std::fs::read_to_string(&marker).ok().as_deref(),
+        Some("drained"),
+        "node drained; log:\n{}",
+        c.log().join("\n")
+    );
+}
+
+/// Issue 9, item 1: rolling restarts of node behind a launcher script under load lose
+/// nothing (node finishes what it accepted after the script is gone). Not `npm start`: npm
+/// passes its child only fds 0-2, so an app under npm cannot take the socket at fd 3.
+#[test]
+fn load_rolling_restarts_behind_a_wrapper_script_lose_no_request() {
+    let _load = load_lock();
+    if !npm_installed() || !migration_possible() {
+        return;
+    }
+    let dir = temp_dir("wrapper-roll");
+    // Answers after 20 ms, so that requests are in flight when the stop signal comes; on
+    // SIGTERM it stops listening and exits once every connection is done.
+    std::fs::write(
+        dir.join("server.js"),
+        "const http = require('http');\n\
+         const worker = process.env.REUSEPORT_CLUSTER_WORKER;\n\
+         const server = http.createServer((q, r) => setTimeout(() => {\n\
+           r.setHeader('Connection', 'close'); r.end('worker ' + worker + '\\n'); }, 20));\n\
+         server.listen({ fd: 3 });\n\
+         process.on('SIGTERM', () => { server.close(() => process.exit(0)); server.closeIdleConnections(); });\n",
+    )
+    .unwrap();
+    // `; exit` keeps sh from exec'ing node: sh leads the group and exits first on SIGTERM.
+    let cmd = format!("sh -c 'node {}/server.js; exit'", dir.display());
+    let stats = crate::rolling::rolling_restarts_under_load(
+        &[
+            "--workers",
+            "4",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "listening",
+            "--grace",
+            "10s",
+            "--cmd",
+            &cmd,
+        ],
+        &[],
+    );
+    assert!(stats.ok > 100, "the load ran: {stats:?}");
+    assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
+}
+
+/// Issue 9, item 2: a process that left the worker's group (setsid) is stopped with the
+/// worker, and nothing holds the port after the master exits.
+#[test]
+fn processes_that_leave_the_group_are_stopped_with_their_worker() {
+    let tag = unique_tag("setsid");
+    let mut c = Cluster::spawn(
+        &[
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--ready",
+            "delay:100ms",
+            "--grace",
+            "3s",
+            "--cmd",
+            "sh -c 'setsid sleep 77 & sleep 1000'",
+        ],
+        &[("RC_TEST_TAG", &tag)],
+    );
+    c.expect_log("workers ready");
+    let port = c.addr().port();
+    let master = c.pid();
+    let of_workers = || -> Vec<u32> {
+        let mut pids = tagged_processes(&tag);
+        pids.retain(|p| *p != master);
+        pids
+    };
+    assert!(
+        wait_until(TIMEOUT, || of_workers().len() == 3),
+        "sh, sleep 77 and sleep 1000 run: {:?}",
+        of_workers()
+    );
+    let first = of_workers();
+    let worker = c.workers()[&0];
+    signal(worker, Signal::SIGKILL);
+    let gone = wait_until(Duration::from_secs(10), || first.iter().all(|p| !alive(*p)));
+    let left: Vec<u32> = first.iter().copied().filter(|p| alive(*p)).collect();
+    assert!(
+        gone,
+        "every process of the killed worker ends, in its group or not; left: {left:?}; log:\n{}",
+        c.log().join("\n")
+    );
+    assert!(
+        wait_until(TIMEOUT, || of_workers().len() == 3),
+        "the replacement runs"
+    );
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+    assert_eq!(
+        tagged_processes(&tag),
+        Vec::<u32>::new(),
+        "nothing outlives the master"
+    );
+    assert_eq!(
+        listening_inodes(port),
+        Vec::<u64>::new(),
+        "nothing listens on the port"
+    );
+}

@@ -56,7 +56,7 @@ fn assert_all_on(c: &mut Cluster, workers: usize, generation: u64, before: &Hash
     }
 }
 
-fn rolling_restarts_under_load(args: &[&str], env: &[(&str, &str)]) -> LoadStats {
+pub(crate) fn rolling_restarts_under_load(args: &[&str], env: &[(&str, &str)]) -> LoadStats {
     let mut c = Cluster::spawn(args, env);
     c.expect_log("workers ready");
     let before = c.workers();
