@@ -13,7 +13,9 @@ use nix::poll::PollFlags;
 
 /// Time a client has to send its request and read the answer.
 const DEADLINE: Duration = Duration::from_secs(5);
-/// Connections served at once; more are refused and closed at once.
+/// Connections served at once by default. Past the limit, the oldest connection that has
+/// not sent a whole request yet makes room (an idle peer cannot lock others out); when
+/// every connection is being answered, the new one is refused and closed at once.
 pub const MAX_CONNS: usize = 8;
 /// How long accepting pauses when the process is out of fds (EMFILE/ENFILE): the listener
 /// stays readable, and polling it meanwhile would spin.
@@ -38,16 +40,23 @@ pub struct Conns<S> {
     conns: Vec<Conn<S>>,
     next_id: u64,
     max_request: usize,
+    max_conns: usize,
     accept_paused_until: Option<Instant>,
 }
 
 impl<S: Read + Write + AsFd> Conns<S> {
     /// No connections yet; requests longer than `max_request` bytes are refused.
     pub fn new(max_request: usize) -> Conns<S> {
+        Conns::with_limit(max_request, MAX_CONNS)
+    }
+
+    /// Like [`Conns::new`], serving up to `max_conns` connections at once.
+    pub fn with_limit(max_request: usize, max_conns: usize) -> Conns<S> {
         Conns {
             conns: Vec::new(),
             next_id: 0,
             max_request,
+            max_conns,
             accept_paused_until: None,
         }
     }
@@ -72,8 +81,15 @@ impl<S: Read + Write + AsFd> Conns<S> {
         }
         self.accept_paused_until = None;
         loop {
-            match accept() {
-                Ok(mut stream) if self.conns.len() >= MAX_CONNS => {
+            let accepted = accept();
+            if accepted.is_ok() && self.conns.len() >= self.max_conns {
+                // The oldest that is still only connected (or trickling) makes room.
+                if let Some(i) = self.conns.iter().position(|c| !c.answered) {
+                    self.conns.remove(i);
+                }
+            }
+            match accepted {
+                Ok(mut stream) if self.conns.len() >= self.max_conns => {
                     let _ = stream.write(busy); // best effort: non-blocking, then closed
                 }
                 Ok(stream) => {
@@ -153,8 +169,10 @@ impl<S: Read + Write + AsFd> Conns<S> {
                     break None;
                 }
                 match c.stream.read(&mut buf) {
+                    // A half-close ends the request (`printf status | socat`): answer what came.
+                    Ok(0) if !c.input.is_empty() => break Some(c.input.len()),
                     Ok(0) => {
-                        c.deadline = now; // closed before a whole request
+                        c.deadline = now; // closed before sending anything
                         break None;
                     }
                     Ok(n) => c.input.extend_from_slice(&buf[..n]),

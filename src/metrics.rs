@@ -15,6 +15,9 @@ use crate::status::ClusterStatus;
 
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
+/// Scrapes served at once: any network peer can connect, so idle connections must not
+/// crowd out the scraper (the oldest idle one also makes room past this, see conns.rs).
+const MAX_CONNS: usize = 128;
 
 /// The metrics endpoint.
 pub struct MetricsServer {
@@ -30,7 +33,7 @@ impl MetricsServer {
         listener.set_nonblocking(true)?;
         Ok(MetricsServer {
             listener,
-            conns: Conns::new(MAX_REQUEST),
+            conns: Conns::with_limit(MAX_REQUEST, MAX_CONNS),
         })
     }
 

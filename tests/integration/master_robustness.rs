@@ -367,3 +367,81 @@ fn processes_that_leave_the_group_are_stopped_with_their_worker() {
         "nothing listens on the port"
     );
 }
+
+/// GET /metrics on a fresh connection: the status line, within `limit`.
+fn scrape_status(addr: &str, limit: Duration) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return "connect failed".into();
+    };
+    s.set_read_timeout(Some(limit)).unwrap();
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.lines().next().unwrap_or("no answer").to_string()
+}
+
+/// Issue 9, item 8: 64 idle connections do not keep scrapes out (today's limit was 8).
+#[test]
+fn idle_connections_do_not_blind_the_metrics_endpoint() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--metrics",
+        &addr,
+        "--ready",
+        "delay:10ms",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    c.expect_log("metrics at");
+    // Control: a scrape is answered.
+    assert_eq!(
+        scrape_status(&addr, Duration::from_secs(2)),
+        "HTTP/1.1 200 OK"
+    );
+    let idle: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let started = Instant::now();
+    for i in 0..5 {
+        assert_eq!(
+            scrape_status(&addr, Duration::from_secs(2)),
+            "HTTP/1.1 200 OK",
+            "scrape {i} with {} idle connections open",
+            idle.len()
+        );
+    }
+    eprintln!(
+        "5 scrapes beside 64 idle connections took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Issue 9, item 9: a request without its newline, then a half-close, is answered.
+#[test]
+fn a_request_ended_by_a_half_close_is_answered() {
+    use std::io::{Read, Write};
+    let c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let mut s = std::os::unix::net::UnixStream::connect(c.control.as_ref().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"status").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("workers ready"), "answer: {answer:?}");
+}
