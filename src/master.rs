@@ -48,6 +48,10 @@ use crate::{debug, info, log, warn};
 /// Signals the master handles; every other one keeps its default action.
 const HANDLED: [i32; 7] = [SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU];
 
+/// A SIGINT this soon after the stop began is the same request arriving twice (a tool that
+/// signals the pid and its process group), not a person pressing Ctrl-C again.
+const SAME_REQUEST: Duration = Duration::from_millis(500);
+
 /// How often /proc is read for a starting worker's readiness.
 const READINESS_SCAN: Duration = Duration::from_millis(5);
 
@@ -119,6 +123,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let mut leftovers = Leftovers::new(config.grace, config.stop_signal);
     // Leftovers SIGKILLed before the stop began do not make it a forced one.
     let mut killed_before_stop = None;
+    // When the stop began: a SIGINT soon after is the same request delivered twice.
+    let mut stop_began: Option<Instant> = None;
     // The supervisor is done, but processes the workers left still run: waited for here.
     let mut exit: Option<Outcome> = None;
     loop {
@@ -145,6 +151,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         }
         if supervisor.is_stopping() && killed_before_stop.is_none() {
             killed_before_stop = Some(leftovers.killed());
+            stop_began = Some(Instant::now());
         }
         let live: HashSet<i32> = supervisor.workers().map(|w| w.pid.as_raw()).collect();
         if !leftovers.is_empty() || exit.is_some() {
@@ -280,6 +287,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         }
         for signal in arrived {
             match signal {
+                SIGINT if stop_began.is_some_and(|t| t.elapsed() >= SAME_REQUEST) => {
+                    info!("second Ctrl-C (SIGINT) during the stop: killing every worker now");
+                    events.push_back(Event::StopNow)
+                }
                 SIGTERM | SIGINT => events.push_back(Event::StopGracefully),
                 SIGQUIT => events.push_back(Event::StopNow),
                 SIGTTIN => events.push_back(Event::Scale(supervisor.slots().len() + 1)),

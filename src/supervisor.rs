@@ -79,9 +79,9 @@ pub enum Event {
         /// Why, as one line.
         error: String,
     },
-    /// SIGTERM / SIGINT: stop gracefully; a second one escalates.
+    /// SIGTERM, SIGINT, `stop`: stop gracefully; repeating it changes nothing.
     StopGracefully,
-    /// SIGQUIT: SIGKILL every worker now.
+    /// SIGQUIT, or a second Ctrl-C (master.rs): SIGKILL every worker now.
     StopNow,
     /// `scale N`, SIGTTIN, SIGTTOU: grow or shrink to this many slots (at least 1).
     Scale(usize),
@@ -393,12 +393,10 @@ impl Supervisor {
                 }
             }
             Event::StopGracefully => {
-                if matches!(self.phase, Phase::Stopping { .. }) {
-                    out.push(Action::Log(
-                        "second stop request: killing every worker now".into(),
-                    ));
-                    self.kill_all(now, &mut out);
-                } else {
+                // A repeat of the same request (`stop` then the service manager's SIGTERM;
+                // `timeout` signalling the pid and its group) must not turn a graceful stop
+                // into SIGKILLs: escalating is StopNow's job (SIGQUIT, a second Ctrl-C).
+                if !matches!(self.phase, Phase::Stopping { .. } | Phase::Done) {
                     self.begin_stop(None, now, &mut out);
                 }
             }
@@ -1351,13 +1349,19 @@ mod tests {
     }
 
     #[test]
-    fn second_stop_request_or_sigquit_kills_at_once() {
+    fn a_repeated_stop_request_does_not_escalate_but_sigquit_kills_at_once() {
         let (mut s, t) = running(1);
         s.step(Event::StopGracefully, t);
+        // `stop` then the service manager's SIGTERM: the same request, twice.
+        let again = s.step(Event::StopGracefully, t + Duration::from_secs(1));
+        assert_eq!(signals(&again), vec![]);
         assert_eq!(
-            signals(&s.step(Event::StopGracefully, t)),
-            vec![(100, KILL)]
+            exit(&s.step(exited(100, ExitReason::Code(0)), t)),
+            Some(Outcome::Stopped)
         );
+        let (mut s, t) = running(1);
+        s.step(Event::StopGracefully, t);
+        assert_eq!(signals(&s.step(Event::StopNow, t)), vec![(100, KILL)]);
         let (mut s, t) = running(1);
         assert_eq!(
             signals(&s.step(Event::StopNow, t)),

@@ -445,3 +445,57 @@ fn a_request_ended_by_a_half_close_is_answered() {
     s.read_to_string(&mut answer).unwrap();
     assert!(answer.contains("workers ready"), "answer: {answer:?}");
 }
+
+/// A python3 app that on SIGTERM takes 1 s, then exits 0.
+const SLOW_STOP_APP: &str = r#"#!/usr/bin/env python3
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), sys.exit(0)))
+while True:
+    time.sleep(1000)
+"#;
+
+/// Issue 9, item 6: `stop`, then the service manager's SIGTERM, is one graceful stop (exit 0,
+/// no SIGKILL); a second Ctrl-C still forces it (exit 3).
+#[test]
+fn a_repeated_stop_request_does_not_escalate_but_a_second_ctrl_c_does() {
+    let app = script("slow_stop.py", SLOW_STOP_APP);
+    let args = [
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:300ms",
+        "--grace",
+        "10s",
+        "--cmd",
+        app.to_str().unwrap(),
+    ];
+    let mut c = Cluster::start(&args);
+    let (code, out, err) = c.ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    c.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100)); // the SIGTERM must come during the stop
+    c.signal(Signal::SIGTERM);
+    assert_eq!(
+        c.wait_exit(TIMEOUT),
+        Some(0),
+        "log:\n{}",
+        c.log().join("\n")
+    );
+    assert!(!c.log_contains("SIGKILL"), "log:\n{}", c.log().join("\n"));
+
+    // Control: a deliberate second Ctrl-C escalates.
+    let mut c = Cluster::start(&args);
+    c.signal(Signal::SIGINT);
+    c.expect_log("stopping 2 workers");
+    std::thread::sleep(Duration::from_millis(600));
+    c.signal(Signal::SIGINT);
+    assert_eq!(
+        c.wait_exit(TIMEOUT),
+        Some(3),
+        "log:\n{}",
+        c.log().join("\n")
+    );
+    assert!(c.log_contains("second Ctrl-C"));
+}
