@@ -10,10 +10,10 @@
 //! master's own uid may talk to it (SO_PEERCRED); the socket file is mode 0600.
 //!
 //! A lock file next to the socket (`NAME.lock`, holding the master's pid) tells a live
-//! master from a stale socket file left by a dead one.
+//! master from a stale socket file left by a dead one; a master that stops removes both.
 
 use std::fs::File;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -107,6 +107,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
+    lock_path: PathBuf,
     _lock: Flock<File>,
     clients: Conns<UnixStream>,
     owner: u32,
@@ -122,32 +123,58 @@ impl ControlServer {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating {} for the control socket", dir.display()))?;
         }
-        // The lock file is never removed: a master that removed it at exit would let the
-        // next two masters of the name lock two different files.
-        let lock_path = path.with_extension("lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((mut file, _)) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
+        // Refuse before touching anything: a path that is not a socket must not cost the
+        // user a lock file, or a truncated one.
+        refuse_non_socket(path)?;
+        let lock_path = lock_path(path);
+        let lock = loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&lock_path)
+                .with_context(|| format!("opening {}", lock_path.display()))?;
+            let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err((mut file, _)) => {
+                    let mut pid = String::new();
+                    let _ = file.read_to_string(&mut pid);
+                    bail!(
+                        "another reuseport-cluster is already running as {name}, pid {}; stop it, \
+                         or give this one another --name",
+                        pid.trim()
+                    );
+                }
+            };
+            // A master that stopped removes its lock file (holding the lock): if the one we
+            // locked is no longer at the path, it was removed meanwhile; lock the new one.
+            let same = std::fs::symlink_metadata(&lock_path)
+                .ok()
+                .zip(lock.metadata().ok())
+                .is_some_and(|(at_path, ours)| {
+                    at_path.ino() == ours.ino() && at_path.dev() == ours.dev()
+                });
+            if !same {
+                continue;
+            }
+            let mut old = String::new();
+            let _ = lock.read_to_string(&mut old);
+            if !old.trim().bytes().all(|b| b.is_ascii_digit()) || !lock.metadata()?.is_file() {
                 bail!(
-                    "another reuseport-cluster is already running as {name}, pid {}; stop it, \
-                     or give this one another --name",
-                    pid.trim()
+                    "--control {}: {} exists and is not a lock file of reuseport-cluster; \
+                     pick another path",
+                    path.display(),
+                    lock_path.display()
                 );
             }
+            lock.set_len(0)?;
+            lock.seek(std::io::SeekFrom::Start(0))?;
+            write!(&mut *lock, "{}", std::process::id())?;
+            break lock;
         };
-        lock.set_len(0)?;
-        write!(&mut *lock, "{}", std::process::id())?;
         // The lock is ours: a socket file still there was left by a dead master. Anything
         // else at that path is not ours to delete.
         match std::fs::symlink_metadata(path) {
@@ -166,6 +193,7 @@ impl ControlServer {
         Ok(ControlServer {
             listener,
             path: path.to_path_buf(),
+            lock_path,
             _lock: lock,
             clients: Conns::new(MAX_REQUEST),
             owner: nix::unistd::geteuid().as_raw(),
@@ -240,8 +268,34 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        // Only the socket: the lock file stays (see `open`).
         let _ = std::fs::remove_file(&self.path);
+        // Removed while still locked: a master that opened it meanwhile sees it is gone once
+        // it gets the lock, and takes a fresh one (see `open`).
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// The lock file of the socket at `path`: `NAME.lock` for `NAME.sock`, else `PATH.lock`
+/// (replacing another extension could name a file of the user's: `notes.txt` → `notes.lock`).
+pub fn lock_path(path: &Path) -> PathBuf {
+    match path.extension() {
+        Some(ext) if ext == "sock" => path.with_extension("lock"),
+        _ => {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".lock");
+            PathBuf::from(p)
+        }
+    }
+}
+
+/// Fails if something other than a socket is at `path`.
+fn refuse_non_socket(path: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "--control {}: a file that is not a socket is in the way; pick another path",
+            path.display()
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -288,7 +342,7 @@ pub fn request(path: &Path, request: &str) -> anyhow::Result<String> {
 /// Whether a master holds the lock of the socket at `path` (a SIGKILLed one leaves its
 /// files behind; the next master of that name replaces them).
 fn is_live(path: &Path) -> bool {
-    let Ok(file) = File::open(path.with_extension("lock")) else {
+    let Ok(file) = File::open(lock_path(path)) else {
         return false;
     };
     Flock::lock(file, FlockArg::LockSharedNonblock).is_err()

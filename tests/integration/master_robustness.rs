@@ -499,3 +499,81 @@ fn a_repeated_stop_request_does_not_escalate_but_a_second_ctrl_c_does() {
     );
     assert!(c.log_contains("second Ctrl-C"));
 }
+
+/// Issue 9, item 7: `--control` never truncates or creates a file it then refuses, and a
+/// clean stop removes the lock file.
+#[test]
+fn control_paths_are_checked_before_any_file_is_touched() {
+    let dir = temp_dir("control-path");
+    // A typo naming a file of the user's: its sibling `notes.lock` is not ours to truncate.
+    let notes = dir.join("notes.txt");
+    std::fs::write(dir.join("notes.lock"), "keep me\n").unwrap();
+    let mut c = Cluster::start(&[
+        "--control",
+        notes.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("notes.lock")).unwrap(),
+        "keep me\n",
+        "an unrelated file is left alone"
+    );
+    assert!(dir.join("notes.txt.lock").exists(), "the lock is PATH.lock");
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+    assert!(
+        !dir.join("notes.txt.lock").exists(),
+        "a clean stop removes the lock file"
+    );
+    assert!(!notes.exists(), "and the socket");
+
+    // A regular file at the path is refused, and no lock file appears next to it.
+    let hostname = dir.join("hostname");
+    std::fs::write(&hostname, "myhost\n").unwrap();
+    let (code, err) = run(&[
+        "--control",
+        hostname.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert!(
+        !dir.join("hostname.lock").exists(),
+        "no lock file for a refused path"
+    );
+    assert_eq!(std::fs::read_to_string(&hostname).unwrap(), "myhost\n");
+
+    // A file at the lock path that is not a lock file is refused, untouched.
+    std::fs::write(dir.join("c.lock"), "precious\n").unwrap();
+    let (code, err) = run(&[
+        "--control",
+        dir.join("c.sock").to_str().unwrap(),
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a lock file"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("c.lock")).unwrap(),
+        "precious\n"
+    );
+}
