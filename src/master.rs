@@ -22,9 +22,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::SigSet;
 use nix::sys::signal::{killpg, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
-use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
+use signal_hook::consts::signal::{
+    SIGALRM, SIGCHLD, SIGHUP, SIGINT, SIGPIPE, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH,
+};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 
@@ -45,8 +49,13 @@ use crate::worker::WorkerState;
 use crate::worker_output::WorkerOutput;
 use crate::{debug, info, log, warn};
 
-/// Signals the master handles; every other one keeps its default action.
-const HANDLED: [i32; 7] = [SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU];
+/// Signals the master handles through signal-hook. USR1, USR2, WINCH, PIPE and ALRM are
+/// sent by habit (logrotate hooks, gunicorn and nginx habits, a resized terminal, a closed
+/// pipe, a stray alarm): each is handled so that none takes the cluster down (README,
+/// "Signals"). SIGTTIN and SIGTTOU come through a signalfd instead (see `scale_signals`).
+const HANDLED: [i32; 10] = [
+    SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGPIPE, SIGALRM,
+];
 
 /// A SIGINT this soon after the stop began is the same request arriving twice (a tool that
 /// signals the pid and its process group), not a person pressing Ctrl-C again.
@@ -88,6 +97,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let (read, write) = UnixStream::pair().context("creating the signal pipe")?;
     let mut signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED)
         .context("installing signal handlers")?;
+    let scale_signals = scale_signals()?;
     // Two SIGHUPs are two reloads, even when both arrive before the master wakes.
     let reloads = Arc::new(AtomicUsize::new(0));
     spawn::count_deliveries(SIGHUP, Arc::clone(&reloads)).context("counting SIGHUPs")?;
@@ -191,7 +201,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         .into_iter()
         .flatten()
         .min();
-        let mut fds = vec![PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![
+            PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN),
+            PollFd::new(scale_signals.as_fd(), PollFlags::POLLIN),
+        ];
         if let Some(n) = &notify {
             fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
         }
@@ -293,11 +306,30 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 }
                 SIGTERM | SIGINT => events.push_back(Event::StopGracefully),
                 SIGQUIT => events.push_back(Event::StopNow),
-                SIGTTIN => events.push_back(Event::Scale(supervisor.slots().len() + 1)),
-                SIGTTOU => {
-                    events.push_back(Event::Scale(supervisor.slots().len().saturating_sub(1)))
-                }
+                SIGUSR1 => info!(
+                    "SIGUSR1: nothing to reopen (the master logs to stderr); not forwarded to \
+                     the workers (Node opens its inspector on it)"
+                ),
+                SIGUSR2 => info!("SIGUSR2 ignored: send SIGHUP for a rolling restart"),
+                SIGALRM => info!("SIGALRM ignored"),
+                SIGWINCH | SIGPIPE => debug!("signal {signal} ignored"),
                 _ => {} // SIGCHLD: reaped above; SIGHUP: counted below
+            }
+        }
+        // Scale requests: only from kill(2). The kernel sends SIGTTIN/SIGTTOU itself to a
+        // background process that touches its terminal; that is no request.
+        while let Ok(Some(info)) = scale_signals.read_signal() {
+            let have = supervisor.slots().len();
+            match (info.ssi_code, info.ssi_signo as i32) {
+                (nix::libc::SI_USER, nix::libc::SIGTTIN) => {
+                    events.push_back(Event::Scale(have + 1))
+                }
+                (nix::libc::SI_USER, nix::libc::SIGTTOU) => {
+                    events.push_back(Event::Scale(have.saturating_sub(1)))
+                }
+                (code, signo) => {
+                    debug!("signal {signo} (si_code {code}) ignored: not sent by kill(2)")
+                }
             }
         }
         for _ in 0..reloads.swap(0, Ordering::SeqCst) {
@@ -348,6 +380,19 @@ fn look_for_recycles(
             events.push_back(Event::Recycle { pid: w.pid, reason });
         }
     }
+}
+
+/// SIGTTIN and SIGTTOU, blocked and read from a signalfd, which tells who sent them. Blocked,
+/// they also let the master write to a terminal whose `stty tostop` would otherwise stop it
+/// (or, with a handler installed, restart its write for ever): the kernel treats a blocked
+/// SIGTTOU as ignored. Workers start with an empty mask (spawn.rs).
+fn scale_signals() -> anyhow::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTTIN);
+    mask.add(Signal::SIGTTOU);
+    mask.thread_block().context("blocking SIGTTIN/SIGTTOU")?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("creating the signalfd for SIGTTIN/SIGTTOU")
 }
 
 /// What systemd is told about the cluster now.

@@ -1,6 +1,7 @@
 //! The master never blocks, never loses a process, never dies of a stray signal (issue 9).
 
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -576,4 +577,142 @@ fn control_paths_are_checked_before_any_file_is_touched() {
         std::fs::read_to_string(dir.join("c.lock")).unwrap(),
         "precious\n"
     );
+}
+
+/// Issue 9, item 5: the signals people and tools send by habit leave the cluster running.
+#[test]
+fn habitual_signals_do_not_take_the_cluster_down() {
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let before = c.workers();
+    for sig in [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGPIPE,
+        Signal::SIGALRM,
+    ] {
+        c.signal(sig);
+        assert!(
+            !wait_until(Duration::from_millis(200), || c.exited()),
+            "the master survives {sig}; log:\n{}",
+            c.log().join("\n")
+        );
+    }
+    c.expect_log("SIGUSR1: nothing to reopen");
+    c.expect_log("SIGALRM ignored");
+    assert_eq!(c.status()["workers_ready"], 2);
+    assert_eq!(
+        c.workers(),
+        before,
+        "the workers were not touched (USR1 is not forwarded)"
+    );
+}
+
+/// Runs the master as a background job of a terminal with `stty tostop`: its writes to the
+/// terminal make the kernel send it SIGTTOU. Prints nothing; the terminal's output is read
+/// (and dropped) so that it never fills.
+const BACKGROUND_JOB: &str = r#"#!/usr/bin/env python3
+import os, pty, sys, termios
+pid, fd = pty.fork()
+if pid == 0:
+    attrs = termios.tcgetattr(1)
+    attrs[3] |= termios.TOSTOP
+    termios.tcsetattr(1, termios.TCSANOW, attrs)
+    job = os.fork()
+    if job == 0:
+        os.setpgid(0, 0)  # a background process group of this terminal
+        os.execv(sys.argv[1], sys.argv[1:])
+    os.waitpid(job, 0)
+    os._exit(0)
+while True:
+    try:
+        if not os.read(fd, 65536):
+            break
+    except OSError:
+        break
+"#;
+
+/// Issue 9, item 5: kernel SIGTTOU (a background write with `tostop`) neither spins the
+/// master nor scales it down; SIGTTIN/SIGTTOU sent with kill(2) still scale.
+#[test]
+fn terminal_job_control_signals_are_not_scale_requests() {
+    let dir = temp_dir("tostop");
+    let job = script("job.py", BACKGROUND_JOB);
+    let control = dir.join("c.sock");
+    let child = Command::new(&job)
+        .arg(bin())
+        .args(["--control", control.to_str().unwrap()])
+        .args([
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "delay:10ms",
+        ])
+        .args(["--", "sleep", "1000"])
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let harness = child.id();
+    let mut guard = Master(child, vec![harness]);
+    assert!(
+        wait_until(TIMEOUT, || control.exists()),
+        "the master opens its control socket"
+    );
+    let status = || {
+        ctl_within(&control, &["status", "--json"], Duration::from_secs(5))
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+    };
+    // harness -> session leader -> master (in its own process group, a background job's)
+    let master = children(harness)
+        .first()
+        .and_then(|leader| children(*leader).first().copied())
+        .expect("the master runs under the terminal's session leader");
+    guard.1.push(master);
+    let first = status().expect("status answers while the master writes to its terminal");
+    assert_eq!(first["master_pid"], master);
+    assert!(
+        wait_until(Duration::from_secs(5), || status()
+            .is_some_and(|s| s["workers_ready"] == 2)),
+        "both workers run"
+    );
+    let cpu = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(master);
+    std::thread::sleep(Duration::from_secs(1)); // measuring CPU use over a second
+    let used = cpu(master) - before;
+    eprintln!("master CPU over 1 s: {used} ticks");
+    assert!(
+        used < 20,
+        "the master does not spin: {used} ticks of 100 in 1 s"
+    );
+    assert_eq!(
+        status().unwrap()["workers_configured"],
+        2,
+        "the kernel's SIGTTOU is no scale request"
+    );
+    // Control: the same signal sent with kill(2) is one.
+    signal(master, Signal::SIGTTIN);
+    assert!(
+        wait_until(Duration::from_secs(5), || status()
+            .is_some_and(|s| s["workers_configured"] == 3)),
+        "kill -TTIN adds a worker"
+    );
+    signal(master, Signal::SIGTERM);
+    assert!(wait_until(TIMEOUT, || !alive(master)), "SIGTERM stops it");
 }
