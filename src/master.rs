@@ -131,6 +131,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let mut systemd = SystemdNotify::from_env(Instant::now());
     let mut events = VecDeque::from([Event::Start]);
     let mut leftovers = Leftovers::new(config.grace, config.stop_signal);
+    let mut notify_log = RateLimit::default();
     // Leftovers SIGKILLed before the stop began do not make it a forced one.
     let mut killed_before_stop = None;
     // When the stop began: a SIGINT soon after is the same request delivered twice.
@@ -337,7 +338,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         }
         if let Some(notify) = &notify {
             for message in notify.receive() {
-                notify_events(&supervisor, message, &mut events);
+                notify_events(&supervisor, message, &mut notify_log, &mut events);
             }
         }
         if scanning {
@@ -492,10 +493,38 @@ fn perform(
     None
 }
 
+/// At most one line per [`RateLimit::EVERY`] about one kind of thing; the next one says how
+/// many were left out meanwhile.
+#[derive(Debug, Default)]
+struct RateLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// The line to write now, if any.
+    fn admit(&mut self, line: String, now: Instant) -> Option<String> {
+        if self.last.is_some_and(|t| now < t + Self::EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(match std::mem::take(&mut self.suppressed) {
+            0 => line,
+            n => format!("{line} ({n} more like it left out of the log)"),
+        })
+    }
+}
+
 /// Turns one sd_notify datagram into events, if a worker (or a process of its group) sent it.
+/// Anyone on the host may send to the socket: nothing from others reaches the log but at
+/// debug level, and a worker's oversized messages are rate-limited.
 fn notify_events(
     supervisor: &Supervisor,
     message: crate::notify::Message,
+    rate: &mut RateLimit,
     events: &mut VecDeque<Event>,
 ) {
     let sender = Pid::from_raw(message.pid as i32);
@@ -512,6 +541,17 @@ fn notify_events(
             message.pid
         );
     };
+    if message.truncated {
+        let line = format!(
+            "notify message from worker pid {} longer than {} bytes ignored",
+            message.pid,
+            crate::notify::MAX_DATAGRAM
+        );
+        if let Some(line) = rate.admit(line, Instant::now()) {
+            warn!("{line}");
+        }
+        return;
+    }
     for (key, value) in message.fields {
         match key.as_str() {
             "READY" if value == "1" => events.push_back(Event::Ready { pid }),
@@ -635,5 +675,24 @@ fn client_addr(addr: SocketAddr) -> SocketAddr {
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limited_lines_come_once_per_period_and_count_what_was_left_out() {
+        let mut rate = RateLimit::default();
+        let t = Instant::now();
+        assert_eq!(rate.admit("a".into(), t), Some("a".into()));
+        for i in 1..=500 {
+            assert_eq!(rate.admit("a".into(), t + Duration::from_millis(i)), None);
+        }
+        assert_eq!(
+            rate.admit("a".into(), t + RateLimit::EVERY),
+            Some("a (500 more like it left out of the log)".into())
+        );
     }
 }

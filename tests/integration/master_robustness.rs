@@ -716,3 +716,60 @@ fn terminal_job_control_signals_are_not_scale_requests() {
     signal(master, Signal::SIGTERM);
     assert!(wait_until(TIMEOUT, || !alive(master)), "SIGTERM stops it");
 }
+
+/// Issue 9, item 4: 2 000 oversized datagrams from another user to the notify socket do not
+/// reach the log.
+#[test]
+fn a_notify_flood_from_another_user_does_not_reach_the_log() {
+    let app = script("http_app.py", PYTHON_HTTP_APP);
+    let mut c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "notify",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    let worker = c.workers()[&0];
+    let socket = env_of(worker)["NOTIFY_SOCKET"].clone();
+    let flood = format!(
+        "import os, socket\n\
+         os.setgid(65534); os.setuid(65534)\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+         addr = '\\0' + {:?}[1:]\n\
+         sent = 0\n\
+         for _ in range(2000):\n\
+         \x20   try:\n\
+         \x20       s.sendto(b'X' * 5000, addr); sent += 1\n\
+         \x20   except BlockingIOError:\n\
+         \x20       pass\n\
+         print(sent)\n",
+        socket
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&flood)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "datagrams sent: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    // The master reads them all (and answers meanwhile).
+    assert_eq!(c.status()["workers_ready"], 1);
+    std::thread::sleep(Duration::from_millis(300)); // let it drain what is queued
+    assert_eq!(c.status()["workers_ready"], 1);
+    let noisy = c
+        .log()
+        .iter()
+        .filter(|l| l.contains("notify message"))
+        .count();
+    assert_eq!(noisy, 0, "log:\n{}", c.log().join("\n"));
+}
