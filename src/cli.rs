@@ -116,6 +116,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub backlog: u32,
 
+    /// Open-files limit (RLIMIT_NOFILE) of the master and its workers [default: the hard limit]
+    #[arg(long, value_name = "N")]
+    pub nofile: Option<u64>,
+
     /// How long a worker may take to exit after the stop signal before it is SIGKILLed
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub grace: String,

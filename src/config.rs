@@ -51,6 +51,8 @@ pub struct Config {
     pub cpus: Option<Vec<usize>>,
     /// listen() backlog.
     pub backlog: u32,
+    /// `--nofile`: the open-files limit to set; `None`: raise the soft limit to the hard one.
+    pub nofile: Option<u64>,
     /// Time a stopping worker gets before SIGKILL.
     pub grace: Duration,
     /// Signal that asks a worker to stop.
@@ -105,6 +107,8 @@ pub struct Credentials {
     pub gid: nix::unistd::Gid,
     /// Supplementary groups (the user's, from /etc/group).
     pub groups: Vec<nix::unistd::Gid>,
+    /// Its home directory (HOME), from the password database.
+    pub home: PathBuf,
 }
 
 fn resolve_credentials(user: &str, group: Option<&str>) -> Result<Credentials, Invalid> {
@@ -134,6 +138,7 @@ fn resolve_credentials(user: &str, group: Option<&str>) -> Result<Credentials, I
         uid: found.uid,
         gid,
         groups,
+        home: found.dir,
     })
 }
 
@@ -252,6 +257,10 @@ impl Config {
             workers,
             cpus,
             backlog: args.backlog,
+            nofile: match args.nofile {
+                Some(0) => return Err(invalid!("--nofile 0: workers need some open files")),
+                n => n,
+            },
             grace,
             stop_signal,
             ready,

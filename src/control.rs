@@ -215,10 +215,18 @@ impl ControlServer {
         self.clients.next_deadline()
     }
 
-    /// Accepts new clients, reads requests, writes answers, drops clients that are done or
-    /// late. Returns the requests that came in, with the id to answer them by.
-    pub fn service(&mut self, now: Instant) -> Vec<(u64, Request)> {
-        self.accept(now);
+    /// The listening socket's fd (the master accepts only once it polls readable).
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
+    }
+
+    /// Accepts new clients (when `listener_ready`), reads requests, writes answers, drops
+    /// clients that are done or late. Returns the requests that came in, with the id to
+    /// answer them by.
+    pub fn service(&mut self, now: Instant, listener_ready: bool) -> Vec<(u64, Request)> {
+        if listener_ready {
+            self.accept(now);
+        }
         let line_end = |input: &[u8]| input.iter().position(|b| *b == b'\n').map(|p| p + 1);
         let too_long = |max| format!("error: request longer than {max} bytes\n").into_bytes();
         let mut requests = Vec::new();
@@ -429,7 +437,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = Vec::new();
         while got.is_empty() && Instant::now() < deadline {
-            got = server.service(Instant::now());
+            got = server.service(Instant::now(), true);
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(got.len(), 1);

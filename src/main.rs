@@ -95,7 +95,7 @@ fn launch(cli: &Cli) -> ExitCode {
         Ok(Outcome::Stopped) => ExitCode::SUCCESS,
         Ok(Outcome::Killed) => ExitCode::from(3),
         Ok(Outcome::Failed(msg)) => fail(1, &msg),
-        Err(e) => fail(1, &format!("{e:#}")),
+        Err(e) => fail(1, &master::with_emfile_hint(format!("{e:#}"))),
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -93,6 +93,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         true => Some(NotifySocket::bind()?),
         false => None,
     };
+    // Before any fork: workers inherit the limit.
+    if let Some(line) = open_files_limit(config.nofile)? {
+        info!("{line}");
+    }
     let mut spawner = Spawner::new(&config, notify.as_ref().map(|n| n.env_value()).as_deref())?;
     let (read, write) = UnixStream::pair().context("creating the signal pipe")?;
     let mut signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED)
@@ -222,6 +226,16 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             fds.push(PollFd::new(fd, PollFlags::empty()));
         }
         wait(&mut fds, deadline);
+        // accept(2) only on a listener that polled readable, not on every pass.
+        let readable = |listener: Option<i32>| {
+            listener.is_some_and(|l| {
+                fds.iter().any(|p| {
+                    p.as_fd().as_raw_fd() == l && p.revents().is_some_and(|r| !r.is_empty())
+                })
+            })
+        };
+        let control_ready = readable(Some(control.listener_fd()));
+        let metrics_ready = readable(metrics.as_ref().map(|m| m.listener_fd()));
         drop(fds);
 
         output.service();
@@ -242,7 +256,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         }
         look_for_recycles(&mut recycler, &supervisor, &mut events);
         if let Some(m) = metrics.as_mut() {
-            let wanted = m.service(Instant::now());
+            let wanted = m.service(Instant::now(), metrics_ready);
             if !wanted.is_empty() {
                 let status = ClusterStatus::collect(
                     &config,
@@ -257,7 +271,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        for (id, request) in control.service(Instant::now()) {
+        for (id, request) in control.service(Instant::now(), control_ready) {
             let answer = match request {
                 Request::Status { json } => {
                     let status = ClusterStatus::collect(
@@ -396,6 +410,81 @@ fn scale_signals() -> anyhow::Result<SignalFd> {
         .context("creating the signalfd for SIGTTIN/SIGTTOU")
 }
 
+/// Sets the open-files limit the master and its workers run with: `--nofile N`, else the
+/// soft limit raised to the hard one (as Go's runtime does for itself: servers need more than
+/// the 1024 a login session starts with). Returns a line to log when `--nofile` was given.
+fn open_files_limit(wanted: Option<u64>) -> anyhow::Result<Option<String>> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    // An unlimited hard limit cannot be the soft one: the kernel caps fds at fs.nr_open.
+    let ceiling = match hard {
+        RLIM_INFINITY => std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1024 * 1024),
+        hard => hard,
+    };
+    match wanted {
+        None if soft < ceiling => {
+            setrlimit(Resource::RLIMIT_NOFILE, ceiling, hard).with_context(|| {
+                format!("raising the open-files limit from {soft} to {ceiling}")
+            })?;
+            Ok(None)
+        }
+        None => Ok(None),
+        Some(n) => {
+            // Above the hard limit only root may go (and raises the hard limit with it).
+            let new_hard = if n > hard { n } else { hard };
+            setrlimit(Resource::RLIMIT_NOFILE, n, new_hard).map_err(|e| {
+                anyhow::anyhow!(
+                    "--nofile {n}: {e}; the hard limit is {hard}: raise it (ulimit -Hn, \
+                     LimitNOFILE= in a systemd unit, --ulimit nofile= for docker) or run as root"
+                )
+            })?;
+            Ok(Some(format!(
+                "open-files limit {n} (--nofile) for the master and its workers"
+            )))
+        }
+    }
+}
+
+/// `cpu` if the master may still run there; else (its affinity mask or cpuset shrank since
+/// start-up, and pinning there would fail or go against the operator) one it may, picked by
+/// slot among the CPUs allowed now, and said in the log.
+fn allowed_cpu(cpu: usize, slot: usize) -> usize {
+    let Ok(set) = nix::sched::sched_getaffinity(Pid::from_raw(0)) else {
+        return cpu;
+    };
+    if set.is_set(cpu).unwrap_or(true) {
+        return cpu;
+    }
+    let allowed: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|c| set.is_set(*c).unwrap_or(false))
+        .collect();
+    let Some(&other) = allowed.get(slot % allowed.len().max(1)) else {
+        return cpu;
+    };
+    warn!(
+        "worker {slot}: CPU {cpu} is no longer allowed (the affinity mask or cpuset shrank; \
+         allowed now: {}); pinning to CPU {other}",
+        format_cpu_list(&allowed)
+    );
+    other
+}
+
+/// Adds how to raise the limit to an error that is about running out of fds.
+pub fn with_emfile_hint(error: String) -> String {
+    // Both io::Error's and nix's wording of EMFILE hold this.
+    match error.contains(Errno::EMFILE.desc()) {
+        true => {
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or("?".into(), |(soft, _)| soft.to_string());
+            format!("{error} (the open-files limit is {limit}: raise it with --nofile N)")
+        }
+        false => error,
+    }
+}
+
 /// What systemd is told about the cluster now.
 fn systemd_view(supervisor: &Supervisor) -> View {
     let slots = supervisor.slots().len();
@@ -448,6 +537,7 @@ fn perform(
                     info!("{note}");
                 }
                 let inherit = grant.inherit.as_deref();
+                let cpu = cpu.map(|c| allowed_cpu(c, slot));
                 let send = sockets.enabled();
                 answers.push(
                     match spawner.spawn(slot, cpu, generation, size, inherit, send) {
@@ -465,13 +555,14 @@ fn perform(
                                 sockets: spawned.sockets,
                                 slot,
                                 generation,
+                                cpu,
                                 pid: spawned.pid,
                             }
                         }
                         Err(e) => Event::SpawnFailed {
                             slot,
                             generation,
-                            error: e.to_string(),
+                            error: with_emfile_hint(e.to_string()),
                         },
                     },
                 );

@@ -57,8 +57,14 @@ impl MetricsServer {
         self.conns.next_deadline()
     }
 
-    /// Accepts, reads; answers what it can itself and returns the ids that want metrics.
-    pub fn service(&mut self, now: Instant) -> Vec<u64> {
+    /// The listening socket's fd (the master accepts only once it polls readable).
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
+    }
+
+    /// Accepts (when `listener_ready`), reads; answers what it can itself and returns the
+    /// ids that want metrics.
+    pub fn service(&mut self, now: Instant, listener_ready: bool) -> Vec<u64> {
         let listener = &self.listener;
         let accept = || {
             let (stream, _) = listener.accept()?;
@@ -66,7 +72,9 @@ impl MetricsServer {
             Ok(stream)
         };
         let busy = http(503, "text/plain", "too many connections\n");
-        self.conns.accept_all(now, accept, |_| None, &busy);
+        if listener_ready {
+            self.conns.accept_all(now, accept, |_| None, &busy);
+        }
         let head_end = |input: &[u8]| {
             input
                 .windows(4)

@@ -179,8 +179,23 @@ impl Spawner {
     /// `notify_socket` as NOTIFY_SOCKET.
     pub fn new(config: &Config, notify_socket: Option<&str>) -> anyhow::Result<Spawner> {
         let (path, argv) = program_of(&config.app);
+        // `--user`: the user's HOME, USER and LOGNAME, as runuser and systemd's User= set them.
+        let identity: Vec<(&str, OsString)> = match &config.credentials {
+            Some(c) => vec![
+                ("HOME", c.home.clone().into_os_string()),
+                ("USER", c.user.clone().into()),
+                ("LOGNAME", c.user.clone().into()),
+            ],
+            None => Vec::new(),
+        };
         let base_env = std::env::vars_os()
             .filter(|(k, _)| !MANAGED_ENV.iter().any(|m| k.as_bytes() == m.as_bytes()))
+            .filter(|(k, _)| {
+                !identity
+                    .iter()
+                    .any(|(name, _)| k.as_bytes() == name.as_bytes())
+            })
+            .chain(identity.iter().map(|(k, v)| (OsString::from(k), v.clone())))
             .map(|(k, v)| {
                 let mut kv = k.into_vec();
                 kv.push(b'=');

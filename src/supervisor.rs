@@ -34,6 +34,9 @@ pub enum Event {
         generation: Generation,
         /// Its pid (and process group).
         pid: Pid,
+        /// The CPU it is pinned to: the slot's, unless that one is no longer allowed (the
+        /// master's affinity mask or cpuset shrank), and then the slot moves with it.
+        cpu: Option<usize>,
         /// Inodes of its listening sockets.
         sockets: Vec<u64>,
     },
@@ -362,8 +365,14 @@ impl Supervisor {
                 slot,
                 generation,
                 pid,
+                cpu,
                 sockets,
-            } => self.on_spawned(slot, generation, pid, sockets, now, &mut out),
+            } => {
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.cpu = cpu;
+                }
+                self.on_spawned(slot, generation, pid, sockets, now, &mut out)
+            }
             Event::SpawnFailed {
                 slot,
                 generation,
@@ -1131,6 +1140,7 @@ mod tests {
             slot,
             generation,
             pid: pid(p),
+            cpu: Some([0, 1][slot % 2]),
             sockets: vec![],
         }
     }

@@ -773,3 +773,174 @@ fn a_notify_flood_from_another_user_does_not_reach_the_log() {
         .count();
     assert_eq!(noisy, 0, "log:\n{}", c.log().join("\n"));
 }
+
+/// Issue 9, item 10: `--user` workers get the user's HOME, USER and LOGNAME.
+#[test]
+fn user_workers_get_the_users_home_and_name() {
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let mut c = Cluster::start(&[
+        "--user",
+        "nobody",
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let env = env_of(c.workers()[&0]);
+    assert_eq!(env.get("HOME").map(String::as_str), nobody.dir.to_str());
+    assert_eq!(env.get("USER").map(String::as_str), Some("nobody"));
+    assert_eq!(env.get("LOGNAME").map(String::as_str), Some("nobody"));
+}
+
+/// A process's open-files limits (soft, hard), from /proc/PID/limits.
+fn nofile_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+/// Issue 9, item 10: workers get the hard open-files limit as their soft one (not 1024), or
+/// `--nofile N`; running out of fds says how to raise the limit.
+#[test]
+fn workers_get_the_hard_open_files_limit_or_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // Start the master the way a login session would: soft 1024 (nextest raises its own).
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, 1024.min(hard), hard).unwrap();
+    let args = [
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+    ];
+    let mut c = Cluster::start(&[&args[..], &["--", "sleep", "1000"]].concat());
+    let (soft, hard_seen) = nofile_of(c.workers()[&0]);
+    assert_eq!(soft, hard_seen, "the soft limit is raised to the hard one");
+    drop(c);
+    let mut c = Cluster::start(&[&args[..], &["--nofile", "2048", "--", "sleep", "1000"]].concat());
+    assert_eq!(nofile_of(c.workers()[&0]).0, "2048");
+    drop(c);
+    let (code, err) = run(&[&args[..], &["--nofile", "5", "--", "sleep", "1000"]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Too many open files") && err.contains("raise it with --nofile"),
+        "{err}"
+    );
+}
+
+/// Issue 9, item 10: when the master's allowed CPUs shrink, a restarted worker is pinned to
+/// one it may use, and the log says so.
+#[test]
+fn a_restart_after_the_allowed_cpus_shrank_pins_to_an_allowed_cpu() {
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        eprintln!("skipped: needs 2 CPUs, this machine allows {cpus:?}");
+        return;
+    }
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let workers = c.workers();
+    let mut only = nix::sched::CpuSet::new();
+    only.set(cpus[0]).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(c.pid() as i32), &only).unwrap();
+    let victim = workers[&1];
+    assert_eq!(
+        status_field(victim, "Cpus_allowed_list").unwrap(),
+        cpus[1].to_string()
+    );
+    signal(victim, Signal::SIGKILL);
+    assert!(
+        wait_until(TIMEOUT, || c
+            .workers()
+            .get(&1)
+            .is_some_and(|p| *p != victim)),
+        "slot 1 is restarted"
+    );
+    let new = c.workers()[&1];
+    assert_eq!(
+        status_field(new, "Cpus_allowed_list").unwrap(),
+        cpus[0].to_string(),
+        "pinned to the CPU still allowed; log:\n{}",
+        c.log().join("\n")
+    );
+    c.expect_log(&format!("CPU {} is no longer allowed", cpus[1]));
+}
+
+/// Issue 9, item 10: the master calls accept(2) on its control socket only when a client
+/// is waiting, not on every wake.
+#[test]
+fn the_control_socket_is_accepted_from_only_when_readable() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("skipped: strace is not installed");
+        return;
+    }
+    let c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:10ms",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let trace = temp_dir("accept-trace").join("trace");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-e", "trace=accept4,accept", "-o"])
+        .arg(&trace)
+        .args(["-p", &c.pid().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // strace says when it is attached.
+    let mut attached = String::new();
+    {
+        use std::io::{BufRead, BufReader};
+        let mut err = BufReader::new(strace.stderr.take().unwrap());
+        let _ = err.read_line(&mut attached);
+    }
+    // 20 wakes of the master with nobody connecting (SIGWINCH is handled and ignored).
+    for _ in 0..20 {
+        c.signal(Signal::SIGWINCH);
+        std::thread::sleep(Duration::from_millis(10)); // separate wakes
+    }
+    let idle_accepts = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("accept"))
+            .count()
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let idle = idle_accepts();
+    // Control: a client makes it accept.
+    assert_eq!(c.ctl(&["status"]).0, Some(0));
+    assert!(
+        wait_until(Duration::from_secs(5), || idle_accepts() > idle),
+        "strace sees accept4 when a client connects ({attached})"
+    );
+    let _ = strace.kill();
+    let _ = strace.wait();
+    assert_eq!(idle, 0, "accept(2) calls during 20 idle wakes");
+}
