@@ -13,9 +13,8 @@ use nix::poll::PollFlags;
 
 /// Time a client has to send its request and read the answer.
 const DEADLINE: Duration = Duration::from_secs(5);
-/// Connections served at once by default. Past the limit, the oldest connection that has
-/// not sent a whole request yet makes room (an idle peer cannot lock others out); when
-/// every connection is being answered, the new one is refused and closed at once.
+/// Connections served at once by default; more are refused and closed at once (see
+/// [`Conns::with_limit`] for an endpoint any peer can reach).
 pub const MAX_CONNS: usize = 8;
 /// How long accepting pauses when the process is out of fds (EMFILE/ENFILE): the listener
 /// stays readable, and polling it meanwhile would spin.
@@ -41,23 +40,32 @@ pub struct Conns<S> {
     next_id: u64,
     max_request: usize,
     max_conns: usize,
+    /// Past the limit, the oldest connection that has not sent a whole request makes room.
+    evict_idle: bool,
     accept_paused_until: Option<Instant>,
 }
 
 impl<S: Read + Write + AsFd> Conns<S> {
     /// No connections yet; requests longer than `max_request` bytes are refused.
     pub fn new(max_request: usize) -> Conns<S> {
-        Conns::with_limit(max_request, MAX_CONNS)
-    }
-
-    /// Like [`Conns::new`], serving up to `max_conns` connections at once.
-    pub fn with_limit(max_request: usize, max_conns: usize) -> Conns<S> {
         Conns {
             conns: Vec::new(),
             next_id: 0,
             max_request,
-            max_conns,
+            max_conns: MAX_CONNS,
+            evict_idle: false,
             accept_paused_until: None,
+        }
+    }
+
+    /// For an endpoint any network peer can reach: up to `max_conns` connections at once,
+    /// and past that the oldest one that has not sent a whole request yet makes room for
+    /// the new one, so that idle or slow peers cannot lock everyone else out.
+    pub fn with_limit(max_request: usize, max_conns: usize) -> Conns<S> {
+        Conns {
+            max_conns,
+            evict_idle: true,
+            ..Conns::new(max_request)
         }
     }
 
@@ -82,7 +90,7 @@ impl<S: Read + Write + AsFd> Conns<S> {
         self.accept_paused_until = None;
         loop {
             let accepted = accept();
-            if accepted.is_ok() && self.conns.len() >= self.max_conns {
+            if self.evict_idle && accepted.is_ok() && self.conns.len() >= self.max_conns {
                 // The oldest that is still only connected (or trickling) makes room.
                 if let Some(i) = self.conns.iter().position(|c| !c.answered) {
                     self.conns.remove(i);

@@ -175,6 +175,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             }
         }
         if let (Some(outcome), true) = (&exit, leftovers.is_empty()) {
+            // Whatever ended since the last reap is a zombie child of the master by now (the
+            // kernel reparents at exit, not at reaping): reap it, leave nothing to init.
+            reap(&supervisor, &mut leftovers, &mut events);
             let forced = leftovers.killed() > killed_before_stop.unwrap_or(0);
             let outcome = match outcome {
                 Outcome::Stopped if forced => Outcome::Killed,
