@@ -7,6 +7,7 @@ mod bad_input;
 mod control;
 mod deploy;
 mod launcher;
+mod real_deploy;
 mod recycle;
 mod rolling;
 mod support;
