@@ -10,5 +10,6 @@ mod launcher;
 mod real_deploy;
 mod recycle;
 mod rolling;
+mod servers;
 mod support;
 mod takeover;

@@ -15,7 +15,10 @@ fn deploy_test(area: &str) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "scripts/deploy-test.sh {area}: {stdout}");
+    assert!(
+        out.status.success(),
+        "scripts/deploy-test.sh {area}: {stdout}"
+    );
     assert!(
         stdout.contains(" 0 failed") || stdout.contains("skipped:"),
         "{stdout}"
