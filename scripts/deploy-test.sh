@@ -135,7 +135,6 @@ systemd_test() {
     CONTAINER_INITS+=("$l")
     E="timeout 60 nsenter -t $l -a"
     $E systemctl is-system-running --wait >/dev/null 2>&1 || true
-    local version
     version=$($E systemctl --version | awk 'NR == 1 { print $2 }')
     check "$S: the container runs systemd $version as PID 1" [ "$version" = "$v" ]
 
@@ -237,6 +236,37 @@ systemd_test() {
         eval '$E journalctl -u reuseport-cluster@web --no-pager | grep -q "Watchdog timeout"'
     check "$S: the restarted cluster answers" eval '[ "$(wc -w <<<"$(answering_pids)")" = 2 ]'
     $E systemctl stop reuseport-cluster@web
+    [ "$v" -ge 253 ] && notify_reload_test "$d"
+}
+
+# systemd >= 253 also offers Type=notify-reload (docs/deploy.md): systemd sends SIGHUP and
+# waits for the master's RELOADING=1 ... READY=1. What it does on a good and a broken deploy.
+notify_reload_test() {
+    local d=$1 t rc
+    local S="systemd $version, Type=notify-reload drop-in"
+    printf '[Service]\nType=notify-reload\nExecReload=\n' \
+        > "$d/root/etc/systemd/system/reuseport-cluster@web.service.d/notify-reload.conf"
+    $E systemctl daemon-reload
+    $E systemctl start reuseport-cluster@web
+    local before; before=$(answering_pids)
+    t=$(now)
+    rc=0
+    $E systemctl reload reuseport-cluster@web || rc=$?
+    local took; took=$(since "$t")
+    local gens; gens=$(generations)
+    local after; after=$(answering_pids)
+    check "$S: systemctl reload returned when every slot served generation 2 (${took} s; pids $before-> $after)" \
+        eval '[ $rc = 0 ] && [ "$gens" = "2 2" ] && disjoint "$before" "$after"'
+    touch "$d/root/srv/app/broken"
+    rc=0
+    t=$(now)
+    $E systemctl reload reuseport-cluster@web >/dev/null 2>&1 || rc=$?
+    took=$(since "$t")
+    rm "$d/root/srv/app/broken"
+    # Not a pass/fail check: what notify-reload reports for a rolled-back deploy, for the docs.
+    echo "note    $S: a broken deploy: systemctl reload exit $rc after ${took} s, ReloadResult=$(show ReloadResult), generations $(generations)"
+    $E systemctl stop reuseport-cluster@web
+    rm "$d/root/etc/systemd/system/reuseport-cluster@web.service.d/notify-reload.conf"
 }
 
 # ---------------------------------------------------------------- Docker

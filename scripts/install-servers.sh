@@ -5,6 +5,7 @@
 #   pip (venv):  gunicorn, uvicorn, hypercorn, daphne
 #   npm:         express, fastify (node itself from Debian)
 #   Debian:      uWSGI (uwsgi-core, uwsgi-plugin-python3), Puma, lighttpd, Go (golang-go)
+#   crates.io:   axum + listenfd (tests/integration/apps/servers/axum, built with cargo)
 # Idempotent: a second run installs nothing. Exit 1 if something could not be installed
 # (the tests that need it then skip, saying so).
 set -euo pipefail
@@ -51,5 +52,12 @@ if [ ! -d "$CACHE/node/node_modules/fastify" ]; then
     mkdir -p "$CACHE/node"
     npm install --prefix "$CACHE/node" --no-audit --no-fund --silent express@4 fastify@4 >/dev/null \
         || { echo "warning: npm install of express and fastify failed" >&2; status=1; }
+fi
+axum=$CACHE/axum/debug/axum-listenfd-app
+if [ ! -x "$axum" ]; then
+    echo "building the axum + listenfd app (crates.io, into $CACHE/axum, about two minutes once)" >&2
+    CARGO_TARGET_DIR=$CACHE/axum cargo build -q \
+        --manifest-path "$(dirname "$0")/../tests/integration/apps/servers/axum/Cargo.toml" \
+        || { echo "warning: building the axum app failed" >&2; status=1; }
 fi
 exit $status

@@ -1,10 +1,10 @@
 //! Real servers under the launcher, unmodified (docs/servers.md): gunicorn (sync, gthread),
 //! uvicorn, hypercorn, daphne, uWSGI, Node http, express, fastify, Puma, lighttpd, Go
-//! net/http. Each: two workers answer, a rolling restart under load (the failed requests are
-//! measured and printed, `SERVER-RESULT ...`), a clean stop with nothing left behind.
-//! scripts/install-servers.sh installs them into /var/cache/reuseport-cluster-test/servers;
-//! a test skips, saying why, only when its server could not be installed. Named load_* so
-//! that they run one at a time.
+//! net/http and axum + listenfd. Each: two workers answer, a rolling restart under load
+//! (the failed requests are measured and printed, `SERVER-RESULT ...`), a clean stop with
+//! nothing left behind. scripts/install-servers.sh installs them into
+//! /var/cache/reuseport-cluster-test/servers; a test skips, saying why, only when its server
+//! could not be installed. Named load_* so that they run one at a time.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -72,6 +72,10 @@ fn server_test(server: &str, port: u16, launcher: &[&str], app: &[&str], env: &[
     let tag = unique_tag(server);
     let bind = format!("127.0.0.1:{port}");
     let mut args = vec!["--workers", "2", "--bind", &bind, "--grace", "10s"];
+    // Readiness without any change to the app: it waits for connections on its socket.
+    if !launcher.contains(&"--ready") {
+        args.extend_from_slice(&["--ready", "listening"]);
+    }
     args.extend_from_slice(launcher);
     args.push("--");
     args.extend_from_slice(app);
@@ -349,4 +353,12 @@ fn load_server_go_net_http() {
         &[out.to_str().unwrap()],
         &[],
     );
+}
+
+#[test]
+fn load_server_axum_listenfd() {
+    let Some(axum) = installed(&cache().join("axum/debug/axum-listenfd-app")) else {
+        return;
+    };
+    server_test("axum + listenfd", free_port(), &[], &[&axum], &[]);
 }
