@@ -236,7 +236,7 @@ systemd_test() {
         eval '$E journalctl -u reuseport-cluster@web --no-pager | grep -q "Watchdog timeout"'
     check "$S: the restarted cluster answers" eval '[ "$(wc -w <<<"$(answering_pids)")" = 2 ]'
     $E systemctl stop reuseport-cluster@web
-    [ "$v" -ge 253 ] && notify_reload_test "$d"
+    if [ "$v" -ge 253 ]; then notify_reload_test "$d"; fi
 }
 
 # systemd >= 253 also offers Type=notify-reload (docs/deploy.md): systemd sends SIGHUP and
