@@ -219,6 +219,7 @@ systemd_test() {
     local after; after=$(answering_pids)
     check "$S: after the rollback generation 2 still serves (pids $after)" \
         eval '[ "$after" = "$gen2" ] && all_gen 2'
+    [ -z "${DEPLOY_TEST_DEBUG:-}" ] || journal
 
     # stop: the master stops its workers gracefully and exits 0, well within --grace 5s.
     t=$(now)
