@@ -2,7 +2,9 @@
 # Installs what the test suite needs and a fresh Linux machine with Rust may lack:
 # cargo-nextest (the test runner), python3 (apps in other languages), node (an app using
 # server.listen({fd: 3})), util-linux (unshare), and HAProxy, wrk and iproute2 for the
-# multi-host test (scripts/install-multihost-tools.sh).
+# multi-host test (scripts/install-multihost-tools.sh), and the real servers
+# (scripts/install-servers.sh). scripts/deploy-test.sh installs its own tools
+# (scripts/install-deploy-tools.sh, scripts/build-deb.sh).
 # Idempotent: installs nothing that is already there.
 set -euo pipefail
 
@@ -28,6 +30,9 @@ command -v unshare >/dev/null || need+=(util-linux)
 [ ${#need[@]} -eq 0 ] || apt_install optional "${need[@]}"
 
 "$(dirname "$0")/install-multihost-tools.sh" --optional
+# The real servers of tests/integration/servers.rs (pip, npm, Debian), cached outside the
+# clone; a server that cannot be installed makes its test skip with the reason.
+"$(dirname "$0")/install-servers.sh" || echo "warning: some servers could not be installed; their tests will be skipped" >&2
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest (cargo install, a few minutes once)" >&2

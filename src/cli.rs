@@ -73,6 +73,18 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = 10_000)]
         connections: u64,
     },
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (one per command) into DIR (packaging; internal).
+    #[command(name = "__man", hide = true)]
+    Man {
+        /// Where to write reuseport-cluster.1, reuseport-cluster-status.1, ...
+        dir: PathBuf,
+    },
     /// The built-in demo app, as a worker process runs it (internal).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker,

@@ -31,7 +31,7 @@ mod worker_output;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use crate::cli::{Cli, Command};
 use crate::config::Config;
@@ -45,6 +45,17 @@ fn main() -> ExitCode {
             return match demo::run() {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(1, &format!("demo app: {e:#}")),
+            }
+        }
+        Some(Command::Completions { shell }) => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "reuseport-cluster", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man { dir }) => {
+            return match clap_mangen::generate_to(Cli::command(), &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &format!("writing man pages to {}: {e}", dir.display())),
             }
         }
         Some(Command::Status { json, target }) => (

@@ -379,10 +379,12 @@ fn systemd_unit_and_dockerfile_match_the_launcher() {
             .unwrap_or_else(|| panic!("no {key}= in the unit"))
             .to_string()
     };
+    // Type=notify-reload needs systemd 253; Debian 12 and RHEL 9 have 252.
+    assert_eq!(value("Type"), "notify", "the master sends READY=1");
     assert_eq!(
-        value("Type"),
-        "notify-reload",
-        "the master speaks RELOADING=1/READY=1"
+        value("ExecReload"),
+        "/usr/bin/reuseport-cluster reload --name %i",
+        "systemctl reload waits for the rolling restart's outcome"
     );
     assert_eq!(
         value("KillMode"),
@@ -401,7 +403,7 @@ fn systemd_unit_and_dockerfile_match_the_launcher() {
         seconds(&value("TimeoutStopSec")) > seconds(example_grace),
         "TimeoutStopSec must exceed --grace"
     );
-    assert!(value("ExecStart").starts_with("/usr/local/bin/reuseport-cluster --name %i"));
+    assert!(value("ExecStart").starts_with("/usr/bin/reuseport-cluster --name %i"));
 
     let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
     assert!(dockerfile.contains(
@@ -549,4 +551,57 @@ fn a_supervisor_that_never_reads_its_notify_socket_cannot_stall_the_master() {
     );
     c.signal(Signal::SIGTERM);
     assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_definition() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef reuseport-cluster"),
+        ("fish", "complete -c reuseport-cluster"),
+    ] {
+        let out = std::process::Command::new(bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "completions {shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "completions {shell}: no {marker:?}");
+        assert!(
+            text.contains("rolling-batch"),
+            "completions {shell}: flags missing"
+        );
+    }
+    let out = std::process::Command::new(bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(log.contains("possible values: bash"), "{log}");
+
+    let dir = temp_dir("man");
+    let status = std::process::Command::new(bin())
+        .arg("__man")
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let page = std::fs::read_to_string(dir.join("reuseport-cluster.1")).unwrap();
+    assert!(
+        page.starts_with(".ie \\n(.g .ds Aq"),
+        "not roff: {}",
+        &page[..60]
+    );
+    assert!(
+        page.contains("rolling\\-batch"),
+        "flags missing from the man page"
+    );
+    for sub in ["status", "reload", "scale", "stop", "doctor", "completions"] {
+        assert!(
+            dir.join(format!("reuseport-cluster-{sub}.1")).exists(),
+            "no man page for {sub}"
+        );
+    }
+    assert!(!dir.join("reuseport-cluster-__demo-worker.1").exists());
 }

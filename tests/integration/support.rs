@@ -626,12 +626,18 @@ pub struct LoadStats {
     pub failed: u64,
     /// The first few failures, for the assertion message.
     pub errors: Vec<String>,
+    /// Of `failed`, those of the clients that open a new connection per request.
+    pub failed_new: u64,
+    /// Of `failed`, those of the keep-alive clients.
+    pub failed_keepalive: u64,
 }
 
 impl LoadStats {
     fn add(&mut self, other: LoadStats) {
         self.ok += other.ok;
         self.failed += other.failed;
+        self.failed_new += other.failed_new;
+        self.failed_keepalive += other.failed_keepalive;
         self.errors.extend(
             other
                 .errors
@@ -747,6 +753,10 @@ impl Load {
                                 Err(e) => fail(&mut stats, format!("new connection: {e}")),
                             }
                         }
+                    }
+                    match i % 2 {
+                        0 => stats.failed_keepalive = stats.failed,
+                        _ => stats.failed_new = stats.failed,
                     }
                     stats
                 })
