@@ -18,7 +18,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
              spreads the connections, the master only supervises.",
     after_help = "Without --cmd and without `-- PROGRAM ARGS`, every worker runs the built-in demo \
                   HTTP app.\n\nExit codes: 0 stopped cleanly; 1 start-up or runtime failure; \
-                  2 invalid command line; 3 stopped, but some worker had to be SIGKILLed.",
+                  2 invalid command line; 3 stopped, but some worker had to be SIGKILLed.\n\n\
+                  Exit codes of reload, scale and stop: 0 done; 1 refused, or no cluster to talk \
+                  to; 3 (stop) stopped, but some worker had to be SIGKILLed; 4 (reload) the new \
+                  generation was rolled back, or (scale) a new worker failed to start; 5 \
+                  --timeout passed first.",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -41,20 +45,30 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Roll every worker over to a new generation (like SIGHUP)
+    /// Roll every worker over to a new generation (like SIGHUP) and wait for the outcome:
+    /// exit 0 once the new generation serves every slot, 4 when it was rolled back
     Reload {
         #[command(flatten)]
-        target: Target,
-    },
-    /// Grow or shrink a running cluster to N workers (at least 1)
-    Scale {
-        /// The number of workers
-        n: usize,
+        wait: WaitArgs,
         #[command(flatten)]
         target: Target,
     },
-    /// Stop a running cluster gracefully (like SIGTERM)
+    /// Grow or shrink a running cluster: N workers, or +N / -N relative to now (at least 1
+    /// remains), and wait until they are ready
+    Scale {
+        /// The number of workers: N, +N or -N
+        #[arg(allow_hyphen_values = true, value_name = "N|+N|-N")]
+        n: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop a running cluster gracefully (like SIGTERM) and exit as the master does: 0 when
+    /// every worker stopped in time, 3 when some had to be SIGKILLed
     Stop {
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         target: Target,
     },
@@ -76,6 +90,18 @@ pub enum Command {
     /// The built-in demo app, as a worker process runs it (internal).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker,
+}
+
+/// Whether a client command waits for its outcome.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Return as soon as the master has taken the request, without waiting for the outcome
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this long (exit 5; the operation goes on in the master)
+    /// [default: wait until the outcome]
+    #[arg(long, value_name = "DURATION", conflicts_with = "no_wait")]
+    pub timeout: Option<String>,
 }
 
 /// Which running cluster a client command talks to.

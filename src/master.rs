@@ -38,8 +38,9 @@ use crate::slot_sockets::SlotSockets;
 use crate::socket;
 use crate::spawn::{self, Spawner};
 use crate::status::ClusterStatus;
-use crate::supervisor::{Action, Event, Outcome, Settings, Supervisor};
+use crate::supervisor::{Action, Event, Outcome, Report, RolloutResult, Settings, Supervisor};
 use crate::systemd::{SystemdNotify, View};
+use crate::waiting::{Line, Wait, Waiters};
 use crate::worker_output::WorkerOutput;
 use crate::{debug, info, log, warn};
 
@@ -114,12 +115,14 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         crate::log::queue_own_lines();
     }
     let mut systemd = SystemdNotify::from_env(Instant::now());
+    let mut waiters = Waiters::default();
     let mut events = VecDeque::from([Event::Start]);
     loop {
         while let Some(event) = events.pop_front() {
             let actions = supervisor.step(event, Instant::now());
             // What an action answers (a fork's outcome) is handled before anything else.
             let mut answers = Vec::new();
+            let mut reports = Vec::new();
             let size = supervisor.slots().len();
             let outcome = perform(
                 actions,
@@ -129,8 +132,13 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 size,
                 &mut output,
                 &mut answers,
+                &mut reports,
             );
+            for report in &reports {
+                tell(&mut control, waiters.on_report(report));
+            }
             if let Some(outcome) = outcome {
+                tell(&mut control, waiters.on_exit(&outcome));
                 output.flush();
                 if let Some(sd) = systemd.as_mut() {
                     sd.update(systemd_view(&supervisor));
@@ -140,6 +148,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             for answer in answers.into_iter().rev() {
                 events.push_front(answer);
             }
+        }
+        if !waiters.is_empty() {
+            waiters.retain_open(|id| control.is_open(id));
+            tell(&mut control, waiters.check(&supervisor, Instant::now()));
         }
 
         if let Some(sd) = systemd.as_mut() {
@@ -228,30 +240,69 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                         false => status.to_text(),
                     }
                 }
+                Request::Stop { wait } if supervisor.is_stopping() => match wait {
+                    true => hold(&mut control, &mut waiters, id, Wait::Stop, None),
+                    false => "ok: the cluster is already stopping\n".into(),
+                },
                 _ if supervisor.is_stopping() => "error: the cluster is stopping\n".into(),
-                Request::Reload => {
+                Request::Reload { wait } => {
                     events.push_back(Event::Reload);
-                    match supervisor.rolling() {
-                        Some((g, _, _)) => format!("ok: the rolling restart to generation {g} is under way; one more pass follows it\n"),
-                        None => "ok: rolling restart started\n".into(),
+                    let next = supervisor.generation() + 1;
+                    let what = match supervisor.rolling() {
+                        Some((g, _, _)) => format!("the rolling restart to generation {g} is under way; one more pass, to generation {next}, follows it"),
+                        None => format!("rolling restart to generation {next} of {} workers started", supervisor.slots().len()),
+                    };
+                    match wait {
+                        true => {
+                            let first = format!("progress: {what}");
+                            let wait = Wait::Reload { generation: next };
+                            hold(&mut control, &mut waiters, id, wait, Some(&first))
+                        }
+                        false => format!("ok: {what}\n"),
                     }
                 }
-                Request::Scale(n) if n > crate::config::MAX_WORKERS => format!(
-                    "error: scale {n}: at most {} workers\n",
-                    crate::config::MAX_WORKERS
-                ),
-                Request::Scale(n) if supervisor.rolling().is_some() => {
-                    format!("error: scale {n}: a rolling restart is under way; try again once it is done\n")
+                Request::Scale { count, wait } => {
+                    let have = supervisor.slots().len();
+                    match count.resolve(have) {
+                        Err(e) => format!("error: {e}\n"),
+                        Ok(n) if n > crate::config::MAX_WORKERS => format!(
+                            "error: scale to {n}: at most {} workers\n",
+                            crate::config::MAX_WORKERS
+                        ),
+                        Ok(n) if supervisor.rolling().is_some() => {
+                            format!("error: scale to {n}: a rolling restart is under way; try again once it is done (reuseport-cluster status shows it)\n")
+                        }
+                        Ok(n) => {
+                            events.push_back(Event::Scale(n));
+                            match wait {
+                                true => {
+                                    let first =
+                                        format!("progress: scaling from {have} to {n} workers");
+                                    let wait = Wait::Scale { from: have, to: n };
+                                    hold(&mut control, &mut waiters, id, wait, Some(&first))
+                                }
+                                false => format!("ok: scaling from {have} to {n} workers\n"),
+                            }
+                        }
+                    }
                 }
-                Request::Scale(n) => {
-                    events.push_back(Event::Scale(n));
-                    format!("ok: scaling to {} workers\n", n.max(1))
-                }
-                Request::Stop => {
+                Request::Stop { wait } => {
                     events.push_back(Event::StopGracefully);
-                    "ok: stopping\n".into()
+                    match wait {
+                        true => hold(
+                            &mut control,
+                            &mut waiters,
+                            id,
+                            Wait::Stop,
+                            Some("progress: stopping"),
+                        ),
+                        false => "ok: stopping\n".into(),
+                    }
                 }
             };
+            if answer.is_empty() {
+                continue; // held: answered as it goes
+            }
             control.respond(id, answer);
         }
         for signal in arrived {
@@ -315,6 +366,35 @@ fn look_for_recycles(
     }
 }
 
+/// Sends each waiting client its lines.
+fn tell(control: &mut ControlServer, lines: Vec<(u64, Line)>) {
+    for (id, line) in lines {
+        match line {
+            Line::Progress(text) => control.send(id, &text),
+            Line::Final(text) => control.finish(id, &text),
+        }
+    }
+}
+
+/// Holds request `id`'s connection for `wait`, sending `first`; returns the answer to
+/// give instead (empty once held).
+fn hold(
+    control: &mut ControlServer,
+    waiters: &mut Waiters,
+    id: u64,
+    wait: Wait,
+    first: Option<&str>,
+) -> String {
+    if !control.hold(id) {
+        return "error: too many clients are waiting already; retry, or use --no-wait\n".into();
+    }
+    waiters.add(id, wait);
+    if let Some(line) = first {
+        control.send(id, line);
+    }
+    String::new()
+}
+
 /// What systemd is told about the cluster now.
 fn systemd_view(supervisor: &Supervisor) -> View {
     let slots = supervisor.slots().len();
@@ -324,11 +404,37 @@ fn systemd_view(supervisor: &Supervisor) -> View {
         reloading: supervisor.rolling().is_some(),
         rolling_started: supervisor.rolling_counts().0,
         stopping: supervisor.is_stopping(),
-        status: format!(
-            "{ready}/{slots} workers ready, generation {}",
-            supervisor.serving_generation()
-        ),
+        status: systemd_status(supervisor, ready, slots),
     }
+}
+
+/// The STATUS= line: readiness, what serves, and the rolling restart under way or the
+/// last one's result.
+fn systemd_status(supervisor: &Supervisor, ready: usize, slots: usize) -> String {
+    let serving: Vec<String> = supervisor
+        .serving_generations()
+        .iter()
+        .map(|g| g.to_string())
+        .collect();
+    let serving = match serving.is_empty() {
+        true => supervisor.serving_generation().to_string(),
+        false => serving.join(" and "),
+    };
+    let mut status = format!("{ready}/{slots} workers ready, generation {serving}");
+    if let Some((generation, _, total)) = supervisor.rolling() {
+        let done = supervisor.rolling_taken_over();
+        status.push_str(&format!(
+            "; rolling restart to generation {generation}: {done}/{total} slots done"
+        ));
+    } else if let Some(r) = supervisor.last_rollout() {
+        if let RolloutResult::RolledBack { why, .. } = &r.result {
+            status.push_str(&format!(
+                "; rolling restart to generation {} rolled back: {why}",
+                r.generation
+            ));
+        }
+    }
+    status
 }
 
 /// Carries out `actions`; what they answer (a fork's outcome) goes to `answers`.
@@ -340,6 +446,7 @@ fn perform(
     size: usize,
     output: &mut WorkerOutput,
     answers: &mut Vec<Event>,
+    reports: &mut Vec<Report>,
 ) -> Option<Outcome> {
     for action in actions {
         match action {
@@ -406,6 +513,7 @@ fn perform(
                 Err(e) => warn!("sending {signal} to process group {pgid}: {e}"),
             },
             Action::Log(line) => info!("{line}"),
+            Action::Report(report) => reports.push(report),
             Action::Exit(outcome) => return Some(outcome),
         }
     }

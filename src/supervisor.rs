@@ -139,8 +139,120 @@ pub enum Action {
     ReleaseAllSockets,
     /// Write a line to the master's log.
     Log(String),
+    /// Tell clients waiting on a rolling restart how it goes.
+    Report(Report),
     /// Everything has stopped: exit.
     Exit(Outcome),
+}
+
+/// How a rolling restart goes, slot by slot, and how it ends: what a waiting `reload`
+/// client is told.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The new worker of one slot of the pass was forked.
+    SlotStarting {
+        /// The pass's generation.
+        generation: Generation,
+        /// The slot.
+        slot: usize,
+        /// Slots in the pass.
+        total: usize,
+        /// The new worker.
+        pid: Pid,
+    },
+    /// The new worker of one slot is ready and has taken the slot over.
+    SlotReady {
+        /// The pass's generation.
+        generation: Generation,
+        /// The slot.
+        slot: usize,
+        /// Slots taken over so far in this pass, this one included.
+        done: usize,
+        /// Slots in the pass.
+        total: usize,
+        /// Time from fork to ready.
+        after: Duration,
+    },
+    /// The pass is over: every slot serves `generation`.
+    Done {
+        /// The pass's generation.
+        generation: Generation,
+        /// Workers replaced.
+        replaced: usize,
+        /// How long the pass took.
+        took: Duration,
+    },
+    /// The pass failed and was stopped there.
+    Failed {
+        /// The pass's generation.
+        generation: Generation,
+        /// What failed, as one line.
+        why: String,
+        /// The generations that serve now.
+        serving: Vec<Generation>,
+    },
+    /// The cluster began stopping during the pass.
+    Abandoned {
+        /// The pass's generation.
+        generation: Generation,
+    },
+}
+
+/// The last rolling restart attempted, for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// The generation it brings (or brought) in.
+    pub generation: Generation,
+    /// When it began.
+    pub started: Instant,
+    /// Where it is, or how it ended.
+    pub result: RolloutResult,
+}
+
+/// Where a rolling restart is, or how it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RolloutResult {
+    /// Still going.
+    UnderWay,
+    /// Every slot serves the new generation.
+    Done {
+        /// When it ended.
+        at: Instant,
+    },
+    /// A new worker failed: the pass was stopped there.
+    RolledBack {
+        /// When it ended.
+        at: Instant,
+        /// Why, as one line.
+        why: String,
+    },
+    /// The cluster began stopping during the pass.
+    Abandoned {
+        /// When it ended.
+        at: Instant,
+    },
+}
+
+impl RolloutResult {
+    /// The name `status` shows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RolloutResult::UnderWay => "under way",
+            RolloutResult::Done { .. } => "done",
+            RolloutResult::RolledBack { .. } => "rolled back",
+            RolloutResult::Abandoned { .. } => "abandoned",
+        }
+    }
+
+    /// When it ended, if it has.
+    pub fn ended(&self) -> Option<Instant> {
+        match self {
+            RolloutResult::UnderWay => None,
+            RolloutResult::Done { at }
+            | RolloutResult::RolledBack { at, .. }
+            | RolloutResult::Abandoned { at } => Some(*at),
+        }
+    }
 }
 
 /// How the cluster ended; `main` maps it to the exit code.
@@ -216,6 +328,8 @@ pub struct Supervisor {
     rolling_failed: u64,
     /// Recycles begun, by reason kind (memory, lifetime, hung).
     recycles: BTreeMap<&'static str, u64>,
+    /// The last rolling restart attempted.
+    last_rollout: Option<Rollout>,
 }
 
 impl Supervisor {
@@ -239,7 +353,26 @@ impl Supervisor {
             rolling_started: 0,
             rolling_failed: 0,
             recycles: BTreeMap::new(),
+            last_rollout: None,
         }
+    }
+
+    /// The last rolling restart attempted (the one under way, if any).
+    pub fn last_rollout(&self) -> Option<&Rollout> {
+        self.last_rollout.as_ref()
+    }
+
+    /// The generations the slots' current workers run, oldest first (two after a pass
+    /// that failed half-way).
+    pub fn serving_generations(&self) -> Vec<Generation> {
+        let mut serving: Vec<Generation> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.pid().and(Some(s.generation)))
+            .collect();
+        serving.sort_unstable();
+        serving.dedup();
+        serving
     }
 
     /// The slots.
@@ -301,6 +434,11 @@ impl Supervisor {
             let (done, total) = r.progress();
             (r.generation, done, total)
         })
+    }
+
+    /// Slots of the rolling restart under way whose new worker has taken over.
+    pub fn rolling_taken_over(&self) -> usize {
+        self.rolling.as_ref().map_or(0, |r| r.taken_over())
     }
 
     /// Whether `pid` is a worker (as opposed to an adopted orphan).
@@ -461,6 +599,15 @@ impl Supervisor {
         } else if surging {
             if let Some(r) = self.rolling.as_mut() {
                 r.set_step(index, SurgeStep::Starting(pid));
+                // Recycles go through the same machinery; only deploys are reported.
+                if r.is_deploy() {
+                    out.push(Action::Report(Report::SlotStarting {
+                        generation,
+                        slot: index,
+                        total: r.progress().1,
+                        pid,
+                    }));
+                }
             }
         } else if self.slots.get(index).is_none_or(|s| s.pid().is_some()) {
             // The surge it was forked for was abandoned, or the slot scaled away, meanwhile.
@@ -592,7 +739,7 @@ impl Supervisor {
             return;
         }
         let line = worker.transition(WorkerState::Ready, now);
-        let (index, generation) = (worker.slot, worker.generation);
+        let (index, generation, started) = (worker.slot, worker.generation, worker.started);
         let surging = self
             .rolling
             .as_ref()
@@ -625,6 +772,15 @@ impl Supervisor {
             };
             if let Some(r) = self.rolling.as_mut() {
                 r.set_step(index, step);
+                if r.is_deploy() {
+                    out.push(Action::Report(Report::SlotReady {
+                        generation,
+                        slot: index,
+                        done: r.taken_over(),
+                        total: r.progress().1,
+                        after: now.saturating_duration_since(started),
+                    }));
+                }
             }
             self.advance_rolling(now, out);
         } else {
@@ -690,6 +846,11 @@ impl Supervisor {
                 )));
                 self.rolling = Some(RollingRestart::new(self.generation, self.slots.len(), now));
                 self.rolling_started += 1;
+                self.last_rollout = Some(Rollout {
+                    generation: self.generation,
+                    started: now,
+                    result: RolloutResult::UnderWay,
+                });
                 out.push(Action::PrepareGeneration {
                     generation: self.generation,
                 });
@@ -712,17 +873,28 @@ impl Supervisor {
         }
         if r.is_complete() {
             let (replaced, _) = r.progress();
-            let took = ms(now.saturating_duration_since(r.started));
+            let took = now.saturating_duration_since(r.started);
             match &r.purpose {
                 Purpose::Deploy => {
                     out.push(Action::Log(format!(
-                        "rolling restart to generation {} done: {replaced} workers replaced in {took}",
+                        "rolling restart to generation {} done: {replaced} workers replaced in {}",
                         r.generation,
+                        ms(took)
                     )));
+                    out.push(Action::Report(Report::Done {
+                        generation: r.generation,
+                        replaced,
+                        took,
+                    }));
+                    self.last_rollout = Some(Rollout {
+                        generation: r.generation,
+                        started: r.started,
+                        result: RolloutResult::Done { at: now },
+                    });
                     self.serving_generation = r.generation;
                 }
                 Purpose::Recycle { .. } => {
-                    out.push(Action::Log(format!("recycle done in {took}")));
+                    out.push(Action::Log(format!("recycle done in {}", ms(took))));
                 }
             }
             let again = r.again;
@@ -752,20 +924,27 @@ impl Supervisor {
             return;
         }
         self.rolling_failed += 1;
-        let mut serving: Vec<Generation> = self
-            .slots
-            .iter()
-            .filter_map(|s| s.pid().and(Some(s.generation)))
-            .collect();
-        serving.sort_unstable();
-        serving.dedup();
-        let serving: Vec<String> = serving.iter().map(|g| g.to_string()).collect();
+        let serving = self.serving_generations();
+        let names: Vec<String> = serving.iter().map(|g| g.to_string()).collect();
         out.push(Action::Log(format!(
             "rolling restart to generation {} failed: {why}; stopped it there: generation {} \
              still serving; send SIGHUP to try again",
             r.generation,
-            serving.join(" and ")
+            names.join(" and ")
         )));
+        self.last_rollout = Some(Rollout {
+            generation: r.generation,
+            started: r.started,
+            result: RolloutResult::RolledBack {
+                at: now,
+                why: why.clone(),
+            },
+        });
+        out.push(Action::Report(Report::Failed {
+            generation: r.generation,
+            why,
+            serving,
+        }));
         if r.again {
             // A reload came during the failed pass: it may well carry the fix.
             out.push(Action::Log("the reload that came during it follows".into()));
@@ -976,6 +1155,16 @@ impl Supervisor {
                 "rolling restart to generation {} abandoned: stopping",
                 r.generation
             )));
+            if r.is_deploy() {
+                self.last_rollout = Some(Rollout {
+                    generation: r.generation,
+                    started: r.started,
+                    result: RolloutResult::Abandoned { at: now },
+                });
+                out.push(Action::Report(Report::Abandoned {
+                    generation: r.generation,
+                }));
+            }
         }
         out.push(Action::Log(format!(
             "stopping {} workers (grace {})",

@@ -7,7 +7,11 @@ mod bad_input;
 mod control;
 mod deploy;
 mod launcher;
+<<<<<<< HEAD
 mod recycle;
+=======
+mod operations;
+>>>>>>> 279b869 (reload, scale and stop wait for their outcome; status tells what serves, the last rollout and crash-looping slots)
 mod rolling;
 mod support;
 mod takeover;

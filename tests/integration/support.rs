@@ -811,3 +811,51 @@ pub fn migration_possible() -> bool {
         }
     }
 }
+
+/// A fake systemd: a datagram socket that records every sd_notify message.
+pub struct FakeSystemd {
+    /// Its socket, for NOTIFY_SOCKET.
+    pub path: std::path::PathBuf,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeSystemd {
+    /// Binds a fresh socket and records what arrives.
+    pub fn new() -> FakeSystemd {
+        let path = temp_dir("systemd").join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&messages);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        FakeSystemd { path, messages }
+    }
+
+    /// Every message so far.
+    pub fn messages(&self) -> Vec<String> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits for a message containing `needle` after the first `from` ones; its index.
+    pub fn expect(&self, from: usize, needle: &str) -> usize {
+        let found = wait_until(TIMEOUT, || {
+            self.messages()
+                .iter()
+                .skip(from)
+                .any(|m| m.contains(needle))
+        });
+        let all = self.messages();
+        assert!(found, "no {needle:?} after message {from}: {all:#?}");
+        from + all
+            .iter()
+            .skip(from)
+            .position(|m| m.contains(needle))
+            .unwrap()
+    }
+}

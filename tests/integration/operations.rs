@@ -1,0 +1,376 @@
+//! Deploy-grade operations: `reload`, `scale` and `stop` wait for their outcome and exit
+//! with it; `status` tells what serves, how the last rollout went and which slots crash-loop.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// The demo app behind a shell script that exits 42 at start while `marker` exists, as a
+/// broken deploy would (the file stands for a bad config or binary).
+fn breakable_app(marker: &Path) -> PathBuf {
+    script(
+        "breakable.sh",
+        &format!(
+            "#!/bin/sh\nif [ -e '{}' ]; then echo 'breakable: config is broken' >&2; exit 42; fi\n\
+             exec '{}' __demo-worker\n",
+            marker.display(),
+            bin()
+        ),
+    )
+}
+
+/// A cluster of `workers` running [`breakable_app`], and its marker file (absent).
+fn breakable_cluster(workers: &str, extra: &[&str], env: &[(&str, &str)]) -> (Cluster, PathBuf) {
+    let marker = temp_dir("marker").join("broken");
+    let app = breakable_app(&marker);
+    let mut args = vec![
+        "--workers",
+        workers,
+        "--bind",
+        "127.0.0.1:0",
+        "--cmd",
+        app.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut c = Cluster::spawn(&args, env);
+    c.expect_log("workers ready");
+    (c, marker)
+}
+
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().collect()
+}
+
+#[test]
+fn reload_waits_for_every_slot_and_exits_0_once_the_new_generation_serves() {
+    let c = Cluster::start(&["--workers", "2", "--bind", "127.0.0.1:0"]);
+    let before = Instant::now();
+    let (code, out, err) = c.ctl(&["reload"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let out = lines(&out);
+    assert_eq!(
+        out.first(),
+        Some(&"rolling restart to generation 2 of 2 workers started")
+    );
+    for slot in [1, 2] {
+        assert!(
+            out.iter().any(|l| l.starts_with(&format!(
+                "slot {slot}/2: generation 2 starting (worker {}, pid ",
+                slot - 1
+            ))),
+            "{out:?}"
+        );
+        assert!(
+            out.iter().any(
+                |l| l.starts_with(&format!("slot {slot}/2: generation 2 ready after "))
+                    && l.ends_with(&format!("({slot}/2 done)"))
+            ),
+            "{out:?}"
+        );
+    }
+    let last = out.last().unwrap();
+    assert!(
+        last.starts_with("ok: generation 2 serves every slot: 2 workers replaced in "),
+        "{last}"
+    );
+    // When it returns, it is true: every worker runs generation 2, and status says so.
+    let status = c.status();
+    assert_eq!(status["serving_generations"], serde_json::json!([2]));
+    assert_eq!(status["last_rollout"]["generation"], 2);
+    assert_eq!(status["last_rollout"]["result"], "done");
+    assert!(status["last_rollout"]["took_s"].as_f64().unwrap() <= before.elapsed().as_secs_f64());
+    for w in status["workers"].as_array().unwrap() {
+        assert_eq!(w["generation"], 2, "{w}");
+    }
+
+    // Control: --no-wait answers at once, before the pass is done.
+    let (code, out, _) = c.ctl(&["reload", "--no-wait"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (
+            Some(0),
+            "ok: rolling restart to generation 3 of 2 workers started\n"
+        )
+    );
+    assert_eq!(c.status()["last_rollout"]["result"], "under way");
+}
+
+#[test]
+fn a_rolled_back_reload_exits_4_with_one_line_and_status_tells_the_truth() {
+    let (mut c, marker) = breakable_cluster("3", &[], &[]);
+    let before = c.workers();
+    std::fs::write(&marker, "").unwrap();
+    let (code, out, err) = c.ctl(&["reload"]);
+    assert_eq!(
+        code,
+        Some(4),
+        "exit 4 on rollback; out:\n{out}\nerr:\n{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("error: generation 2 rolled back: worker 0 (pid ")
+            && err.contains("exited (exit status 42) after ")
+            && err.contains(" before it was ready")
+            && err.trim_end().ends_with("; generation 1 still serves"),
+        "{err}"
+    );
+    assert!(!out.contains("ok:"), "{out}");
+    assert_eq!(c.workers(), before, "every old worker still serves");
+
+    let status = c.status();
+    assert_eq!(status["generation"], 2, "the newest generation started");
+    assert_eq!(status["serving_generations"], serde_json::json!([1]));
+    let last = &status["last_rollout"];
+    assert_eq!(last["generation"], 2);
+    assert_eq!(last["result"], "rolled back");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited (exit status 42)"),
+        "{last}"
+    );
+    let (_, text, _) = c.ctl(&["status"]);
+    assert!(
+        text.contains("generation 1 serving, 3/3 workers ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains("last rollout: to generation 2, begun ")
+            && text.contains("rolled back in ")
+            && text.contains("exit status 42"),
+        "{text}"
+    );
+
+    // Control: the fixed deploy goes through, and exits 0.
+    std::fs::remove_file(&marker).unwrap();
+    let (code, out, err) = c.ctl(&["reload"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("ok: generation 3 serves every slot"), "{out}");
+    assert_eq!(c.status()["serving_generations"], serde_json::json!([3]));
+}
+
+#[test]
+fn reload_timeout_gives_up_waiting_with_exit_5_and_the_pass_goes_on() {
+    let c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:700ms",
+    ]);
+    let (code, _, err) = c.ctl(&["reload", "--timeout", "300ms"]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("no outcome after 300 ms: the reload goes on in the master"),
+        "{err}"
+    );
+    assert!(wait_until(TIMEOUT, || {
+        c.status()["last_rollout"]["result"] == "done"
+    }));
+}
+
+#[test]
+fn stop_waits_for_the_master_and_exits_with_its_outcome() {
+    let mut c = Cluster::start(&["--workers", "2", "--bind", "127.0.0.1:0"]);
+    let (code, out, err) = c.ctl(&["stop"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out.lines().last(),
+        Some("ok: stopped: every worker exited within the grace period")
+    );
+    // It returned after the master was done: the master exits at once.
+    assert!(wait_until(Duration::from_secs(2), || c.exited()));
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+
+    // A worker that ignores the stop signal is SIGKILLed after the grace: stop exits 3,
+    // as the master does.
+    let app = script(
+        "deaf.sh",
+        "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n",
+    );
+    let mut c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:50ms",
+        "--grace",
+        "300ms",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    let (code, _, err) = c.ctl(&["stop"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("had to be SIGKILLed"), "{err}");
+    assert_eq!(c.wait_exit(TIMEOUT), Some(3));
+}
+
+#[test]
+fn scale_is_relative_with_a_sign_waits_for_ready_workers_and_refuses_0() {
+    let (mut c, marker) = breakable_cluster("2", &[], &[]);
+    let (code, out, err) = c.ctl(&["scale", "+1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().last(), Some("ok: 3 workers ready"), "{out}");
+    assert_eq!(c.workers().len(), 3, "scale +1 on 2 is 3");
+    let (code, out, err) = c.ctl(&["scale", "-2"]);
+    assert_eq!(
+        (code, out.lines().last()),
+        (Some(0), Some("ok: 1 workers ready")),
+        "{err}"
+    );
+    assert_eq!(c.workers().len(), 1, "and the scaled-away workers are gone");
+
+    for (args, needle) in [
+        (
+            &["scale", "0"][..],
+            "a cluster keeps at least 1 worker; to stop it, use `reuseport-cluster stop`",
+        ),
+        (
+            &["scale", "-1"][..],
+            "the cluster has 1 workers and keeps at least 1",
+        ),
+        (&["scale", "two"][..], "not a number of workers"),
+    ] {
+        let (code, _, err) = c.ctl(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert_eq!(
+        c.status()["workers_configured"],
+        1,
+        "refusals change nothing"
+    );
+
+    // A new slot whose worker fails: scale exits 4 and names it.
+    std::fs::write(&marker, "").unwrap();
+    let (code, _, err) = c.ctl(&["scale", "2"]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(
+        err.starts_with("error: scale to 2: worker 1")
+            && err.contains("exited (exit status 42); it restarts in"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_crash_looping_slot_is_listed_in_backoff_with_its_restarts_and_next_start() {
+    let (mut c, marker) = breakable_cluster("2", &[], &[]);
+    std::fs::write(&marker, "").unwrap();
+    let victim = c.workers()[&1];
+    signal(victim, Signal::SIGKILL);
+    let backoff = |c: &Cluster| {
+        c.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["state"] == "backoff")
+            .cloned()
+    };
+    assert!(wait_until(TIMEOUT, || backoff(&c)
+        .is_some_and(|w| w["restarts"].as_u64() >= Some(1))));
+    let w = backoff(&c).unwrap();
+    assert_eq!(w["slot"], 1);
+    assert!(w["pid"].is_null(), "{w}");
+    assert_eq!(w["last_exit"], "exit status 42");
+    assert!(w["next_start_in_s"].as_f64().unwrap() >= 0.0, "{w}");
+    let (_, text, _) = c.ctl(&["status"]);
+    let row = text
+        .lines()
+        .find(|l| l.contains("backoff"))
+        .unwrap_or_else(|| panic!("no backoff row:\n{text}"));
+    assert!(
+        row.starts_with("1 ") && row.contains("exit status 42") && row.contains("next "),
+        "{row}"
+    );
+
+    // Control: once fixed, the slot comes back and the backoff row goes.
+    std::fs::remove_file(&marker).unwrap();
+    assert!(wait_until(TIMEOUT, || c.status()["workers_ready"] == 2
+        && backoff(&c).is_none()));
+}
+
+#[test]
+fn systemd_status_follows_a_rolling_restart_and_says_when_it_was_rolled_back() {
+    let systemd = FakeSystemd::new();
+    let path = systemd.path.to_str().unwrap().to_string();
+    let (c, marker) = breakable_cluster(
+        "2",
+        &["--ready", "delay:300ms"],
+        &[("NOTIFY_SOCKET", &path)],
+    );
+    let ready = systemd.expect(0, "STATUS=2/2 workers ready, generation 1");
+    let (code, out, err) = c.ctl(&["reload"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let during = systemd.expect(ready, "rolling restart to generation 2: 0/2 slots done");
+    let half = systemd.expect(during, "rolling restart to generation 2: 1/2 slots done");
+    systemd.expect(half, "STATUS=2/2 workers ready, generation 2");
+
+    std::fs::write(&marker, "").unwrap();
+    let mark = systemd.messages().len();
+    let (code, _, err) = c.ctl(&["reload"]);
+    assert_eq!(
+        code,
+        Some(4),
+        "a rolled-back reload fails under systemd too: {err}"
+    );
+    let status = systemd.expect(mark, "rolling restart to generation 3 rolled back");
+    let message = &systemd.messages()[status];
+    assert!(
+        message.contains("STATUS=2/2 workers ready, generation 2;")
+            && message.contains("exit status 42"),
+        "{message}"
+    );
+    // systemd hears the reload end (READY=1) after RELOADING=1 either way.
+    let reloading = systemd.expect(mark, "RELOADING=1");
+    systemd.expect(reloading + 1, "READY=1");
+}
+
+#[test]
+fn on_a_terminal_reload_draws_a_live_line_per_slot() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "skipped: script(1) from util-linux is not installed (it gives the client a terminal)"
+        );
+        return;
+    }
+    let c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:350ms",
+    ]);
+    let command = format!(
+        "'{}' reload --control '{}'",
+        bin(),
+        c.control.as_ref().unwrap().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{shown}");
+    // The starting line is redrawn in place with its clock, then replaced by the ready line.
+    assert!(
+        shown.contains("\r\x1b[Kslot 1/1: generation 2 starting (worker 0, pid ")
+            && shown.contains(" … 1")
+            && shown.contains("\r\x1b[Kslot 1/1: generation 2 ready after "),
+        "{shown:?}"
+    );
+    // Control: without a terminal, the same progress comes as plain lines.
+    let (_, plain, _) = c.ctl(&["reload"]);
+    assert!(
+        !plain.contains('\x1b') && plain.contains("slot 1/1: generation 3 ready after"),
+        "{plain}"
+    );
+}
