@@ -142,6 +142,38 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub backlog: u32,
 
+    /// Start even when another process (another cluster, a stray app) already listens on a
+    /// bound address with SO_REUSEPORT, and share the connections with it [default: refuse,
+    /// naming that process]
+    #[arg(long)]
+    pub share_port: bool,
+
+    /// Leave Nagle's algorithm on: by default the listening sockets get TCP_NODELAY, which
+    /// every accepted connection inherits (an app that never sets it, like uvicorn on fd 3,
+    /// otherwise waits ~40 ms on delayed ACKs between keep-alive requests)
+    #[arg(long)]
+    pub no_nodelay: bool,
+
+    /// TCP_DEFER_ACCEPT: wake the app for a connection only once its first data arrived,
+    /// waiting up to DURATION (whole seconds), like systemd's DeferAcceptSec=
+    #[arg(long, value_name = "DURATION")]
+    pub defer_accept: Option<String>,
+
+    /// TCP_FASTOPEN with a queue of N pending Fast Open requests, like nginx's fastopen=N
+    #[arg(long, value_name = "N")]
+    pub fastopen: Option<u32>,
+
+    /// SO_KEEPALIVE on every accepted connection; optionally IDLE:INTERVAL:COUNT as nginx's
+    /// so_keepalive (e.g. 60s:10s:5; an empty part keeps the kernel's default)
+    #[arg(
+        long,
+        value_name = "IDLE:INTERVAL:COUNT",
+        num_args = 0..=1,
+        default_missing_value = "on",
+        require_equals = false
+    )]
+    pub keepalive: Option<String>,
+
     /// How long a worker may take to exit after the stop signal before it is SIGKILLed
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub grace: String,

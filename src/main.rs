@@ -17,6 +17,7 @@ mod log;
 mod master;
 mod metrics;
 mod notify;
+mod ports;
 mod readiness;
 mod recycle;
 mod rolling;

@@ -57,6 +57,19 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         .context("becoming a child subreaper (PR_SET_CHILD_SUBREAPER)")?;
     // Held, bound but never listening, for the master's whole life: see socket.rs.
     let _reserved = socket::reserve(&mut config.binds)?;
+    if let Some(holder) = crate::ports::foreign_listener(&config.binds) {
+        match config.share_port {
+            true => warn!(
+                "--share-port: sharing port {} with pid {}",
+                holder.ours.port(),
+                holder
+                    .owner
+                    .as_ref()
+                    .map_or("?".into(), |(pid, _)| pid.to_string())
+            ),
+            false => anyhow::bail!(holder.refusal()),
+        }
+    }
     if let Some(max) = socket::somaxconn().filter(|max| config.backlog > *max) {
         warn!(
             "--backlog {} is above net.core.somaxconn ({max}), which silently caps it; \

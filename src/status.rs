@@ -515,6 +515,8 @@ fn proc_net_tcp_listeners(queues: &mut HashMap<u64, (u32, u32)>) {
 
 /// A TCP socket in LISTEN state, as /proc/net/tcp{,6} lists it.
 pub struct ProcListener {
+    /// Its local address.
+    pub ip: std::net::IpAddr,
     /// Its local port.
     pub port: u16,
     /// Its inode.
@@ -534,18 +536,46 @@ pub fn proc_listeners() -> Vec<ProcListener> {
             if f.len() < 10 || f[3] != "0A" {
                 continue;
             }
-            let port = f[1]
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let (ip, port) = match f[1].rsplit_once(':') {
+                Some((ip, port)) => (parse_proc_ip(ip), u16::from_str_radix(port, 16).ok()),
+                None => (None, None),
+            };
             let depth = f[4]
                 .split_once(':')
                 .and_then(|(_, rx)| u32::from_str_radix(rx, 16).ok());
-            if let (Some(port), Some(depth), Ok(inode)) = (port, depth, f[9].parse::<u64>()) {
-                found.push(ProcListener { port, inode, depth });
+            if let (Some(ip), Some(port), Some(depth), Ok(inode)) =
+                (ip, port, depth, f[9].parse::<u64>())
+            {
+                found.push(ProcListener {
+                    ip,
+                    port,
+                    inode,
+                    depth,
+                });
             }
         }
     }
     found
+}
+
+/// An address as /proc/net/tcp{,6} prints it: the in-memory (network order) words of
+/// the address, each printed as a native-endian 32-bit hex number.
+fn parse_proc_ip(hex: &str) -> Option<std::net::IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    match hex.len() {
+        8 => Some(std::net::Ipv4Addr::from(word(0)?).into()),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(std::net::Ipv6Addr::from(bytes).into())
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

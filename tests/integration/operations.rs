@@ -374,3 +374,192 @@ fn on_a_terminal_reload_draws_a_live_line_per_slot() {
         "{plain}"
     );
 }
+
+/// Accepts on fd 3 and answers each connection's first line with the TCP options the
+/// accepted socket has (and the listening socket's TCP_DEFER_ACCEPT and TCP_FASTOPEN): what
+/// the app gets without setting anything itself.
+const SOCKOPT_APP: &str = r#"#!/usr/bin/env python3
+import json, socket
+ls = socket.socket(fileno=3)
+TCP_FASTOPEN = 23
+while True:
+    c, _ = ls.accept()
+    c.recv(100)
+    o = {
+        "nodelay": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+        "keepalive": c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        "keepidle": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        "keepintvl": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        "keepcnt": c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        "defer_accept": ls.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT),
+        "fastopen": ls.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN),
+    }
+    c.sendall((json.dumps(o) + "\n").encode())
+    c.close()
+"#;
+
+/// The options an accepted connection of a cluster started with `flags` has.
+fn accepted_options(flags: &[&str]) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let app = script("sockopt.py", SOCKOPT_APP);
+    let mut args = vec![
+        "--workers",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "listening",
+    ];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--cmd", app.to_str().unwrap()]);
+    let c = Cluster::start(&args);
+    let mut s = std::net::TcpStream::connect(c.addr()).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(b"hello\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+#[test]
+fn accepted_connections_inherit_tcp_nodelay_and_the_listen_options() {
+    let o = accepted_options(&[]);
+    assert_ne!(o["nodelay"], 0, "TCP_NODELAY is on by default: {o}");
+    assert_eq!(o["keepalive"], 0, "{o}");
+    assert_eq!(o["defer_accept"], 0, "{o}");
+    assert_eq!(o["fastopen"], 0, "{o}");
+
+    // Control: --no-nodelay leaves Nagle on, as a plain socket has it.
+    let o = accepted_options(&["--no-nodelay"]);
+    assert_eq!(o["nodelay"], 0, "{o}");
+
+    let o = accepted_options(&[
+        "--keepalive",
+        "75s:15s:4",
+        "--defer-accept",
+        "5s",
+        "--fastopen",
+        "64",
+    ]);
+    assert_ne!(o["nodelay"], 0, "{o}");
+    assert_ne!(o["keepalive"], 0, "{o}");
+    assert_eq!(
+        (
+            o["keepidle"].as_u64(),
+            o["keepintvl"].as_u64(),
+            o["keepcnt"].as_u64()
+        ),
+        (Some(75), Some(15), Some(4)),
+        "{o}"
+    );
+    // The kernel keeps TCP_DEFER_ACCEPT as SYN-ACK retransmissions and reads back the
+    // time they cover, which is at least what was asked.
+    assert!(o["defer_accept"].as_u64().unwrap() >= 5, "{o}");
+    assert_eq!(o["fastopen"], 64, "{o}");
+
+    let o = accepted_options(&["--keepalive"]);
+    assert_ne!(
+        o["keepalive"], 0,
+        "bare --keepalive turns SO_KEEPALIVE on: {o}"
+    );
+}
+
+#[test]
+fn a_port_already_served_through_so_reuseport_is_refused_naming_the_process() {
+    let a = Cluster::start(&["--workers", "2", "--bind", "127.0.0.1:0"]);
+    let port = a.addr().port().to_string();
+    let bind = format!("127.0.0.1:{port}");
+    let (code, log) = run(&[
+        "--workers",
+        "1",
+        "--bind",
+        &bind,
+        "--name",
+        &unique_tag("second"),
+    ]);
+    assert_eq!(code, Some(1), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("already served by"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let workers: Vec<u32> = children(a.pid());
+    let named = workers
+        .iter()
+        .any(|w| line.contains(&format!("port {port} is already served by pid {w} (")));
+    assert!(named, "names one of {workers:?}: {line}");
+    assert!(line.contains("--share-port"), "{line}");
+
+    // The same for any other SO_REUSEPORT listener of this uid: a python one, and its
+    // command line is named. The wildcard address covers 127.0.0.1 too.
+    let port = free_port();
+    let mut other = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket,sys\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+                 s.bind(('0.0.0.0', {port}))\ns.listen()\nprint('up', flush=True)\nsys.stdin.read()\n"
+            ),
+        ])
+        .stdin(std::process::Stdio::piped()) // it exits when this closes, shim or not
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.as_mut().unwrap()),
+        &mut up,
+    )
+    .unwrap();
+    let bind = format!("127.0.0.1:{port}");
+    let (code, log) = run(&["--workers", "1", "--bind", &bind]);
+    drop(other.stdin.take());
+    let _ = other.kill();
+    let _ = other.wait();
+    assert_eq!(code, Some(1), "{log}");
+    // (python3 may be a shim that forks the real interpreter: the pid is the listener's.)
+    assert!(
+        log.contains(&format!("port {port} is already served by pid "))
+            && log.contains("python3 -c import socket,sys s=socket")
+            && log.contains(&format!("listening on 0.0.0.0:{port} with SO_REUSEPORT")),
+        "{log}"
+    );
+}
+
+#[test]
+fn share_port_starts_beside_another_listener_on_purpose() {
+    let a = Cluster::start(&["--workers", "1", "--bind", "127.0.0.1:0"]);
+    let bind = format!("127.0.0.1:{}", a.addr().port());
+    let mut b = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            &bind,
+            "--share-port",
+            "--name",
+            &unique_tag("share"),
+        ],
+        &[],
+    );
+    b.expect_log("workers ready");
+    assert!(
+        b.log_contains("--share-port: sharing port"),
+        "{:?}",
+        b.log()
+    );
+    // Control: another address on the same port is no conflict at all.
+    let other_ip = format!("127.0.0.2:{}", a.addr().port());
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            &other_ip,
+            "--name",
+            &unique_tag("other-ip"),
+        ],
+        &[],
+    );
+    c.expect_log("workers ready");
+    assert!(!c.log_contains("--share-port"));
+}
