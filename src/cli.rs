@@ -281,3 +281,36 @@ pub enum LogFormat {
     /// One JSON object per line: ts, level, msg, and slot, pid, generation for a worker.
     Json,
 }
+
+/// One actionable line for the command-line mistakes clap words generically: a program
+/// given without `--`, and an unquoted `--cmd`. None: clap's own message is right.
+pub fn hint(error: &clap::Error, args: &[String]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // Without --bind it is rather a mistyped sub-command, which clap words well.
+    let launching = args
+        .iter()
+        .any(|a| a == "--bind" || a.starts_with("--bind="));
+    if arg.starts_with('-') || !launching {
+        return None;
+    }
+    let at = args.iter().position(|a| a == arg)?;
+    let cmd_before = at >= 2 && args[at - 2] == "--cmd";
+    let example = args[at.saturating_sub(1)..].join(" ");
+    Some(match cmd_before {
+        true => format!(
+            "unexpected argument {arg:?}: --cmd takes the whole command as one argument; \
+             quote it: --cmd \"{example}\", or put the program after `--`: -- {example}"
+        ),
+        false => format!(
+            "unexpected argument {arg:?}: to run a program, put it after `--` (reuseport-cluster \
+             --bind ADDR -- {rest}) or quote it in --cmd \"{rest}\"",
+            rest = args[at..].join(" ")
+        ),
+    })
+}

@@ -382,6 +382,12 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr, String> {
     if let Ok(sa) = SocketAddr::from_str(addr) {
         return Ok(sa);
     }
+    if let Some((scheme, rest)) = addr.split_once("://") {
+        let bare = rest.split('/').next().unwrap_or(rest);
+        return Err(format!(
+            "drop the scheme ({scheme}://) and any path: give HOST:PORT, e.g. {bare}"
+        ));
+    }
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or("expected HOST:PORT, e.g. 0.0.0.0:8000, [::]:8000 or localhost:8000")?;

@@ -40,7 +40,13 @@ use crate::config::Config;
 use crate::supervisor::Outcome;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match cli::hint(&e, &std::env::args().collect::<Vec<_>>()) {
+            Some(line) => return fail(2, &line),
+            None => e.exit(),
+        },
+    };
     let (request, target, wait) = match cli.command {
         None => return launch(&cli),
         Some(Command::DemoWorker) => {

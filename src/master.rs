@@ -49,6 +49,11 @@ const HANDLED: [i32; 7] = [SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, S
 
 /// How often /proc is read for a starting worker's readiness.
 const READINESS_SCAN: Duration = Duration::from_millis(5);
+/// How long a starting worker may listen only on addresses of its own before it is told
+/// (an app may open an admin port a moment before it serves fd 3).
+const ELSEWHERE_AFTER: Duration = Duration::from_millis(500);
+/// How often starting workers are looked at for that.
+const ELSEWHERE_CHECK: Duration = Duration::from_millis(250);
 
 /// Runs the cluster until it has stopped.
 pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
@@ -129,6 +134,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     }
     let mut systemd = SystemdNotify::from_env(Instant::now());
     let mut waiters = Waiters::default();
+    let mut next_elsewhere_check = Instant::now();
     let mut events = VecDeque::from([Event::Start]);
     loop {
         while let Some(event) = events.pop_front() {
@@ -338,9 +344,27 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             }
         }
         if scanning {
+            let now = Instant::now();
+            let look_elsewhere = now >= next_elsewhere_check;
+            if look_elsewhere {
+                next_elsewhere_check = now + ELSEWHERE_CHECK;
+            }
             for w in supervisor.starting() {
-                if readiness::is_listening(w.pid.as_raw() as u32, &w.sockets) {
+                let leader = w.pid.as_raw() as u32;
+                if readiness::is_listening(leader, &w.sockets) {
                     events.push_back(Event::Ready { pid: w.pid });
+                } else if look_elsewhere
+                    && w.listens_elsewhere.is_none()
+                    && w.uptime(now) >= ELSEWHERE_AFTER
+                {
+                    let addrs = readiness::listens_elsewhere(leader, &w.sockets);
+                    if !addrs.is_empty() {
+                        let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                        events.push_back(Event::ListensElsewhere {
+                            pid: w.pid,
+                            addrs: addrs.join(", "),
+                        });
+                    }
                 }
             }
         }

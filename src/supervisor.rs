@@ -65,6 +65,14 @@ pub enum Event {
         /// The text.
         text: String,
     },
+    /// The starting worker `pid` listens on addresses other than its sockets, and not yet
+    /// on them: it binds a port itself instead of using fd 3.
+    ListensElsewhere {
+        /// The worker.
+        pid: Pid,
+        /// Where it listens, as one line.
+        addrs: String,
+    },
     /// SIGHUP: roll every slot over to a new generation.
     Reload,
     /// The master prepared `generation` (its program was found again).
@@ -514,6 +522,17 @@ impl Supervisor {
                     w.status = Some(text);
                 }
             }
+            Event::ListensElsewhere { pid, addrs } => {
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    if w.state == WorkerState::Starting && w.listens_elsewhere.is_none() {
+                        out.push(Action::Log(format!(
+                            "{w}: listens on {addrs} itself, and not on the socket it was given \
+                             at fd 3; {FD3_HINT}"
+                        )));
+                        w.listens_elsewhere = Some(addrs);
+                    }
+                }
+            }
             Event::Reload => self.on_reload(now, &mut out),
             Event::GenerationPrepared { generation } => {
                 if let Some(r) = self.rolling.as_mut().filter(|r| r.generation == generation) {
@@ -716,11 +735,20 @@ impl Supervisor {
             return self.abort_rolling(why, now, out);
         }
         match self.phase {
-            Phase::Starting => self.begin_stop(
-                Some(format!("{line}, before any worker was ready")),
-                now,
-                out,
-            ),
+            Phase::Starting => {
+                let hint = match reason {
+                    ExitReason::Code(_) => {
+                        "; if it reported EADDRINUSE, it binds the port itself: make it use fd 3 \
+                         (LISTEN_FDS=1)"
+                    }
+                    ExitReason::Signal(_) => "",
+                };
+                self.begin_stop(
+                    Some(format!("{line}, before any worker was ready{hint}")),
+                    now,
+                    out,
+                )
+            }
             Phase::Running => {
                 let delay = slot.backoff.delay(uptime);
                 slot.state = SlotState::Waiting { at: now + delay };
@@ -1123,6 +1151,14 @@ impl Supervisor {
         let Some(w) = self.workers.get(&pid) else {
             return;
         };
+        if let Some(addrs) = &w.listens_elsewhere {
+            // Counting it as ready would leave the port taking connections nobody accepts.
+            let why = format!(
+                "{w}: not ready after {}: it listens on {addrs} itself, not on its fd 3; {FD3_HINT}",
+                ms(self.settings.ready_timeout)
+            );
+            return self.fail_worker(pid, why, now, out);
+        }
         let why = format!(
             "{w}: not ready after {} ({})",
             ms(self.settings.ready_timeout),
@@ -1142,6 +1178,24 @@ impl Supervisor {
             // ready beats killing it.
             out.push(Action::Log(format!("{why}; counting it as ready")));
             self.on_ready(pid, now, out);
+        }
+    }
+
+    /// A starting worker that cannot serve: the start-up fails, a rolling restart is rolled
+    /// back, a restarted worker is stopped (its slot restarts it with backoff).
+    fn fail_worker(&mut self, pid: Pid, why: String, now: Instant, out: &mut Vec<Action>) {
+        let surging = self
+            .rolling
+            .as_mut()
+            .and_then(|r| r.surge_of_pid(pid))
+            .is_some();
+        match self.phase {
+            _ if surging => self.abort_rolling(why, now, out),
+            Phase::Starting => self.begin_stop(Some(why), now, out),
+            _ => {
+                out.push(Action::Log(why));
+                self.stop_worker(pid, now, out);
+            }
         }
     }
 
@@ -1263,6 +1317,11 @@ impl Supervisor {
         self.phase = Phase::Done;
     }
 }
+
+/// What to do about an app that does not serve the socket at fd 3.
+pub const FD3_HINT: &str = "the app must serve the listening socket it is given at fd 3 \
+    (LISTEN_FDS=1, LISTEN_FDNAMES), not bind a port itself: e.g. node server.listen({fd: 3}), \
+    uvicorn --fd 3, gunicorn --bind fd://3, Go net.FileListener(os.NewFile(3, \"\"))";
 
 /// The CPU of slot `i`: the i-th of the pin list, wrapping around.
 /// A slot whose next restart is far off lets go of its sockets (slot_sockets.rs).
@@ -1896,6 +1955,49 @@ mod tests {
             })
             .collect();
         assert_eq!(sent, vec![TERM, Signal::SIGCONT]);
+    }
+
+    #[test]
+    fn a_worker_listening_elsewhere_fails_at_the_timeout_instead_of_counting_as_ready() {
+        let elsewhere = |p: i32| Event::ListensElsewhere {
+            pid: pid(p),
+            addrs: "127.0.0.1:3000".into(),
+        };
+        // At start-up: the start-up fails with that cause.
+        let (mut s, t0) = sup(1);
+        s.step(Event::Start, t0);
+        s.step(spawned(0, 1, 100), t0);
+        let out = s.step(elsewhere(100), t0);
+        assert!(
+            logs(&out).contains("listens on 127.0.0.1:3000 itself"),
+            "{out:?}"
+        );
+        assert!(s.step(elsewhere(100), t0).is_empty(), "said once");
+        let out = s.step(Event::Tick, t0 + TIMEOUT);
+        assert_eq!(signals(&out), vec![(100, TERM)]);
+        let out = s.step(exited(100, ExitReason::signal(TERM)), t0 + TIMEOUT);
+        match exit(&out) {
+            Some(Outcome::Failed(why)) => assert!(why.contains("not on its fd 3"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+
+        // In a rolling restart: the pass is rolled back.
+        let (mut s, t) = running(1);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(elsewhere(200), t);
+        let out = s.step(Event::Tick, t + TIMEOUT);
+        assert!(
+            out.iter().any(
+                |a| matches!(a, Action::Report(Report::Failed { why, .. }) if why.contains("fd 3"))
+            ),
+            "{out:?}"
+        );
+        assert_eq!(
+            s.slots()[0].pid(),
+            Some(pid(100)),
+            "the old worker serves on"
+        );
     }
 }
 

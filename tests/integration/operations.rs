@@ -563,3 +563,153 @@ fn share_port_starts_beside_another_listener_on_purpose() {
     c.expect_log("workers ready");
     assert!(!c.log_contains("--share-port"));
 }
+
+/// Runs the binary with `args` and returns (exit code, stderr).
+fn run_bin(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_program_without_double_dash_an_unquoted_cmd_and_a_url_get_one_line_that_says_what_to_do() {
+    let (code, err) = run_bin(&["--bind", "127.0.0.1:0", "node", "app.js"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err.trim_end(),
+        "error: unexpected argument \"node\": to run a program, put it after `--` \
+         (reuseport-cluster --bind ADDR -- node app.js) or quote it in --cmd \"node app.js\""
+    );
+    let (code, err) = run_bin(&["--bind", "127.0.0.1:0", "--cmd", "node", "app.js"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "--cmd takes the whole command as one argument; quote it: --cmd \"node app.js\""
+        ),
+        "{err}"
+    );
+    let (code, err) = run_bin(&["--bind", "http://127.0.0.1:8000/"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err.trim_end(),
+        "error: --bind http://127.0.0.1:8000/: drop the scheme (http://) and any path: give \
+         HOST:PORT, e.g. 127.0.0.1:8000"
+    );
+    // Control: a mistyped sub-command keeps clap's suggestion.
+    let (code, err) = run_bin(&["stauts"]);
+    assert_eq!(code, Some(2));
+    assert!(!err.contains("after `--`"), "{err}");
+}
+
+/// Listens on `port` itself (never on fd 3), unless LISTEN_TOO is set, in which case it
+/// also serves fd 3 (an app with an admin port of its own).
+const ELSEWHERE_APP: &str = r#"#!/usr/bin/env python3
+import os, socket, sys
+own = socket.socket()
+own.bind(("127.0.0.1", int(sys.argv[1])))
+own.listen()
+if os.environ.get("LISTEN_TOO"):
+    fd3 = socket.socket(fileno=3)
+    while True:
+        c, _ = fd3.accept()
+        c.close()
+own.accept()
+"#;
+
+#[test]
+fn an_app_listening_on_a_port_of_its_own_is_told_to_use_fd_3() {
+    let app = script("elsewhere.py", ELSEWHERE_APP);
+    let port = free_port();
+    let cmd = format!("{} {port}", app.display());
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready-timeout",
+            "3s",
+            "--cmd",
+            &cmd,
+        ],
+        &[],
+    );
+    let warning = c.expect_log("itself, and not on the socket it was given at fd 3");
+    assert!(
+        warning.contains(&format!("listens on 127.0.0.1:{port} itself"))
+            && warning.contains("LISTEN_FDS=1")
+            && warning.contains("uvicorn --fd 3"),
+        "{warning}"
+    );
+    // At the ready timeout the start-up fails with that cause instead of counting the worker
+    // as ready (which left the port taking connections nobody accepted).
+    assert_eq!(c.wait_exit(TIMEOUT), Some(1));
+    let log = c.log();
+    let last = log.last().unwrap();
+    assert!(
+        last.starts_with("error: worker 0 (pid ")
+            && last.contains(&format!(
+                "not ready after 3.0 s: it listens on 127.0.0.1:{port} itself, not on its fd 3"
+            )),
+        "{last}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("counting it as ready")),
+        "{log:?}"
+    );
+
+    // Control: the same app serving fd 3 as well (its own port is an admin port) is fine.
+    let port = free_port();
+    let cmd = format!("{} {port}", app.display());
+    let mut c = Cluster::spawn(
+        &["--workers", "1", "--bind", "127.0.0.1:0", "--cmd", &cmd],
+        &[("LISTEN_TOO", "1")],
+    );
+    c.expect_log("workers ready");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !c.log_contains("not on the socket it was given"),
+        "{:?}",
+        c.log()
+    );
+}
+
+#[test]
+fn an_app_exiting_at_start_up_gets_the_fd_3_hint_in_the_first_line_about_it() {
+    let app = script(
+        "eaddrinuse.sh",
+        "#!/bin/sh\necho 'Error: listen EADDRINUSE: address already in use :::8000' >&2\nexit 1\n",
+    );
+    let (code, log) = run(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--cmd",
+        app.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1));
+    let first = log
+        .lines()
+        .find(|l| l.starts_with("start-up failed:"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        first.contains("before any worker was ready; if it reported EADDRINUSE, it binds the port itself: make it use fd 3 (LISTEN_FDS=1)"),
+        "{first}"
+    );
+    let first_master_line_after = log
+        .lines()
+        .skip_while(|l| !l.contains("EADDRINUSE: address already"))
+        .find(|l| !l.contains("EADDRINUSE: address already") && !l.ends_with(": started"))
+        .unwrap();
+    assert!(
+        first_master_line_after.starts_with("start-up failed:"),
+        "the cause comes first: {log}"
+    );
+}
