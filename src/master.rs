@@ -522,7 +522,7 @@ fn perform(
                                 &spawned.sockets,
                             );
                             if let Some(pipes) = spawned.output {
-                                output.add(slot, spawned.pid.as_raw(), pipes);
+                                output.add(slot, spawned.pid.as_raw(), generation, pipes);
                             }
                             Event::Spawned {
                                 sockets: spawned.sockets,

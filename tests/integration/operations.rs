@@ -713,3 +713,78 @@ fn an_app_exiting_at_start_up_gets_the_fd_3_hint_in_the_first_line_about_it() {
         "the cause comes first: {log}"
     );
 }
+
+#[test]
+fn log_format_json_applies_to_worker_lines_under_log_prefix() {
+    let app = script(
+        "talk.sh",
+        &format!(
+            "#!/bin/sh\necho \"to stdout from $REUSEPORT_CLUSTER_WORKER \\\"quoted\\\"\"\necho \"to stderr from $REUSEPORT_CLUSTER_WORKER\" >&2\nexec '{}' __demo-worker\n",
+            bin()
+        ),
+    );
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--log-prefix",
+            "--log-format",
+            "json",
+            "--cmd",
+            app.to_str().unwrap(),
+        ],
+        &[],
+    );
+    c.expect_log("workers ready");
+    let workers = c.workers();
+    let parsed = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    assert!(wait_until(TIMEOUT, || c.stdout_lines().len() >= 2));
+    assert!(wait_until(TIMEOUT, || c
+        .log()
+        .iter()
+        .filter(|l| l.contains("to stderr from"))
+        .count()
+        >= 2));
+    for (lines, stream) in [(c.stdout_lines(), "stdout"), (c.log(), "stderr")] {
+        let mut from_workers = 0;
+        for line in &lines {
+            let v = parsed(line);
+            assert!(v["ts"].is_string() && v["level"].is_string(), "{line}");
+            if let Some(text) = v["line"].as_str() {
+                let slot = v["slot"].as_u64().unwrap() as usize;
+                assert_eq!(v["pid"].as_u64().unwrap() as u32, workers[&slot], "{line}");
+                assert_eq!(v["generation"], 1, "{line}");
+                assert_eq!(v["stream"], stream, "{line}");
+                let expected = match stream {
+                    "stdout" => format!("to stdout from {slot} \"quoted\""),
+                    _ => format!("to stderr from {slot}"),
+                };
+                assert_eq!(text, expected);
+                from_workers += 1;
+            }
+        }
+        assert_eq!(from_workers, 2, "{stream}: {lines:?}");
+    }
+    // Control: without --log-format json the same lines keep the text prefix.
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            "127.0.0.1:0",
+            "--log-prefix",
+            "--cmd",
+            app.to_str().unwrap(),
+        ],
+        &[],
+    );
+    c.expect_log("workers ready");
+    let pid = c.workers()[&0];
+    assert!(wait_until(TIMEOUT, || c
+        .stdout_lines()
+        .contains(&format!("[w0 {pid}] to stdout from 0 \"quoted\""))));
+}
