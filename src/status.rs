@@ -378,7 +378,7 @@ impl ClusterStatus {
         }
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} STATUS",
+            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} STATUS",
             "SLOT",
             "PID",
             "CPU",
@@ -402,7 +402,7 @@ impl ClusterStatus {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} {}",
+                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} {}",
                 w.slot,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.cpu.map_or("-".into(), |c| c.to_string()),
@@ -412,7 +412,10 @@ impl ClusterStatus {
                 w.restarts,
                 w.last_exit.as_deref().unwrap_or("-"),
                 queues.join(" "),
-                crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
+                match w.pid {
+                    Some(_) => crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
+                    None => "-".into(),
+                },
                 w.app_status.as_deref().unwrap_or("-")
             );
             if let Some(why) = w.last_recycle.as_deref().filter(|_| w.serving) {

@@ -695,7 +695,7 @@ impl Supervisor {
             .map(|s| s.step);
         match surge_step {
             Some(SurgeStep::Starting(_)) => {
-                return self.abort_rolling(format!("{line} before it was ready"), now, out);
+                return self.abort_rolling(format!("{line}, before it was ready"), now, out);
             }
             Some(SurgeStep::Retiring(_)) => {
                 out.push(Action::Log(line));
