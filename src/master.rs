@@ -140,8 +140,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         while let Some(event) = events.pop_front() {
             let actions = supervisor.step(event, Instant::now());
             // What an action answers (a fork's outcome) is handled before anything else.
-            let mut answers = Vec::new();
-            let mut reports = Vec::new();
+            let mut done = Performed::default();
             let size = supervisor.slots().len();
             let outcome = perform(
                 actions,
@@ -150,10 +149,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 &mut sockets,
                 size,
                 &mut output,
-                &mut answers,
-                &mut reports,
+                &mut done,
             );
-            for report in &reports {
+            for report in &done.reports {
                 tell(&mut control, waiters.on_report(report));
             }
             if let Some(outcome) = outcome {
@@ -164,7 +162,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 }
                 return Ok(outcome);
             }
-            for answer in answers.into_iter().rev() {
+            for answer in done.answers.into_iter().rev() {
                 events.push_front(answer);
             }
         }
@@ -474,7 +472,15 @@ fn systemd_status(supervisor: &Supervisor, ready: usize, slots: usize) -> String
     status
 }
 
-/// Carries out `actions`; what they answer (a fork's outcome) goes to `answers`.
+/// What carrying out actions gave: events they answer (a fork's outcome), and reports for
+/// waiting clients.
+#[derive(Default)]
+struct Performed {
+    answers: Vec<Event>,
+    reports: Vec<Report>,
+}
+
+/// Carries out `actions`; what they give goes to `done`.
 fn perform(
     actions: Vec<Action>,
     config: &Config,
@@ -482,9 +488,9 @@ fn perform(
     sockets: &mut SlotSockets,
     size: usize,
     output: &mut WorkerOutput,
-    answers: &mut Vec<Event>,
-    reports: &mut Vec<Report>,
+    done: &mut Performed,
 ) -> Option<Outcome> {
+    let answers = &mut done.answers;
     for action in actions {
         match action {
             Action::PrepareGeneration { generation } => {
@@ -550,7 +556,7 @@ fn perform(
                 Err(e) => warn!("sending {signal} to process group {pgid}: {e}"),
             },
             Action::Log(line) => info!("{line}"),
-            Action::Report(report) => reports.push(report),
+            Action::Report(report) => done.reports.push(report),
             Action::Exit(outcome) => return Some(outcome),
         }
     }
