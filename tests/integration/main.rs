@@ -7,11 +7,8 @@ mod bad_input;
 mod control;
 mod deploy;
 mod launcher;
-<<<<<<< HEAD
-mod recycle;
-=======
 mod operations;
->>>>>>> 279b869 (reload, scale and stop wait for their outcome; status tells what serves, the last rollout and crash-looping slots)
+mod recycle;
 mod rolling;
 mod support;
 mod takeover;
