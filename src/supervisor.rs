@@ -2211,4 +2211,45 @@ mod recycle_tests {
         assert_eq!(s.slots()[0].pid(), Some(pid(100)));
         assert_eq!(s.recycling(), None);
     }
+
+    #[test]
+    fn a_recycle_is_neither_reported_to_reload_clients_nor_the_last_rollout() {
+        let (mut s, t0) = running(2);
+        let mut out = s.step(
+            Event::Recycle {
+                pid: pid(101),
+                reason: memory(),
+            },
+            t0,
+        );
+        out.extend(s.step(spawned(1, 1, 300), t0));
+        out.extend(s.step(ready(300), t0));
+        out.extend(s.step(exited(101, ExitReason::Code(0)), t0));
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Report(_))),
+            "{out:?}"
+        );
+        assert_eq!(s.last_rollout(), None);
+        // Control: a deploy is.
+        let out = reload(&mut s, t0);
+        assert_eq!(
+            s.last_rollout().map(|r| (r.generation, r.result.name())),
+            Some((2, "under way"))
+        );
+        let mut out = [out, s.step(spawned(0, 2, 400), t0)].concat();
+        out.extend(s.step(ready(400), t0));
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::Report(Report::SlotReady {
+                    generation: 2,
+                    slot: 0,
+                    done: 1,
+                    total: 2,
+                    ..
+                })
+            )),
+            "{out:?}"
+        );
+    }
 }
