@@ -285,3 +285,65 @@ fn answer<S>(c: &mut Conn<S>, bytes: Vec<u8>) {
     c.sent = 0;
     c.answered = true;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Conns with one accepted connection whose request `line` has been read; returns its
+    /// id and the client's end.
+    fn one_request(line: &[u8]) -> (Conns<UnixStream>, u64, UnixStream) {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut conns = Conns::new(1024);
+        let mut pending = Some(server);
+        let now = Instant::now();
+        conns.accept_all(
+            now,
+            || {
+                pending
+                    .take()
+                    .ok_or_else(|| std::io::Error::from(ErrorKind::WouldBlock))
+            },
+            |_| None,
+            b"busy\n",
+        );
+        client.write_all(line).unwrap();
+        let end = |input: &[u8]| input.iter().position(|b| *b == b'\n').map(|p| p + 1);
+        let got = conns.read(now, end, |_| b"too long\n".to_vec());
+        assert_eq!(got.len(), 1);
+        (conns, got[0].0, client)
+    }
+
+    #[test]
+    fn a_held_connection_outlives_the_deadline_gets_lines_and_closes_after_the_last() {
+        let (mut conns, id, mut client) = one_request(b"reload --wait\n");
+        assert!(conns.hold(id, Instant::now()));
+        conns.send(id, b"progress: one\n");
+        conns.flush(Instant::now() + DEADLINE * 10);
+        assert!(conns.is_open(id), "no deadline while held");
+        conns.finish(id, b"ok: done\n");
+        assert!(!conns.is_open(id), "closed once the last line is out");
+        let mut got = String::new();
+        client.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "progress: one\nok: done\n");
+    }
+
+    #[test]
+    fn a_held_client_that_hangs_up_or_stops_reading_is_dropped() {
+        let (mut conns, id, client) = one_request(b"reload --wait\n");
+        assert!(conns.hold(id, Instant::now()));
+        drop(client);
+        conns.flush(Instant::now());
+        assert!(!conns.is_open(id), "a hang-up is seen");
+
+        let (mut conns, id, _client) = one_request(b"reload --wait\n");
+        assert!(conns.hold(id, Instant::now()));
+        let line = [b'x'; 1024];
+        for _ in 0..(MAX_HELD_OUTPUT / line.len() + 512) {
+            conns.send(id, &line);
+        }
+        assert!(!conns.is_open(id), "output is bounded");
+    }
+}

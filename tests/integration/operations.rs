@@ -791,3 +791,33 @@ fn log_format_json_applies_to_worker_lines_under_log_prefix() {
         .stdout_lines()
         .contains(&format!("[w0 {pid}] to stdout from 0 \"quoted\""))));
 }
+
+#[test]
+fn a_stop_during_a_waiting_reload_ends_it_with_exit_1_and_says_why() {
+    let c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:2s",
+    ]);
+    let control = c.control.clone().unwrap();
+    let reload = std::thread::spawn(move || {
+        std::process::Command::new(bin())
+            .args(["reload", "--control"])
+            .arg(&control)
+            .output()
+            .unwrap()
+    });
+    assert!(wait_until(TIMEOUT, || c.status()["last_rollout"]["result"]
+        == "under way"));
+    c.signal(Signal::SIGTERM);
+    let out = reload.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "error: the rolling restart to generation 2 was abandoned: the cluster is stopping"
+    );
+}
