@@ -18,7 +18,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
              spreads the connections, the master only supervises.",
     after_help = "Without --cmd and without `-- PROGRAM ARGS`, every worker runs the built-in demo \
                   HTTP app.\n\nExit codes: 0 stopped cleanly; 1 start-up or runtime failure; \
-                  2 invalid command line; 3 stopped, but some worker had to be SIGKILLed.",
+                  2 invalid command line; 3 stopped, but some worker had to be SIGKILLed.\n\n\
+                  Exit codes of reload, scale and stop: 0 done; 1 refused, or no cluster to talk \
+                  to; 3 (stop) stopped, but some worker had to be SIGKILLed; 4 (reload) the new \
+                  generation was rolled back, or (scale) a new worker failed to start; 5 \
+                  --timeout passed first.",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -41,20 +45,30 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Roll every worker over to a new generation (like SIGHUP)
+    /// Roll every worker over to a new generation (like SIGHUP) and wait for the outcome:
+    /// exit 0 once the new generation serves every slot, 4 when it was rolled back
     Reload {
         #[command(flatten)]
-        target: Target,
-    },
-    /// Grow or shrink a running cluster to N workers (at least 1)
-    Scale {
-        /// The number of workers
-        n: usize,
+        wait: WaitArgs,
         #[command(flatten)]
         target: Target,
     },
-    /// Stop a running cluster gracefully (like SIGTERM)
+    /// Grow or shrink a running cluster: N workers, or +N / -N relative to now (at least 1
+    /// remains), and wait until they are ready
+    Scale {
+        /// The number of workers: N, +N or -N
+        #[arg(allow_hyphen_values = true, value_name = "N|+N|-N")]
+        n: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop a running cluster gracefully (like SIGTERM) and exit as the master does: 0 when
+    /// every worker stopped in time, 3 when some had to be SIGKILLed
     Stop {
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         target: Target,
     },
@@ -88,6 +102,18 @@ pub enum Command {
     /// The built-in demo app, as a worker process runs it (internal).
     #[command(name = "__demo-worker", hide = true)]
     DemoWorker,
+}
+
+/// Whether a client command waits for its outcome.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Return as soon as the master has taken the request, without waiting for the outcome
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this long (exit 5; the operation goes on in the master)
+    /// [default: wait until the outcome]
+    #[arg(long, value_name = "DURATION", conflicts_with = "no_wait")]
+    pub timeout: Option<String>,
 }
 
 /// Which running cluster a client command talks to.
@@ -131,6 +157,38 @@ pub struct RunArgs {
     /// Open-files limit (RLIMIT_NOFILE) of the master and its workers [default: the hard limit]
     #[arg(long, value_name = "N")]
     pub nofile: Option<u64>,
+
+    /// Start even when another process (another cluster, a stray app) already listens on a
+    /// bound address with SO_REUSEPORT, and share the connections with it [default: refuse,
+    /// naming that process]
+    #[arg(long)]
+    pub share_port: bool,
+
+    /// Leave Nagle's algorithm on: by default the listening sockets get TCP_NODELAY, which
+    /// every accepted connection inherits (an app that never sets it, like uvicorn on fd 3,
+    /// otherwise waits ~40 ms on delayed ACKs between keep-alive requests)
+    #[arg(long)]
+    pub no_nodelay: bool,
+
+    /// TCP_DEFER_ACCEPT: wake the app for a connection only once its first data arrived,
+    /// waiting up to DURATION (whole seconds), like systemd's DeferAcceptSec=
+    #[arg(long, value_name = "DURATION")]
+    pub defer_accept: Option<String>,
+
+    /// TCP_FASTOPEN with a queue of N pending Fast Open requests, like nginx's fastopen=N
+    #[arg(long, value_name = "N")]
+    pub fastopen: Option<u32>,
+
+    /// SO_KEEPALIVE on every accepted connection; optionally IDLE:INTERVAL:COUNT as nginx's
+    /// so_keepalive (e.g. 60s:10s:5; an empty part keeps the kernel's default)
+    #[arg(
+        long,
+        value_name = "IDLE:INTERVAL:COUNT",
+        num_args = 0..=1,
+        default_missing_value = "on",
+        require_equals = false
+    )]
+    pub keepalive: Option<String>,
 
     /// How long a worker may take to exit after the stop signal before it is SIGKILLed
     #[arg(long, value_name = "DURATION", default_value = "30s")]
@@ -238,4 +296,37 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line: ts, level, msg, and slot, pid, generation for a worker.
     Json,
+}
+
+/// One actionable line for the command-line mistakes clap words generically: a program
+/// given without `--`, and an unquoted `--cmd`. None: clap's own message is right.
+pub fn hint(error: &clap::Error, args: &[String]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // Without --bind it is rather a mistyped sub-command, which clap words well.
+    let launching = args
+        .iter()
+        .any(|a| a == "--bind" || a.starts_with("--bind="));
+    if arg.starts_with('-') || !launching {
+        return None;
+    }
+    let at = args.iter().position(|a| a == arg)?;
+    let cmd_before = at >= 2 && args[at - 2] == "--cmd";
+    let example = args[at.saturating_sub(1)..].join(" ");
+    Some(match cmd_before {
+        true => format!(
+            "unexpected argument {arg:?}: --cmd takes the whole command as one argument; \
+             quote it: --cmd \"{example}\", or put the program after `--`: -- {example}"
+        ),
+        false => format!(
+            "unexpected argument {arg:?}: to run a program, put it after `--` (reuseport-cluster \
+             --bind ADDR -- {rest}) or quote it in --cmd \"{rest}\"",
+            rest = args[at..].join(" ")
+        ),
+    })
 }

@@ -16,6 +16,7 @@ use nix::unistd::{access, AccessFlags};
 
 use crate::cli::{Migrate, RunArgs};
 use crate::readiness::ReadyMode;
+use crate::socket::{Keepalive, ListenOptions};
 
 /// A command-line value that cannot be used; `main` maps it to exit code 2.
 #[derive(Debug)]
@@ -53,6 +54,10 @@ pub struct Config {
     pub backlog: u32,
     /// `--nofile`: the open-files limit to set; `None`: raise the soft limit to the hard one.
     pub nofile: Option<u64>,
+    /// TCP options of the listening sockets.
+    pub listen: ListenOptions,
+    /// `--share-port`: start even when another process listens on a bound address.
+    pub share_port: bool,
     /// Time a stopping worker gets before SIGKILL.
     pub grace: Duration,
     /// Signal that asks a worker to stop.
@@ -199,6 +204,35 @@ impl Config {
                 i32::MAX
             ));
         }
+        let listen = ListenOptions {
+            nodelay: !args.no_nodelay,
+            defer_accept: args
+                .defer_accept
+                .as_deref()
+                .map(|d| {
+                    let d = parse_duration(d).map_err(|e| invalid!("--defer-accept {e}"))?;
+                    if d.is_zero() {
+                        return Err(invalid!("--defer-accept 0: give the longest wait, e.g. 5s"));
+                    }
+                    // Whole seconds, rounded up (the kernel counts in seconds).
+                    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                    Ok(secs.min(u32::MAX as u64) as u32)
+                })
+                .transpose()?,
+            fastopen: match args.fastopen {
+                Some(0) => {
+                    return Err(invalid!(
+                        "--fastopen 0: give the queue length, e.g. --fastopen 256"
+                    ))
+                }
+                n => n,
+            },
+            keepalive: args
+                .keepalive
+                .as_deref()
+                .map(|k| parse_keepalive(k).map_err(|e| invalid!("--keepalive {k}: {e}")))
+                .transpose()?,
+        };
         let grace = parse_duration(&args.grace).map_err(|e| invalid!("--grace {e}"))?;
         let stop_signal = parse_signal(&args.stop_signal)
             .map_err(|e| invalid!("--stop-signal {}: {e}", args.stop_signal))?;
@@ -261,6 +295,8 @@ impl Config {
                 Some(0) => return Err(invalid!("--nofile 0: workers need some open files")),
                 n => n,
             },
+            listen,
+            share_port: args.share_port,
             grace,
             stop_signal,
             ready,
@@ -301,6 +337,38 @@ impl Config {
     }
 }
 
+/// `on`, or nginx's `IDLE:INTERVAL:COUNT` (each part may be empty).
+fn parse_keepalive(value: &str) -> Result<Keepalive, String> {
+    if value == "on" {
+        return Ok(Keepalive::default());
+    }
+    let parts: Vec<&str> = value.split(':').collect();
+    let [idle, interval, count] = parts[..] else {
+        return Err("expected IDLE:INTERVAL:COUNT, e.g. 60s:10s:5 (or no value)".into());
+    };
+    let time = |part: &str| -> Result<Option<Duration>, String> {
+        match part {
+            "" => Ok(None),
+            d => match parse_duration(d)? {
+                d if d < Duration::from_secs(1) => Err(format!("{part}: at least 1s")),
+                d => Ok(Some(d)),
+            },
+        }
+    };
+    let count = match count {
+        "" => None,
+        c => match c.parse::<u32>() {
+            Ok(n) if (1..=127).contains(&n) => Some(n),
+            _ => return Err(format!("count {c:?}: a number of probes from 1 to 127")),
+        },
+    };
+    Ok(Keepalive {
+        idle: time(idle)?,
+        interval: time(interval)?,
+        count,
+    })
+}
+
 /// The address of a `[NAME=]HOST:PORT` bind.
 pub fn parse_bind_addr(spec: &str) -> Result<SocketAddr, String> {
     parse_bind(spec, 0).map(|b| b.addr).map_err(|e| e.0)
@@ -322,6 +390,12 @@ fn parse_bind(spec: &str, index: usize) -> Result<Bind, Invalid> {
 pub fn parse_addr(addr: &str) -> Result<SocketAddr, String> {
     if let Ok(sa) = SocketAddr::from_str(addr) {
         return Ok(sa);
+    }
+    if let Some((scheme, rest)) = addr.split_once("://") {
+        let bare = rest.split('/').next().unwrap_or(rest);
+        return Err(format!(
+            "drop the scheme ({scheme}://) and any path: give HOST:PORT, e.g. {bare}"
+        ));
     }
     let (host, port) = addr
         .rsplit_once(':')

@@ -4,6 +4,11 @@
 //! Nothing here may block the loop: streams are non-blocking, a request is bounded in size
 //! and in time (a deadline from accept), only a few connections are served at once, and an
 //! answer is written as far as the socket takes it, the rest when it polls writable.
+//!
+//! A connection can also be *held* once its request is read: it stays open past the
+//! deadline and gets lines as things happen (a waiting `reload` follows its rolling
+//! restart), then a last line, and is closed. A held client that stops reading is dropped
+//! once a bounded amount of output is queued for it; one that hangs up is noticed by poll.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -19,6 +24,12 @@ pub const MAX_CONNS: usize = 8;
 /// How long accepting pauses when the process is out of fds (EMFILE/ENFILE): the listener
 /// stays readable, and polling it meanwhile would spin.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Held connections at once (they do not count against [`MAX_CONNS`]).
+pub const MAX_HELD: usize = 64;
+/// Output queued for a held connection beyond which its client is deemed gone.
+const MAX_HELD_OUTPUT: usize = 64 * 1024;
+/// A held connection has no deadline; this stands for "never".
+const FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 struct Conn<S> {
     id: u64,
@@ -27,6 +38,8 @@ struct Conn<S> {
     output: Vec<u8>,
     sent: usize,
     answered: bool,
+    /// Kept open after its request for more output (see the module doc).
+    held: bool,
     /// The answer to give whatever the request (a refusal). It is given once the request
     /// has been read: closing with unread input would reset the connection, and the client
     /// would never see why.
@@ -90,14 +103,17 @@ impl<S: Read + Write + AsFd> Conns<S> {
         self.accept_paused_until = None;
         loop {
             let accepted = accept();
-            if self.evict_idle && accepted.is_ok() && self.conns.len() >= self.max_conns {
+            let open = self.conns.iter().filter(|c| !c.held).count();
+            if self.evict_idle && accepted.is_ok() && open >= self.max_conns {
                 // The oldest that is still only connected (or trickling) makes room.
-                if let Some(i) = self.conns.iter().position(|c| !c.answered) {
+                if let Some(i) = self.conns.iter().position(|c| !c.answered && !c.held) {
                     self.conns.remove(i);
                 }
             }
             match accepted {
-                Ok(mut stream) if self.conns.len() >= self.max_conns => {
+                Ok(mut stream)
+                    if self.conns.iter().filter(|c| !c.held).count() >= self.max_conns =>
+                {
                     let _ = stream.write(busy); // best effort: non-blocking, then closed
                 }
                 Ok(stream) => {
@@ -129,6 +145,7 @@ impl<S: Read + Write + AsFd> Conns<S> {
             output: Vec::new(),
             sent: 0,
             answered: false,
+            held: false,
             refusal,
             deadline: now + DEADLINE,
         });
@@ -139,9 +156,12 @@ impl<S: Read + Write + AsFd> Conns<S> {
         self.conns
             .iter()
             .map(|c| {
-                let events = match c.answered {
-                    true => PollFlags::POLLOUT,
-                    false => PollFlags::POLLIN,
+                let events = match (c.answered, c.held && c.sent == c.output.len()) {
+                    // Nothing to write: poll only for a hang-up (reported whatever the
+                    // events); POLLIN would spin on a client that half-closed.
+                    (true, true) => PollFlags::empty(),
+                    (true, false) => PollFlags::POLLOUT,
+                    (false, _) => PollFlags::POLLIN,
                 };
                 (c.stream.as_fd(), events)
             })
@@ -209,9 +229,57 @@ impl<S: Read + Write + AsFd> Conns<S> {
         self.flush(Instant::now());
     }
 
+    /// Keeps connection `id` open after its request, for [`Conns::send`] and
+    /// [`Conns::finish`]; false (and the connection is left as it was) when too many are
+    /// held already.
+    pub fn hold(&mut self, id: u64, now: Instant) -> bool {
+        if self.conns.iter().filter(|c| c.held).count() >= MAX_HELD {
+            return false;
+        }
+        match self.conns.iter_mut().find(|c| c.id == id) {
+            Some(c) => {
+                c.answered = true;
+                c.held = true;
+                c.deadline = now + FOREVER;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues `bytes` for held connection `id`.
+    pub fn send(&mut self, id: u64, bytes: &[u8]) {
+        let now = Instant::now();
+        if let Some(c) = self.conns.iter_mut().find(|c| c.id == id && c.held) {
+            c.output.extend_from_slice(bytes);
+            if c.output.len() - c.sent > MAX_HELD_OUTPUT {
+                c.deadline = now; // it stopped reading
+            }
+        }
+        self.flush(now);
+    }
+
+    /// Queues the last `bytes` for held connection `id`, which is closed once they are sent.
+    pub fn finish(&mut self, id: u64, bytes: &[u8]) {
+        if let Some(c) = self.conns.iter_mut().find(|c| c.id == id && c.held) {
+            c.output.extend_from_slice(bytes);
+            c.held = false;
+            c.deadline = Instant::now() + DEADLINE;
+        }
+        self.flush(Instant::now());
+    }
+
+    /// Whether connection `id` is still open.
+    pub fn is_open(&self, id: u64) -> bool {
+        self.conns.iter().any(|c| c.id == id)
+    }
+
     /// Writes what the sockets take; drops connections that are done or late.
     pub fn flush(&mut self, now: Instant) {
         for c in &mut self.conns {
+            if c.held && c.sent == c.output.len() && hung_up(c.stream.as_fd()) {
+                c.deadline = now;
+            }
             while c.answered && c.sent < c.output.len() {
                 match c.stream.write(&c.output[c.sent..]) {
                     Ok(0) => break,
@@ -226,7 +294,18 @@ impl<S: Read + Write + AsFd> Conns<S> {
             }
         }
         self.conns
-            .retain(|c| !(c.answered && c.sent == c.output.len()) && c.deadline > now);
+            .retain(|c| !(c.answered && !c.held && c.sent == c.output.len()) && c.deadline > now);
+    }
+}
+
+/// Whether the peer of `fd` has closed its end (poll reports POLLHUP or POLLERR).
+fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [nix::poll::PollFd::new(fd, PollFlags::empty())];
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        _ => false,
     }
 }
 
@@ -234,4 +313,66 @@ fn answer<S>(c: &mut Conn<S>, bytes: Vec<u8>) {
     c.output = bytes;
     c.sent = 0;
     c.answered = true;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Conns with one accepted connection whose request `line` has been read; returns its
+    /// id and the client's end.
+    fn one_request(line: &[u8]) -> (Conns<UnixStream>, u64, UnixStream) {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut conns = Conns::new(1024);
+        let mut pending = Some(server);
+        let now = Instant::now();
+        conns.accept_all(
+            now,
+            || {
+                pending
+                    .take()
+                    .ok_or_else(|| std::io::Error::from(ErrorKind::WouldBlock))
+            },
+            |_| None,
+            b"busy\n",
+        );
+        client.write_all(line).unwrap();
+        let end = |input: &[u8]| input.iter().position(|b| *b == b'\n').map(|p| p + 1);
+        let got = conns.read(now, end, |_| b"too long\n".to_vec());
+        assert_eq!(got.len(), 1);
+        (conns, got[0].0, client)
+    }
+
+    #[test]
+    fn a_held_connection_outlives_the_deadline_gets_lines_and_closes_after_the_last() {
+        let (mut conns, id, mut client) = one_request(b"reload --wait\n");
+        assert!(conns.hold(id, Instant::now()));
+        conns.send(id, b"progress: one\n");
+        conns.flush(Instant::now() + DEADLINE * 10);
+        assert!(conns.is_open(id), "no deadline while held");
+        conns.finish(id, b"ok: done\n");
+        assert!(!conns.is_open(id), "closed once the last line is out");
+        let mut got = String::new();
+        client.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "progress: one\nok: done\n");
+    }
+
+    #[test]
+    fn a_held_client_that_hangs_up_or_stops_reading_is_dropped() {
+        let (mut conns, id, client) = one_request(b"reload --wait\n");
+        assert!(conns.hold(id, Instant::now()));
+        drop(client);
+        conns.flush(Instant::now());
+        assert!(!conns.is_open(id), "a hang-up is seen");
+
+        let (mut conns, id, _client) = one_request(b"reload --wait\n");
+        assert!(conns.hold(id, Instant::now()));
+        let line = [b'x'; 1024];
+        for _ in 0..(MAX_HELD_OUTPUT / line.len() + 512) {
+            conns.send(id, &line);
+        }
+        assert!(!conns.is_open(id), "output is bounded");
+    }
 }

@@ -39,30 +39,99 @@ pub enum Request {
         json: bool,
     },
     /// A rolling restart, like SIGHUP.
-    Reload,
-    /// Grow or shrink to this many workers.
-    Scale(usize),
+    Reload {
+        /// Keep the connection open for its progress and outcome.
+        wait: bool,
+    },
+    /// Grow or shrink the cluster.
+    Scale {
+        /// To how many workers.
+        count: Count,
+        /// Keep the connection open until the workers are ready (or gone).
+        wait: bool,
+    },
     /// A graceful stop, like SIGTERM.
-    Stop,
+    Stop {
+        /// Keep the connection open until the master exits, for its outcome.
+        wait: bool,
+    },
+}
+
+/// The number of workers `scale` asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Count {
+    /// Exactly this many.
+    To(usize),
+    /// This many more.
+    Up(usize),
+    /// This many fewer.
+    Down(usize),
+}
+
+impl Count {
+    /// The number of workers this means for a cluster of `have`.
+    pub fn resolve(self, have: usize) -> Result<usize, String> {
+        match self {
+            Count::To(n) => Ok(n),
+            Count::Up(n) => Ok(have.saturating_add(n)),
+            Count::Down(n) if n < have => Ok(have - n),
+            Count::Down(n) => Err(format!(
+                "scale -{n}: the cluster has {have} workers and keeps at least 1; to stop it, \
+                 use `reuseport-cluster stop`"
+            )),
+        }
+    }
 }
 
 impl Request {
     /// Parses one request line.
     pub fn parse(line: &str) -> Result<Request, String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words[..] {
-            ["status"] => Ok(Request::Status { json: false }),
-            ["status", "--json"] | ["status", "json"] => Ok(Request::Status { json: true }),
-            ["reload"] => Ok(Request::Reload),
-            ["stop"] => Ok(Request::Stop),
-            ["scale", n] => n
-                .parse()
-                .map(Request::Scale)
-                .map_err(|_| format!("scale {n}: not a number of workers")),
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let wait = words.last() == Some(&"--wait") && words.len() > 1;
+        if wait {
+            words.pop();
+        }
+        match (&words[..], wait) {
+            (["status"], false) => Ok(Request::Status { json: false }),
+            (["status", "--json"] | ["status", "json"], false) => {
+                Ok(Request::Status { json: true })
+            }
+            (["reload"], _) => Ok(Request::Reload { wait }),
+            (["stop"], _) => Ok(Request::Stop { wait }),
+            (["scale", n], _) => Ok(Request::Scale {
+                count: parse_count(n)?,
+                wait,
+            }),
             _ => Err(format!(
-                "unknown request {line:?}: expected status [--json], reload, scale N or stop"
+                "unknown request {line:?}: expected status [--json], reload [--wait], \
+                 scale N|+N|-N [--wait] or stop [--wait]"
             )),
         }
+    }
+}
+
+/// `N`, `+N` or `-N` workers.
+fn parse_count(word: &str) -> Result<Count, String> {
+    let (make, digits): (fn(usize) -> Count, &str) = match word.as_bytes().first() {
+        Some(b'+') => (Count::Up, &word[1..]),
+        Some(b'-') => (Count::Down, &word[1..]),
+        _ => (Count::To, word),
+    };
+    let n: usize = match digits.parse() {
+        Ok(n) if digits.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => {
+            return Err(format!(
+                "scale {word}: not a number of workers; give N, +N or -N, e.g. scale 4 or scale +1"
+            ))
+        }
+    };
+    match make(n) {
+        Count::To(0) => Err(
+            "scale 0: a cluster keeps at least 1 worker; to stop it, use `reuseport-cluster stop`"
+                .into(),
+        ),
+        Count::Up(0) | Count::Down(0) => Err(format!("scale {word}: that changes nothing")),
+        count => Ok(count),
     }
 }
 
@@ -246,6 +315,27 @@ impl ControlServer {
         self.clients.respond(id, text.into_bytes());
     }
 
+    /// Keeps request `id`'s connection open for [`ControlServer::send`] and
+    /// [`ControlServer::finish`]; false when too many clients are waiting already.
+    pub fn hold(&mut self, id: u64) -> bool {
+        self.clients.hold(id, Instant::now())
+    }
+
+    /// Sends one more line to a held connection.
+    pub fn send(&mut self, id: u64, line: &str) {
+        self.clients.send(id, format!("{line}\n").as_bytes());
+    }
+
+    /// Sends the last line to a held connection and closes it.
+    pub fn finish(&mut self, id: u64, line: &str) {
+        self.clients.finish(id, format!("{line}\n").as_bytes());
+    }
+
+    /// Whether request `id`'s client is still connected.
+    pub fn is_open(&self, id: u64) -> bool {
+        self.clients.is_open(id)
+    }
+
     fn accept(&mut self, now: Instant) {
         let owner = self.owner;
         let listener = &self.listener;
@@ -331,13 +421,7 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// The client: sends `request` to the master at `path` and returns its answer.
 pub fn request(path: &Path, request: &str) -> anyhow::Result<String> {
-    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
-        ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow::anyhow!(
-            "no reuseport-cluster is running at {} ({e}); give --name or --control",
-            path.display()
-        ),
-        _ => anyhow::anyhow!("connecting to {}: {e}", path.display()),
-    })?;
+    let mut stream = connect(path)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.write_all(format!("{request}\n").as_bytes())?;
     let mut answer = String::new();
@@ -345,6 +429,17 @@ pub fn request(path: &Path, request: &str) -> anyhow::Result<String> {
         .read_to_string(&mut answer)
         .with_context(|| format!("reading the answer from {}", path.display()))?;
     Ok(answer)
+}
+
+/// Connects to the master at `path`.
+pub fn connect(path: &Path) -> anyhow::Result<UnixStream> {
+    UnixStream::connect(path).map_err(|e| match e.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no reuseport-cluster is running at {} ({e}); give --name or --control",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("connecting to {}: {e}", path.display()),
+    })
 }
 
 /// Whether a master holds the lock of the socket at `path` (a SIGKILLed one leaves its
@@ -406,9 +501,38 @@ mod tests {
             Request::parse("status --json"),
             Ok(Request::Status { json: true })
         );
-        assert_eq!(Request::parse("scale 4"), Ok(Request::Scale(4)));
-        assert!(Request::parse("scale many").is_err());
-        assert!(Request::parse("rm -rf /").is_err());
+        let scale = |count, wait| Ok(Request::Scale { count, wait });
+        assert_eq!(Request::parse("scale 4"), scale(Count::To(4), false));
+        assert_eq!(Request::parse("scale +1 --wait"), scale(Count::Up(1), true));
+        assert_eq!(Request::parse("scale -2"), scale(Count::Down(2), false));
+        assert_eq!(
+            Request::parse("reload --wait"),
+            Ok(Request::Reload { wait: true })
+        );
+        assert_eq!(Request::parse("stop"), Ok(Request::Stop { wait: false }));
+        for bad in [
+            "scale many",
+            "scale 0",
+            "scale +0",
+            "scale +-1",
+            "scale 1.5",
+            "rm -rf /",
+        ] {
+            assert!(Request::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Request::parse("scale 0").unwrap_err().contains("stop"));
+        assert!(Request::parse("status --wait").is_err());
+    }
+
+    #[test]
+    fn relative_counts_resolve_against_the_current_size() {
+        assert_eq!(Count::Up(1).resolve(2), Ok(3));
+        assert_eq!(Count::Down(1).resolve(2), Ok(1));
+        assert!(Count::Down(2)
+            .resolve(2)
+            .unwrap_err()
+            .contains("at least 1"));
+        assert_eq!(Count::To(5).resolve(2), Ok(5));
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub fn set_format(format: LogFormat) {
     let _ = FORMAT.set(format);
 }
 
+/// Whether lines are JSON objects (`--log-format json`).
+pub fn is_json() -> bool {
+    FORMAT.get() == Some(&LogFormat::Json)
+}
+
 /// How important a line is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {

@@ -7,6 +7,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod cli;
+mod client;
 mod config;
 mod conns;
 mod control;
@@ -16,6 +17,7 @@ mod log;
 mod master;
 mod metrics;
 mod notify;
+mod ports;
 mod procs;
 mod readiness;
 mod recycle;
@@ -26,6 +28,7 @@ mod spawn;
 mod status;
 mod supervisor;
 mod systemd;
+mod waiting;
 mod worker;
 mod worker_output;
 
@@ -38,8 +41,14 @@ use crate::config::Config;
 use crate::supervisor::Outcome;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let (request, target) = match cli.command {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match cli::hint(&e, &std::env::args().collect::<Vec<_>>()) {
+            Some(line) => return fail(2, &line),
+            None => e.exit(),
+        },
+    };
+    let (request, target, wait) = match cli.command {
         None => return launch(&cli),
         Some(Command::DemoWorker) => {
             return match demo::run() {
@@ -61,10 +70,11 @@ fn main() -> ExitCode {
         Some(Command::Status { json, target }) => (
             if json { "status --json" } else { "status" }.to_string(),
             target,
+            None,
         ),
-        Some(Command::Reload { target }) => ("reload".into(), target),
-        Some(Command::Scale { n, target }) => (format!("scale {n}"), target),
-        Some(Command::Stop { target }) => ("stop".into(), target),
+        Some(Command::Reload { wait, target }) => ("reload".into(), target, Some(wait)),
+        Some(Command::Scale { n, wait, target }) => (format!("scale {n}"), target, Some(wait)),
+        Some(Command::Stop { wait, target }) => ("stop".into(), target, Some(wait)),
         Some(Command::Doctor {
             binds,
             workers,
@@ -83,9 +93,26 @@ fn main() -> ExitCode {
             };
         }
     };
-    let answer = control::client_path(target.name.as_deref(), target.control.as_deref())
-        .and_then(|path| control::request(&path, &request));
-    match answer {
+    let path = match control::client_path(target.name.as_deref(), target.control.as_deref()) {
+        Ok(path) => path,
+        Err(e) => return fail(1, &format!("{e:#}")),
+    };
+    if let Some(wait) = wait.filter(|w| !w.no_wait) {
+        let timeout = match wait
+            .timeout
+            .as_deref()
+            .map(config::parse_duration)
+            .transpose()
+        {
+            Ok(t) => t,
+            Err(e) => return fail(2, &format!("--timeout {e}")),
+        };
+        return match client::follow(&path, &request, timeout) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => fail(1, &format!("{e:#}")),
+        };
+    }
+    match control::request(&path, &request) {
         Ok(text) if text.starts_with("error:") => fail(1, text.trim_start_matches("error:").trim()),
         Ok(text) => {
             print!("{text}");

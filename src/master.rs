@@ -43,8 +43,9 @@ use crate::slot_sockets::SlotSockets;
 use crate::socket;
 use crate::spawn::{self, Spawner};
 use crate::status::ClusterStatus;
-use crate::supervisor::{Action, Event, Outcome, Settings, Supervisor};
+use crate::supervisor::{Action, Event, Outcome, Report, RolloutResult, Settings, Supervisor};
 use crate::systemd::{SystemdNotify, View};
+use crate::waiting::{Line, Wait, Waiters};
 use crate::worker::WorkerState;
 use crate::worker_output::WorkerOutput;
 use crate::{debug, info, log, warn};
@@ -63,6 +64,11 @@ const SAME_REQUEST: Duration = Duration::from_millis(500);
 
 /// How often /proc is read for a starting worker's readiness.
 const READINESS_SCAN: Duration = Duration::from_millis(5);
+/// How long a starting worker may listen only on addresses of its own before it is told
+/// (an app may open an admin port a moment before it serves fd 3).
+const ELSEWHERE_AFTER: Duration = Duration::from_millis(500);
+/// How often starting workers are looked at for that.
+const ELSEWHERE_CHECK: Duration = Duration::from_millis(250);
 
 /// Runs the cluster until it has stopped.
 pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
@@ -71,6 +77,19 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         .context("becoming a child subreaper (PR_SET_CHILD_SUBREAPER)")?;
     // Held, bound but never listening, for the master's whole life: see socket.rs.
     let _reserved = socket::reserve(&mut config.binds)?;
+    if let Some(holder) = crate::ports::foreign_listener(&config.binds) {
+        match config.share_port {
+            true => warn!(
+                "--share-port: sharing port {} with pid {}",
+                holder.ours.port(),
+                holder
+                    .owner
+                    .as_ref()
+                    .map_or("?".into(), |(pid, _)| pid.to_string())
+            ),
+            false => anyhow::bail!(holder.refusal()),
+        }
+    }
     if let Some(max) = socket::somaxconn().filter(|max| config.backlog > *max) {
         warn!(
             "--backlog {} is above net.core.somaxconn ({max}), which silently caps it; \
@@ -133,6 +152,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     // From here on the master's own lines never block the loop (log.rs).
     crate::log::queue_own_lines();
     let mut systemd = SystemdNotify::from_env(Instant::now());
+    let mut waiters = Waiters::default();
+    let mut next_elsewhere_check = Instant::now();
     let mut events = VecDeque::from([Event::Start]);
     let mut leftovers = Leftovers::new(config.grace, config.stop_signal);
     let mut notify_log = RateLimit::default();
@@ -146,7 +167,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         while let Some(event) = events.pop_front() {
             let actions = supervisor.step(event, Instant::now());
             // What an action answers (a fork's outcome) is handled before anything else.
-            let mut answers = Vec::new();
+            let mut done = Performed::default();
             let size = supervisor.slots().len();
             let outcome = perform(
                 actions,
@@ -155,12 +176,15 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 &mut sockets,
                 size,
                 &mut output,
-                &mut answers,
+                &mut done,
             );
+            for report in &done.reports {
+                tell(&mut control, waiters.on_report(report));
+            }
             if outcome.is_some() {
                 exit = outcome;
             }
-            for answer in answers.into_iter().rev() {
+            for answer in done.answers.into_iter().rev() {
                 events.push_front(answer);
             }
         }
@@ -183,11 +207,16 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 Outcome::Stopped if forced => Outcome::Killed,
                 other => other.clone(),
             };
+            tell(&mut control, waiters.on_exit(&outcome));
             output.flush();
             if let Some(sd) = systemd.as_mut() {
                 sd.update(systemd_view(&supervisor));
             }
             return Ok(outcome);
+        }
+        if !waiters.is_empty() {
+            waiters.retain_open(|id| control.is_open(id));
+            tell(&mut control, waiters.check(&supervisor, Instant::now()));
         }
 
         if let Some(sd) = systemd.as_mut() {
@@ -290,30 +319,69 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                         false => status.to_text(),
                     }
                 }
+                Request::Stop { wait } if supervisor.is_stopping() => match wait {
+                    true => hold(&mut control, &mut waiters, id, Wait::Stop, None),
+                    false => "ok: the cluster is already stopping\n".into(),
+                },
                 _ if supervisor.is_stopping() => "error: the cluster is stopping\n".into(),
-                Request::Reload => {
+                Request::Reload { wait } => {
                     events.push_back(Event::Reload);
-                    match supervisor.rolling() {
-                        Some((g, _, _)) => format!("ok: the rolling restart to generation {g} is under way; one more pass follows it\n"),
-                        None => "ok: rolling restart started\n".into(),
+                    let next = supervisor.generation() + 1;
+                    let what = match supervisor.rolling() {
+                        Some((g, _, _)) => format!("the rolling restart to generation {g} is under way; one more pass, to generation {next}, follows it"),
+                        None => format!("rolling restart to generation {next} of {} workers started", supervisor.slots().len()),
+                    };
+                    match wait {
+                        true => {
+                            let first = format!("progress: {what}");
+                            let wait = Wait::Reload { generation: next };
+                            hold(&mut control, &mut waiters, id, wait, Some(&first))
+                        }
+                        false => format!("ok: {what}\n"),
                     }
                 }
-                Request::Scale(n) if n > crate::config::MAX_WORKERS => format!(
-                    "error: scale {n}: at most {} workers\n",
-                    crate::config::MAX_WORKERS
-                ),
-                Request::Scale(n) if supervisor.rolling().is_some() => {
-                    format!("error: scale {n}: a rolling restart is under way; try again once it is done\n")
+                Request::Scale { count, wait } => {
+                    let have = supervisor.slots().len();
+                    match count.resolve(have) {
+                        Err(e) => format!("error: {e}\n"),
+                        Ok(n) if n > crate::config::MAX_WORKERS => format!(
+                            "error: scale to {n}: at most {} workers\n",
+                            crate::config::MAX_WORKERS
+                        ),
+                        Ok(n) if supervisor.rolling().is_some() => {
+                            format!("error: scale to {n}: a rolling restart is under way; try again once it is done (reuseport-cluster status shows it)\n")
+                        }
+                        Ok(n) => {
+                            events.push_back(Event::Scale(n));
+                            match wait {
+                                true => {
+                                    let first =
+                                        format!("progress: scaling from {have} to {n} workers");
+                                    let wait = Wait::Scale { from: have, to: n };
+                                    hold(&mut control, &mut waiters, id, wait, Some(&first))
+                                }
+                                false => format!("ok: scaling from {have} to {n} workers\n"),
+                            }
+                        }
+                    }
                 }
-                Request::Scale(n) => {
-                    events.push_back(Event::Scale(n));
-                    format!("ok: scaling to {} workers\n", n.max(1))
-                }
-                Request::Stop => {
+                Request::Stop { wait } => {
                     events.push_back(Event::StopGracefully);
-                    "ok: stopping\n".into()
+                    match wait {
+                        true => hold(
+                            &mut control,
+                            &mut waiters,
+                            id,
+                            Wait::Stop,
+                            Some("progress: stopping"),
+                        ),
+                        false => "ok: stopping\n".into(),
+                    }
                 }
             };
+            if answer.is_empty() {
+                continue; // held: answered as it goes
+            }
             control.respond(id, answer);
         }
         for signal in arrived {
@@ -359,9 +427,27 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             }
         }
         if scanning {
+            let now = Instant::now();
+            let look_elsewhere = now >= next_elsewhere_check;
+            if look_elsewhere {
+                next_elsewhere_check = now + ELSEWHERE_CHECK;
+            }
             for w in supervisor.starting() {
-                if readiness::is_listening(w.pid.as_raw() as u32, &w.sockets) {
+                let leader = w.pid.as_raw() as u32;
+                if readiness::is_listening(leader, &w.sockets) {
                     events.push_back(Event::Ready { pid: w.pid });
+                } else if look_elsewhere
+                    && w.listens_elsewhere.is_none()
+                    && w.uptime(now) >= ELSEWHERE_AFTER
+                {
+                    let addrs = readiness::listens_elsewhere(leader, &w.sockets);
+                    if !addrs.is_empty() {
+                        let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                        events.push_back(Event::ListensElsewhere {
+                            pid: w.pid,
+                            addrs: addrs.join(", "),
+                        });
+                    }
                 }
             }
         }
@@ -451,6 +537,16 @@ fn open_files_limit(wanted: Option<u64>) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// Sends each waiting client its lines.
+fn tell(control: &mut ControlServer, lines: Vec<(u64, Line)>) {
+    for (id, line) in lines {
+        match line {
+            Line::Progress(text) => control.send(id, &text),
+            Line::Final(text) => control.finish(id, &text),
+        }
+    }
+}
+
 /// `cpu` if the master may still run there; else (its affinity mask or cpuset shrank since
 /// start-up, and pinning there would fail or go against the operator) one it may, picked by
 /// slot among the CPUs allowed now, and said in the log.
@@ -488,6 +584,25 @@ pub fn with_emfile_hint(error: String) -> String {
     }
 }
 
+/// Holds request `id`'s connection for `wait`, sending `first`; returns the answer to
+/// give instead (empty once held).
+fn hold(
+    control: &mut ControlServer,
+    waiters: &mut Waiters,
+    id: u64,
+    wait: Wait,
+    first: Option<&str>,
+) -> String {
+    if !control.hold(id) {
+        return "error: too many clients are waiting already; retry, or use --no-wait\n".into();
+    }
+    waiters.add(id, wait);
+    if let Some(line) = first {
+        control.send(id, line);
+    }
+    String::new()
+}
+
 /// What systemd is told about the cluster now.
 fn systemd_view(supervisor: &Supervisor) -> View {
     let slots = supervisor.slots().len();
@@ -497,14 +612,48 @@ fn systemd_view(supervisor: &Supervisor) -> View {
         reloading: supervisor.rolling().is_some(),
         rolling_started: supervisor.rolling_counts().0,
         stopping: supervisor.is_stopping(),
-        status: format!(
-            "{ready}/{slots} workers ready, generation {}",
-            supervisor.serving_generation()
-        ),
+        status: systemd_status(supervisor, ready, slots),
     }
 }
 
-/// Carries out `actions`; what they answer (a fork's outcome) goes to `answers`.
+/// The STATUS= line: readiness, what serves, and the rolling restart under way or the
+/// last one's result.
+fn systemd_status(supervisor: &Supervisor, ready: usize, slots: usize) -> String {
+    let serving: Vec<String> = supervisor
+        .serving_generations()
+        .iter()
+        .map(|g| g.to_string())
+        .collect();
+    let serving = match serving.is_empty() {
+        true => supervisor.serving_generation().to_string(),
+        false => serving.join(" and "),
+    };
+    let mut status = format!("{ready}/{slots} workers ready, generation {serving}");
+    if let Some((generation, _, total)) = supervisor.rolling() {
+        let done = supervisor.rolling_taken_over();
+        status.push_str(&format!(
+            "; rolling restart to generation {generation}: {done}/{total} slots done"
+        ));
+    } else if let Some(r) = supervisor.last_rollout() {
+        if let RolloutResult::RolledBack { why, .. } = &r.result {
+            status.push_str(&format!(
+                "; rolling restart to generation {} rolled back: {why}",
+                r.generation
+            ));
+        }
+    }
+    status
+}
+
+/// What carrying out actions gave: events they answer (a fork's outcome), and reports for
+/// waiting clients.
+#[derive(Default)]
+struct Performed {
+    answers: Vec<Event>,
+    reports: Vec<Report>,
+}
+
+/// Carries out `actions`; what they give goes to `done`.
 fn perform(
     actions: Vec<Action>,
     config: &Config,
@@ -512,8 +661,9 @@ fn perform(
     sockets: &mut SlotSockets,
     size: usize,
     output: &mut WorkerOutput,
-    answers: &mut Vec<Event>,
+    done: &mut Performed,
 ) -> Option<Outcome> {
+    let answers = &mut done.answers;
     for action in actions {
         match action {
             Action::PrepareGeneration { generation } => {
@@ -552,7 +702,7 @@ fn perform(
                                 &spawned.sockets,
                             );
                             if let Some(pipes) = spawned.output {
-                                output.add(slot, spawned.pid.as_raw(), pipes);
+                                output.add(slot, spawned.pid.as_raw(), generation, pipes);
                             }
                             Event::Spawned {
                                 sockets: spawned.sockets,
@@ -581,6 +731,7 @@ fn perform(
                 Err(e) => warn!("sending {signal} to process group {pgid}: {e}"),
             },
             Action::Log(line) => info!("{line}"),
+            Action::Report(report) => done.reports.push(report),
             Action::Exit(outcome) => return Some(outcome),
         }
     }

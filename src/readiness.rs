@@ -99,6 +99,39 @@ pub fn is_listening(leader: u32, sockets: &[u64]) -> bool {
     false
 }
 
+/// The TCP addresses processes of the group led by `leader` listen on with sockets that
+/// are not `sockets` (the ones it was given): an app that binds a port itself, or listens
+/// on another one, while the socket at its fd 3 takes connections nobody accepts.
+pub fn listens_elsewhere(leader: u32, sockets: &[u64]) -> Vec<std::net::SocketAddr> {
+    let listeners = crate::status::proc_listeners();
+    let mut found = Vec::new();
+    for pid in group_processes(leader) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Some(ino) = fd
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse().ok())
+                .and_then(|n| socket_inode(pid, n))
+            else {
+                continue;
+            };
+            if sockets.contains(&ino) {
+                continue;
+            }
+            for l in listeners.iter().filter(|l| l.inode == ino) {
+                let addr = std::net::SocketAddr::new(l.ip, l.port);
+                if !found.contains(&addr) {
+                    found.push(addr);
+                }
+            }
+        }
+    }
+    found
+}
+
 /// `leader` and its descendants that are still in its process group.
 fn group_processes(leader: u32) -> Vec<u32> {
     let mut found = vec![leader];

@@ -172,6 +172,16 @@ impl RollingRestart {
         self.pending.is_empty() && self.surges.iter().all(|s| s.step == SurgeStep::Done)
     }
 
+    /// Slots whose new worker has taken over (its old one may still be stopping).
+    pub fn taken_over(&self) -> usize {
+        self.replaced
+            + self
+                .surges
+                .iter()
+                .filter(|s| matches!(s.step, SurgeStep::Retiring(_)))
+                .count()
+    }
+
     /// Slots replaced so far, and slots in the pass.
     pub fn progress(&self) -> (usize, usize) {
         (self.replaced, self.total)

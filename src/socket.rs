@@ -18,23 +18,70 @@ use crate::cli::Migrate;
 use crate::config::Bind;
 use crate::log::Level;
 
+/// Options of the listening sockets, as systemd `.socket` units and nginx `listen` have
+/// them. Linux copies a listening socket's TCP_NODELAY and keepalive settings into every
+/// socket it accepts, so an app that never sets them (uvicorn wraps fd 3 as a unix socket
+/// and skips TCP_NODELAY) still gets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenOptions {
+    /// TCP_NODELAY (on by default: Nagle's algorithm and delayed ACKs cost a keep-alive
+    /// request/response exchange about 40 ms).
+    pub nodelay: bool,
+    /// TCP_DEFER_ACCEPT: wake the app only once data arrived, up to this many seconds.
+    pub defer_accept: Option<u32>,
+    /// TCP_FASTOPEN with this queue length.
+    pub fastopen: Option<u32>,
+    /// SO_KEEPALIVE, with TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT when given.
+    pub keepalive: Option<Keepalive>,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        ListenOptions {
+            nodelay: true,
+            defer_accept: None,
+            fastopen: None,
+            keepalive: None,
+        }
+    }
+}
+
+/// TCP keepalive probes; `None` keeps the kernel's default (net.ipv4.tcp_keepalive_*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Option<std::time::Duration>,
+    /// Time between probes.
+    pub interval: Option<std::time::Duration>,
+    /// Unanswered probes before the connection is dropped.
+    pub count: Option<u32>,
+}
+
 /// A bind prepared before fork: the sockaddr bytes and the options it needs.
 #[derive(Debug, Clone)]
 pub struct ListenSpec {
     addr: SockAddr,
     domain: Domain,
     v6only: bool,
+    options: Option<ListenOptions>,
 }
 
 impl ListenSpec {
-    /// Prepares `addr` for [`open`].
+    /// Prepares `addr` for [`open`], with no TCP options (the master's reserved socket).
     pub fn new(addr: SocketAddr) -> ListenSpec {
         ListenSpec {
             addr: SockAddr::from(addr),
             domain: Domain::for_address(addr),
             // Lets 0.0.0.0:P and [::]:P be two separate binds of one cluster.
             v6only: addr.is_ipv6(),
+            options: None,
         }
+    }
+
+    /// The same, with the TCP options of a worker's listening socket.
+    pub fn with_options(mut self, options: ListenOptions) -> ListenSpec {
+        self.options = Some(options);
+        self
     }
 }
 
@@ -43,7 +90,7 @@ impl ListenSpec {
 pub enum SocketStep {
     /// socket(2).
     Socket,
-    /// setsockopt(2): SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY.
+    /// setsockopt(2): SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY, the TCP options.
     Options,
     /// bind(2).
     Bind,
@@ -62,6 +109,9 @@ pub fn open(spec: &ListenSpec, backlog: Option<i32>) -> Result<Socket, (SocketSt
         if spec.v6only {
             socket.set_only_v6(true)?;
         }
+        if let Some(o) = &spec.options {
+            set_tcp_options(&socket, o)?;
+        }
         Ok(())
     };
     options().map_err(|e| (SocketStep::Options, e))?;
@@ -72,6 +122,37 @@ pub fn open(spec: &ListenSpec, backlog: Option<i32>) -> Result<Socket, (SocketSt
             .map_err(|e| (SocketStep::Listen, e))?;
     }
     Ok(socket)
+}
+
+/// Sets `options` on a TCP socket: plain setsockopt calls, nothing allocated (this runs
+/// between fork and exec).
+fn set_tcp_options(socket: &Socket, options: &ListenOptions) -> io::Result<()> {
+    socket.set_tcp_nodelay(options.nodelay)?;
+    if let Some(secs) = options.defer_accept {
+        let secs = secs.min(i32::MAX as u32) as i32;
+        crate::spawn::set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs)?;
+    }
+    if let Some(qlen) = options.fastopen {
+        let qlen = qlen.min(i32::MAX as u32) as i32;
+        crate::spawn::set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_FASTOPEN, qlen)?;
+    }
+    if let Some(k) = options.keepalive {
+        socket.set_keepalive(true)?;
+        let mut params = socket2::TcpKeepalive::new();
+        if let Some(idle) = k.idle {
+            params = params.with_time(idle);
+        }
+        if let Some(interval) = k.interval {
+            params = params.with_interval(interval);
+        }
+        if let Some(count) = k.count {
+            params = params.with_retries(count);
+        }
+        if k != Keepalive::default() {
+            socket.set_tcp_keepalive(&params)?;
+        }
+    }
+    Ok(())
 }
 
 /// Binds every address once in the master, fills in ports given as 0, and keeps the bound
@@ -116,7 +197,7 @@ pub fn explain(step: SocketStep, addr: SocketAddr, err: &io::Error) -> String {
     };
     let what = match step {
         SocketStep::Socket => "creating a socket for",
-        SocketStep::Options => "setting SO_REUSEADDR/SO_REUSEPORT on",
+        SocketStep::Options => "setting socket options (SO_REUSEPORT, TCP_NODELAY, …) on",
         SocketStep::Bind => "binding",
         SocketStep::Listen => "listening on",
     };

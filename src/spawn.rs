@@ -223,7 +223,7 @@ impl Spawner {
             binds: config
                 .binds
                 .iter()
-                .map(|b| (b.addr, ListenSpec::new(b.addr)))
+                .map(|b| (b.addr, ListenSpec::new(b.addr).with_options(config.listen)))
                 .collect(),
             backlog: c_int::try_from(config.backlog).unwrap_or(c_int::MAX),
         })
@@ -832,6 +832,32 @@ pub fn listeners_from_env() -> anyhow::Result<Vec<TcpListener>> {
             Ok(unsafe { TcpListener::from_raw_fd(fd) })
         })
         .collect()
+}
+
+/// setsockopt(2) of an `int` option, for the socket options neither socket2 nor nix
+/// wraps (TCP_DEFER_ACCEPT, TCP_FASTOPEN). One syscall, no allocation: safe between fork
+/// and exec.
+pub fn set_int_option(
+    fd: &impl AsRawFd,
+    level: c_int,
+    name: c_int,
+    value: c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a live local; a bad
+    // fd or option is reported as an error, not undefined behaviour.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const c_int).cast(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::slot_sockets::SlotSockets;
-use crate::supervisor::Supervisor;
-use crate::worker::ms;
+use crate::supervisor::{RolloutResult, Supervisor};
+use crate::worker::{ms, SlotState};
 
 /// The whole cluster.
 #[derive(Debug, Serialize)]
@@ -25,8 +25,13 @@ pub struct ClusterStatus {
     pub master_pid: u32,
     /// Seconds since the master started.
     pub uptime_s: f64,
-    /// The newest generation started.
+    /// The newest generation started (by a rolling restart that may have failed).
     pub generation: u64,
+    /// The generations the slots' current workers run, oldest first: one, or two after a
+    /// rolling restart that failed half-way.
+    pub serving_generations: Vec<u64>,
+    /// The last rolling restart attempted, and its result.
+    pub last_rollout: Option<RolloutRecord>,
     /// Slots configured.
     pub workers_configured: usize,
     /// Slots whose worker is ready.
@@ -92,18 +97,34 @@ pub struct RollingStatus {
     pub total: usize,
 }
 
-/// One worker process.
+/// The last rolling restart attempted.
+#[derive(Debug, Serialize)]
+pub struct RolloutRecord {
+    /// The generation it brings (or brought) in.
+    pub generation: u64,
+    /// under way, done, rolled back or abandoned.
+    pub result: &'static str,
+    /// Why it was rolled back.
+    pub reason: Option<String>,
+    /// Seconds since it began.
+    pub started_s_ago: f64,
+    /// Seconds it took, once over.
+    pub took_s: Option<f64>,
+}
+
+/// One worker process, or a slot waiting to restart its crashed worker (state `backoff`,
+/// no pid).
 #[derive(Debug, Serialize)]
 pub struct WorkerStatus {
     /// Its slot.
     pub slot: usize,
-    /// Its pid.
-    pub pid: i32,
+    /// Its pid; none for a slot in backoff.
+    pub pid: Option<i32>,
     /// The CPU it is pinned to.
     pub cpu: Option<usize>,
     /// Its generation.
     pub generation: u64,
-    /// starting, ready or stopping.
+    /// starting, ready, stopping, or backoff (crashed; restarts after `next_start_in_s`).
     pub state: &'static str,
     /// Whether it is its slot's current worker (not a surge's new one, nor an old one).
     pub serving: bool,
@@ -113,6 +134,8 @@ pub struct WorkerStatus {
     pub restarts: u32,
     /// How the slot's previous worker ended.
     pub last_exit: Option<String>,
+    /// For a slot in backoff: seconds until its next worker starts.
+    pub next_start_in_s: Option<f64>,
     /// The app's last sd_notify STATUS=.
     pub app_status: Option<String>,
     /// Memory of its whole process tree (the sum of PSS), bytes.
@@ -151,7 +174,7 @@ impl ClusterStatus {
                 let slot = supervisor.slots().get(w.slot);
                 WorkerStatus {
                     slot: w.slot,
-                    pid: w.pid.as_raw(),
+                    pid: Some(w.pid.as_raw()),
                     cpu: w.cpu,
                     generation: w.generation,
                     state: w.state.name(),
@@ -159,6 +182,7 @@ impl ClusterStatus {
                     uptime_s: w.uptime(now).as_secs_f64(),
                     restarts: slot.map_or(0, |s| s.restarts),
                     last_exit: slot.and_then(|s| s.last_exit).map(|e| e.to_string()),
+                    next_start_in_s: None,
                     app_status: w.status.clone(),
                     memory_bytes: crate::recycle::tree_memory(w.pid),
                     last_recycle: slot.and_then(|s| s.last_recycle.clone()),
@@ -178,6 +202,27 @@ impl ClusterStatus {
                 }
             })
             .collect();
+        // A crash-looping slot has no process most of the time; it must not vanish.
+        for slot in supervisor.slots() {
+            if let SlotState::Waiting { at } = slot.state {
+                workers.push(WorkerStatus {
+                    slot: slot.index,
+                    pid: None,
+                    cpu: slot.cpu,
+                    generation: slot.generation,
+                    state: "backoff",
+                    serving: false,
+                    uptime_s: 0.0,
+                    restarts: slot.restarts,
+                    last_exit: slot.last_exit.map(|e| e.to_string()),
+                    next_start_in_s: Some(at.saturating_duration_since(now).as_secs_f64()),
+                    memory_bytes: 0,
+                    last_recycle: slot.last_recycle.clone(),
+                    app_status: None,
+                    queues: Vec::new(),
+                });
+            }
+        }
         workers.sort_by_key(|w| (w.slot, w.generation, w.pid));
         let workers_ready = supervisor.ready_count();
         let (rolling_restarts_total, rolling_restarts_failed) = supervisor.rolling_counts();
@@ -186,6 +231,20 @@ impl ClusterStatus {
             master_pid: std::process::id(),
             uptime_s: now.saturating_duration_since(started).as_secs_f64(),
             generation: supervisor.generation(),
+            serving_generations: supervisor.serving_generations(),
+            last_rollout: supervisor.last_rollout().map(|r| RolloutRecord {
+                generation: r.generation,
+                result: r.result.name(),
+                reason: match &r.result {
+                    RolloutResult::RolledBack { why, .. } => Some(why.clone()),
+                    _ => None,
+                },
+                started_s_ago: now.saturating_duration_since(r.started).as_secs_f64(),
+                took_s: r
+                    .result
+                    .ended()
+                    .map(|end| end.saturating_duration_since(r.started).as_secs_f64()),
+            }),
             workers_configured: supervisor.slots().len(),
             workers_ready,
             binds: config
@@ -242,13 +301,22 @@ impl ClusterStatus {
             .iter()
             .map(|b| format!("fd {} {}={}", b.fd, b.name, b.addr))
             .collect();
+        let serving: Vec<String> = self
+            .serving_generations
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        let serving = match serving.len() {
+            0 => "no generation serving".to_string(),
+            1 => format!("generation {} serving", serving[0]),
+            _ => format!("generations {} serving", serving.join(" and ")),
+        };
         let _ = writeln!(
             out,
-            "cluster {}: master pid {}, up {}, generation {}, {}/{} workers ready",
+            "cluster {}: master pid {}, up {}, {serving}, {}/{} workers ready",
             self.name,
             self.master_pid,
             ms(Duration::from_secs_f64(self.uptime_s)),
-            self.generation,
             self.workers_ready,
             self.workers_configured
         );
@@ -283,14 +351,34 @@ impl ClusterStatus {
                     r.generation, r.done, r.total
                 );
             }
-            None => out.push_str("rolling restart: none\n"),
+            None => out.push_str("rolling restart: none under way\n"),
+        }
+        match &self.last_rollout {
+            Some(r) => {
+                let ago = ms(Duration::from_secs_f64(r.started_s_ago));
+                let took = r
+                    .took_s
+                    .map(|t| format!(" in {}", ms(Duration::from_secs_f64(t))))
+                    .unwrap_or_default();
+                let why = r
+                    .reason
+                    .as_deref()
+                    .map(|w| format!(": {w}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "last rollout: to generation {}, begun {ago} ago, {}{took}{why}",
+                    r.generation, r.result
+                );
+            }
+            None => out.push_str("last rollout: none\n"),
         }
         if let Some(slot) = self.recycling {
             let _ = writeln!(out, "recycle: slot {slot} under way");
         }
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} STATUS",
+            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} STATUS",
             "SLOT",
             "PID",
             "CPU",
@@ -302,6 +390,10 @@ impl ClusterStatus {
             "QUEUE",
             "MEMORY"
         );
+        let uptime = |w: &WorkerStatus| match w.next_start_in_s {
+            Some(next) => format!("next {}", ms(Duration::from_secs_f64(next))),
+            None => ms(Duration::from_secs_f64(w.uptime_s)),
+        };
         for w in &self.workers {
             let queues: Vec<String> = w
                 .queues
@@ -310,17 +402,20 @@ impl ClusterStatus {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} {}",
+                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} {}",
                 w.slot,
-                w.pid,
+                w.pid.map_or("-".into(), |p| p.to_string()),
                 w.cpu.map_or("-".into(), |c| c.to_string()),
                 w.generation,
                 w.state,
-                ms(Duration::from_secs_f64(w.uptime_s)),
+                uptime(w),
                 w.restarts,
                 w.last_exit.as_deref().unwrap_or("-"),
                 queues.join(" "),
-                crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
+                match w.pid {
+                    Some(_) => crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
+                    None => "-".into(),
+                },
                 w.app_status.as_deref().unwrap_or("-")
             );
             if let Some(why) = w.last_recycle.as_deref().filter(|_| w.serving) {
@@ -423,6 +518,8 @@ fn proc_net_tcp_listeners(queues: &mut HashMap<u64, (u32, u32)>) {
 
 /// A TCP socket in LISTEN state, as /proc/net/tcp{,6} lists it.
 pub struct ProcListener {
+    /// Its local address.
+    pub ip: std::net::IpAddr,
     /// Its local port.
     pub port: u16,
     /// Its inode.
@@ -442,18 +539,46 @@ pub fn proc_listeners() -> Vec<ProcListener> {
             if f.len() < 10 || f[3] != "0A" {
                 continue;
             }
-            let port = f[1]
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let (ip, port) = match f[1].rsplit_once(':') {
+                Some((ip, port)) => (parse_proc_ip(ip), u16::from_str_radix(port, 16).ok()),
+                None => (None, None),
+            };
             let depth = f[4]
                 .split_once(':')
                 .and_then(|(_, rx)| u32::from_str_radix(rx, 16).ok());
-            if let (Some(port), Some(depth), Ok(inode)) = (port, depth, f[9].parse::<u64>()) {
-                found.push(ProcListener { port, inode, depth });
+            if let (Some(ip), Some(port), Some(depth), Ok(inode)) =
+                (ip, port, depth, f[9].parse::<u64>())
+            {
+                found.push(ProcListener {
+                    ip,
+                    port,
+                    inode,
+                    depth,
+                });
             }
         }
     }
     found
+}
+
+/// An address as /proc/net/tcp{,6} prints it: the in-memory (network order) words of
+/// the address, each printed as a native-endian 32-bit hex number.
+fn parse_proc_ip(hex: &str) -> Option<std::net::IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    match hex.len() {
+        8 => Some(std::net::Ipv4Addr::from(word(0)?).into()),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(std::net::Ipv6Addr::from(bytes).into())
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,14 @@ pub enum Event {
         /// The text.
         text: String,
     },
+    /// The starting worker `pid` listens on addresses other than its sockets, and not yet
+    /// on them: it binds a port itself instead of using fd 3.
+    ListensElsewhere {
+        /// The worker.
+        pid: Pid,
+        /// Where it listens, as one line.
+        addrs: String,
+    },
     /// SIGHUP: roll every slot over to a new generation.
     Reload,
     /// The master prepared `generation` (its program was found again).
@@ -142,8 +150,120 @@ pub enum Action {
     ReleaseAllSockets,
     /// Write a line to the master's log.
     Log(String),
+    /// Tell clients waiting on a rolling restart how it goes.
+    Report(Report),
     /// Everything has stopped: exit.
     Exit(Outcome),
+}
+
+/// How a rolling restart goes, slot by slot, and how it ends: what a waiting `reload`
+/// client is told.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The new worker of one slot of the pass was forked.
+    SlotStarting {
+        /// The pass's generation.
+        generation: Generation,
+        /// The slot.
+        slot: usize,
+        /// Slots in the pass.
+        total: usize,
+        /// The new worker.
+        pid: Pid,
+    },
+    /// The new worker of one slot is ready and has taken the slot over.
+    SlotReady {
+        /// The pass's generation.
+        generation: Generation,
+        /// The slot.
+        slot: usize,
+        /// Slots taken over so far in this pass, this one included.
+        done: usize,
+        /// Slots in the pass.
+        total: usize,
+        /// Time from fork to ready.
+        after: Duration,
+    },
+    /// The pass is over: every slot serves `generation`.
+    Done {
+        /// The pass's generation.
+        generation: Generation,
+        /// Workers replaced.
+        replaced: usize,
+        /// How long the pass took.
+        took: Duration,
+    },
+    /// The pass failed and was stopped there.
+    Failed {
+        /// The pass's generation.
+        generation: Generation,
+        /// What failed, as one line.
+        why: String,
+        /// The generations that serve now.
+        serving: Vec<Generation>,
+    },
+    /// The cluster began stopping during the pass.
+    Abandoned {
+        /// The pass's generation.
+        generation: Generation,
+    },
+}
+
+/// The last rolling restart attempted, for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// The generation it brings (or brought) in.
+    pub generation: Generation,
+    /// When it began.
+    pub started: Instant,
+    /// Where it is, or how it ended.
+    pub result: RolloutResult,
+}
+
+/// Where a rolling restart is, or how it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RolloutResult {
+    /// Still going.
+    UnderWay,
+    /// Every slot serves the new generation.
+    Done {
+        /// When it ended.
+        at: Instant,
+    },
+    /// A new worker failed: the pass was stopped there.
+    RolledBack {
+        /// When it ended.
+        at: Instant,
+        /// Why, as one line.
+        why: String,
+    },
+    /// The cluster began stopping during the pass.
+    Abandoned {
+        /// When it ended.
+        at: Instant,
+    },
+}
+
+impl RolloutResult {
+    /// The name `status` shows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RolloutResult::UnderWay => "under way",
+            RolloutResult::Done { .. } => "done",
+            RolloutResult::RolledBack { .. } => "rolled back",
+            RolloutResult::Abandoned { .. } => "abandoned",
+        }
+    }
+
+    /// When it ended, if it has.
+    pub fn ended(&self) -> Option<Instant> {
+        match self {
+            RolloutResult::UnderWay => None,
+            RolloutResult::Done { at }
+            | RolloutResult::RolledBack { at, .. }
+            | RolloutResult::Abandoned { at } => Some(*at),
+        }
+    }
 }
 
 /// How the cluster ended; `main` maps it to the exit code.
@@ -219,6 +339,8 @@ pub struct Supervisor {
     rolling_failed: u64,
     /// Recycles begun, by reason kind (memory, lifetime, hung).
     recycles: BTreeMap<&'static str, u64>,
+    /// The last rolling restart attempted.
+    last_rollout: Option<Rollout>,
 }
 
 impl Supervisor {
@@ -242,7 +364,26 @@ impl Supervisor {
             rolling_started: 0,
             rolling_failed: 0,
             recycles: BTreeMap::new(),
+            last_rollout: None,
         }
+    }
+
+    /// The last rolling restart attempted (the one under way, if any).
+    pub fn last_rollout(&self) -> Option<&Rollout> {
+        self.last_rollout.as_ref()
+    }
+
+    /// The generations the slots' current workers run, oldest first (two after a pass
+    /// that failed half-way).
+    pub fn serving_generations(&self) -> Vec<Generation> {
+        let mut serving: Vec<Generation> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.pid().and(Some(s.generation)))
+            .collect();
+        serving.sort_unstable();
+        serving.dedup();
+        serving
     }
 
     /// The slots.
@@ -304,6 +445,11 @@ impl Supervisor {
             let (done, total) = r.progress();
             (r.generation, done, total)
         })
+    }
+
+    /// Slots of the rolling restart under way whose new worker has taken over.
+    pub fn rolling_taken_over(&self) -> usize {
+        self.rolling.as_ref().map_or(0, |r| r.taken_over())
     }
 
     /// Whether `pid` is a worker (as opposed to an adopted orphan).
@@ -383,6 +529,17 @@ impl Supervisor {
             Event::Status { pid, text } => {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     w.status = Some(text);
+                }
+            }
+            Event::ListensElsewhere { pid, addrs } => {
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    if w.state == WorkerState::Starting && w.listens_elsewhere.is_none() {
+                        out.push(Action::Log(format!(
+                            "{w}: listens on {addrs} itself, and not on the socket it was given \
+                             at fd 3; {FD3_HINT}"
+                        )));
+                        w.listens_elsewhere = Some(addrs);
+                    }
                 }
             }
             Event::Reload => self.on_reload(now, &mut out),
@@ -468,6 +625,15 @@ impl Supervisor {
         } else if surging {
             if let Some(r) = self.rolling.as_mut() {
                 r.set_step(index, SurgeStep::Starting(pid));
+                // Recycles go through the same machinery; only deploys are reported.
+                if r.is_deploy() {
+                    out.push(Action::Report(Report::SlotStarting {
+                        generation,
+                        slot: index,
+                        total: r.progress().1,
+                        pid,
+                    }));
+                }
             }
         } else if self.slots.get(index).is_none_or(|s| s.pid().is_some()) {
             // The surge it was forked for was abandoned, or the slot scaled away, meanwhile.
@@ -536,7 +702,7 @@ impl Supervisor {
             .map(|s| s.step);
         match surge_step {
             Some(SurgeStep::Starting(_)) => {
-                return self.abort_rolling(format!("{line} before it was ready"), now, out);
+                return self.abort_rolling(format!("{line}, before it was ready"), now, out);
             }
             Some(SurgeStep::Retiring(_)) => {
                 out.push(Action::Log(line));
@@ -576,11 +742,20 @@ impl Supervisor {
             return self.abort_rolling(why, now, out);
         }
         match self.phase {
-            Phase::Starting => self.begin_stop(
-                Some(format!("{line}, before any worker was ready")),
-                now,
-                out,
-            ),
+            Phase::Starting => {
+                let hint = match reason {
+                    ExitReason::Code(_) => {
+                        "; if it reported EADDRINUSE, it binds the port itself: make it use fd 3 \
+                         (LISTEN_FDS=1)"
+                    }
+                    ExitReason::Signal(_) => "",
+                };
+                self.begin_stop(
+                    Some(format!("{line}, before any worker was ready{hint}")),
+                    now,
+                    out,
+                )
+            }
             Phase::Running => {
                 let delay = slot.backoff.delay(uptime);
                 slot.state = SlotState::Waiting { at: now + delay };
@@ -599,7 +774,7 @@ impl Supervisor {
             return;
         }
         let line = worker.transition(WorkerState::Ready, now);
-        let (index, generation) = (worker.slot, worker.generation);
+        let (index, generation, started) = (worker.slot, worker.generation, worker.started);
         let surging = self
             .rolling
             .as_ref()
@@ -632,6 +807,15 @@ impl Supervisor {
             };
             if let Some(r) = self.rolling.as_mut() {
                 r.set_step(index, step);
+                if r.is_deploy() {
+                    out.push(Action::Report(Report::SlotReady {
+                        generation,
+                        slot: index,
+                        done: r.taken_over(),
+                        total: r.progress().1,
+                        after: now.saturating_duration_since(started),
+                    }));
+                }
             }
             self.advance_rolling(now, out);
         } else {
@@ -697,6 +881,11 @@ impl Supervisor {
                 )));
                 self.rolling = Some(RollingRestart::new(self.generation, self.slots.len(), now));
                 self.rolling_started += 1;
+                self.last_rollout = Some(Rollout {
+                    generation: self.generation,
+                    started: now,
+                    result: RolloutResult::UnderWay,
+                });
                 out.push(Action::PrepareGeneration {
                     generation: self.generation,
                 });
@@ -719,17 +908,28 @@ impl Supervisor {
         }
         if r.is_complete() {
             let (replaced, _) = r.progress();
-            let took = ms(now.saturating_duration_since(r.started));
+            let took = now.saturating_duration_since(r.started);
             match &r.purpose {
                 Purpose::Deploy => {
                     out.push(Action::Log(format!(
-                        "rolling restart to generation {} done: {replaced} workers replaced in {took}",
+                        "rolling restart to generation {} done: {replaced} workers replaced in {}",
                         r.generation,
+                        ms(took)
                     )));
+                    out.push(Action::Report(Report::Done {
+                        generation: r.generation,
+                        replaced,
+                        took,
+                    }));
+                    self.last_rollout = Some(Rollout {
+                        generation: r.generation,
+                        started: r.started,
+                        result: RolloutResult::Done { at: now },
+                    });
                     self.serving_generation = r.generation;
                 }
                 Purpose::Recycle { .. } => {
-                    out.push(Action::Log(format!("recycle done in {took}")));
+                    out.push(Action::Log(format!("recycle done in {}", ms(took))));
                 }
             }
             let again = r.again;
@@ -759,20 +959,27 @@ impl Supervisor {
             return;
         }
         self.rolling_failed += 1;
-        let mut serving: Vec<Generation> = self
-            .slots
-            .iter()
-            .filter_map(|s| s.pid().and(Some(s.generation)))
-            .collect();
-        serving.sort_unstable();
-        serving.dedup();
-        let serving: Vec<String> = serving.iter().map(|g| g.to_string()).collect();
+        let serving = self.serving_generations();
+        let names: Vec<String> = serving.iter().map(|g| g.to_string()).collect();
         out.push(Action::Log(format!(
             "rolling restart to generation {} failed: {why}; stopped it there: generation {} \
              still serving; send SIGHUP to try again",
             r.generation,
-            serving.join(" and ")
+            names.join(" and ")
         )));
+        self.last_rollout = Some(Rollout {
+            generation: r.generation,
+            started: r.started,
+            result: RolloutResult::RolledBack {
+                at: now,
+                why: why.clone(),
+            },
+        });
+        out.push(Action::Report(Report::Failed {
+            generation: r.generation,
+            why,
+            serving,
+        }));
         if r.again {
             // A reload came during the failed pass: it may well carry the fix.
             out.push(Action::Log("the reload that came during it follows".into()));
@@ -951,6 +1158,14 @@ impl Supervisor {
         let Some(w) = self.workers.get(&pid) else {
             return;
         };
+        if let Some(addrs) = &w.listens_elsewhere {
+            // Counting it as ready would leave the port taking connections nobody accepts.
+            let why = format!(
+                "{w}: not ready after {}: it listens on {addrs} itself, not on its fd 3; {FD3_HINT}",
+                ms(self.settings.ready_timeout)
+            );
+            return self.fail_worker(pid, why, now, out);
+        }
         let why = format!(
             "{w}: not ready after {} ({})",
             ms(self.settings.ready_timeout),
@@ -973,6 +1188,24 @@ impl Supervisor {
         }
     }
 
+    /// A starting worker that cannot serve: the start-up fails, a rolling restart is rolled
+    /// back, a restarted worker is stopped (its slot restarts it with backoff).
+    fn fail_worker(&mut self, pid: Pid, why: String, now: Instant, out: &mut Vec<Action>) {
+        let surging = self
+            .rolling
+            .as_mut()
+            .and_then(|r| r.surge_of_pid(pid))
+            .is_some();
+        match self.phase {
+            _ if surging => self.abort_rolling(why, now, out),
+            Phase::Starting => self.begin_stop(Some(why), now, out),
+            _ => {
+                out.push(Action::Log(why));
+                self.stop_worker(pid, now, out);
+            }
+        }
+    }
+
     /// Sends the stop signal to every worker and cancels pending restarts.
     fn begin_stop(&mut self, failure: Option<String>, now: Instant, out: &mut Vec<Action>) {
         if let Some(f) = &failure {
@@ -983,6 +1216,16 @@ impl Supervisor {
                 "rolling restart to generation {} abandoned: stopping",
                 r.generation
             )));
+            if r.is_deploy() {
+                self.last_rollout = Some(Rollout {
+                    generation: r.generation,
+                    started: r.started,
+                    result: RolloutResult::Abandoned { at: now },
+                });
+                out.push(Action::Report(Report::Abandoned {
+                    generation: r.generation,
+                }));
+            }
         }
         out.push(Action::Log(format!(
             "stopping {} workers (grace {})",
@@ -1081,6 +1324,11 @@ impl Supervisor {
         self.phase = Phase::Done;
     }
 }
+
+/// What to do about an app that does not serve the socket at fd 3.
+pub const FD3_HINT: &str = "the app must serve the listening socket it is given at fd 3 \
+    (LISTEN_FDS=1, LISTEN_FDNAMES), not bind a port itself: e.g. node server.listen({fd: 3}), \
+    uvicorn --fd 3, gunicorn --bind fd://3, Go net.FileListener(os.NewFile(3, \"\"))";
 
 /// The CPU of slot `i`: the i-th of the pin list, wrapping around.
 /// A slot whose next restart is far off lets go of its sockets (slot_sockets.rs).
@@ -1722,6 +1970,49 @@ mod tests {
             .collect();
         assert_eq!(sent, vec![TERM, Signal::SIGCONT]);
     }
+
+    #[test]
+    fn a_worker_listening_elsewhere_fails_at_the_timeout_instead_of_counting_as_ready() {
+        let elsewhere = |p: i32| Event::ListensElsewhere {
+            pid: pid(p),
+            addrs: "127.0.0.1:3000".into(),
+        };
+        // At start-up: the start-up fails with that cause.
+        let (mut s, t0) = sup(1);
+        s.step(Event::Start, t0);
+        s.step(spawned(0, 1, 100), t0);
+        let out = s.step(elsewhere(100), t0);
+        assert!(
+            logs(&out).contains("listens on 127.0.0.1:3000 itself"),
+            "{out:?}"
+        );
+        assert!(s.step(elsewhere(100), t0).is_empty(), "said once");
+        let out = s.step(Event::Tick, t0 + TIMEOUT);
+        assert_eq!(signals(&out), vec![(100, TERM)]);
+        let out = s.step(exited(100, ExitReason::signal(TERM)), t0 + TIMEOUT);
+        match exit(&out) {
+            Some(Outcome::Failed(why)) => assert!(why.contains("not on its fd 3"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+
+        // In a rolling restart: the pass is rolled back.
+        let (mut s, t) = running(1);
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(elsewhere(200), t);
+        let out = s.step(Event::Tick, t + TIMEOUT);
+        assert!(
+            out.iter().any(
+                |a| matches!(a, Action::Report(Report::Failed { why, .. }) if why.contains("fd 3"))
+            ),
+            "{out:?}"
+        );
+        assert_eq!(
+            s.slots()[0].pid(),
+            Some(pid(100)),
+            "the old worker serves on"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1933,5 +2224,46 @@ mod recycle_tests {
         assert!(signals(&out).is_empty());
         assert_eq!(s.slots()[0].pid(), Some(pid(100)));
         assert_eq!(s.recycling(), None);
+    }
+
+    #[test]
+    fn a_recycle_is_neither_reported_to_reload_clients_nor_the_last_rollout() {
+        let (mut s, t0) = running(2);
+        let mut out = s.step(
+            Event::Recycle {
+                pid: pid(101),
+                reason: memory(),
+            },
+            t0,
+        );
+        out.extend(s.step(spawned(1, 1, 300), t0));
+        out.extend(s.step(ready(300), t0));
+        out.extend(s.step(exited(101, ExitReason::Code(0)), t0));
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Report(_))),
+            "{out:?}"
+        );
+        assert_eq!(s.last_rollout(), None);
+        // Control: a deploy is.
+        let out = reload(&mut s, t0);
+        assert_eq!(
+            s.last_rollout().map(|r| (r.generation, r.result.name())),
+            Some((2, "under way"))
+        );
+        let mut out = [out, s.step(spawned(0, 2, 400), t0)].concat();
+        out.extend(s.step(ready(400), t0));
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::Report(Report::SlotReady {
+                    generation: 2,
+                    slot: 0,
+                    done: 1,
+                    total: 2,
+                    ..
+                })
+            )),
+            "{out:?}"
+        );
     }
 }

@@ -103,6 +103,8 @@ pub struct Worker {
     pub status: Option<String>,
     /// Time it gets after the stop signal, when not `--grace` (a hung worker's is short).
     pub stop_grace: Option<Duration>,
+    /// Where it listens other than on the sockets it was given, if seen while starting.
+    pub listens_elsewhere: Option<String>,
 }
 
 impl Worker {
@@ -124,6 +126,7 @@ impl Worker {
             sockets: Vec::new(),
             status: None,
             stop_grace: None,
+            listens_elsewhere: None,
         }
     }
 

@@ -32,8 +32,21 @@ struct Pipe {
     fd: OwnedFd,
     /// 0: the master's stdout, 1: its stderr.
     stream: usize,
-    prefix: String,
+    prefix: Label,
     partial: Vec<u8>,
+}
+
+/// What marks a worker's line: `[w<slot> <pid>] ` as text, or (`--log-format json`) the
+/// fields of the JSON object each line becomes.
+#[derive(Debug, Clone)]
+enum Label {
+    Text(String),
+    Json {
+        slot: usize,
+        pid: i32,
+        generation: u64,
+        stream: &'static str,
+    },
 }
 
 /// The output pipes of every worker, and what waits to be written.
@@ -58,13 +71,22 @@ impl Default for WorkerOutput {
 
 impl WorkerOutput {
     /// Starts reading a new worker's stdout and stderr.
-    pub fn add(&mut self, slot: usize, pid: i32, [out, err]: [OwnedFd; 2]) {
-        let prefix = format!("[w{slot} {pid}] ");
+    pub fn add(&mut self, slot: usize, pid: i32, generation: u64, [out, err]: [OwnedFd; 2]) {
+        let json = crate::log::is_json();
         for (stream, fd) in [out, err].into_iter().enumerate() {
+            let prefix = match json {
+                true => Label::Json {
+                    slot,
+                    pid,
+                    generation,
+                    stream: ["stdout", "stderr"][stream],
+                },
+                false => Label::Text(format!("[w{slot} {pid}] ")),
+            };
             self.pipes.push(Pipe {
                 fd,
                 stream,
-                prefix: prefix.clone(),
+                prefix,
                 partial: Vec::new(),
             });
         }
@@ -214,10 +236,33 @@ impl WorkerOutput {
 }
 
 /// Prefixes every line of `lines` (which ends with a newline) into `out`.
-fn emit(out: &mut Vec<u8>, prefix: &str, lines: &[u8]) {
+fn emit(out: &mut Vec<u8>, label: &Label, lines: &[u8]) {
     for line in lines.split_inclusive(|b| *b == b'\n') {
-        out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(line);
+        match label {
+            Label::Text(prefix) => {
+                out.extend_from_slice(prefix.as_bytes());
+                out.extend_from_slice(line);
+            }
+            Label::Json {
+                slot,
+                pid,
+                generation,
+                stream,
+            } => {
+                let text = line.strip_suffix(b"\n").unwrap_or(line);
+                let object = serde_json::json!({
+                    "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                    "level": "info",
+                    "slot": slot,
+                    "pid": pid,
+                    "generation": generation,
+                    "stream": stream,
+                    "line": String::from_utf8_lossy(text),
+                });
+                out.extend_from_slice(object.to_string().as_bytes());
+                out.push(b'\n');
+            }
+        }
     }
 }
 
@@ -245,7 +290,7 @@ mod tests {
             let nonblocking = nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK);
             nix::fcntl::fcntl(r, nonblocking).unwrap();
         }
-        out.add(slot, pid, [r1, r2]);
+        out.add(slot, pid, 1, [r1, r2]);
         (out, w1, w2)
     }
 

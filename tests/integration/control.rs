@@ -172,10 +172,13 @@ fn reload_does_what_sighup_does() {
         "--name",
         &unique_tag("reload"),
     ]);
-    let (code, out, _) = c.ctl(&["reload"]);
+    let (code, out, _) = c.ctl(&["reload", "--no-wait"]);
     assert_eq!(
         (code, out.as_str()),
-        (Some(0), "ok: rolling restart started\n")
+        (
+            Some(0),
+            "ok: rolling restart to generation 2 of 2 workers started\n"
+        )
     );
     c.expect_log("rolling restart to generation 2 done");
     for w in c.status()["workers"].as_array().unwrap() {
@@ -208,7 +211,7 @@ fn stop_stops_gracefully_and_clients_explain_a_missing_cluster() {
         "--name",
         &unique_tag("stop"),
     ]);
-    let (code, out, _) = c.ctl(&["stop"]);
+    let (code, out, _) = c.ctl(&["stop", "--no-wait"]);
     assert_eq!((code, out.as_str()), (Some(0), "ok: stopping\n"));
     assert_eq!(c.wait_exit(TIMEOUT), Some(0));
     assert!(

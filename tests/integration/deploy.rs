@@ -84,51 +84,6 @@ fn unknown_user_or_group_is_refused() {
     );
 }
 
-/// A fake systemd: a datagram socket that records every sd_notify message.
-struct FakeSystemd {
-    path: std::path::PathBuf,
-    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl FakeSystemd {
-    fn new() -> FakeSystemd {
-        let path = temp_dir("systemd").join("notify.sock");
-        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = std::sync::Arc::clone(&messages);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = socket.recv(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        });
-        FakeSystemd { path, messages }
-    }
-
-    fn messages(&self) -> Vec<String> {
-        self.messages.lock().unwrap().clone()
-    }
-
-    /// Waits for a message containing `needle` after the first `from` ones; its index.
-    fn expect(&self, from: usize, needle: &str) -> usize {
-        let found = wait_until(TIMEOUT, || {
-            self.messages()
-                .iter()
-                .skip(from)
-                .any(|m| m.contains(needle))
-        });
-        let all = self.messages();
-        assert!(found, "no {needle:?} after message {from}: {all:#?}");
-        from + all
-            .iter()
-            .skip(from)
-            .position(|m| m.contains(needle))
-            .unwrap()
-    }
-}
-
 #[test]
 fn systemd_hears_ready_reloading_ready_stopping_and_the_watchdog() {
     let systemd = FakeSystemd::new();

@@ -8,6 +8,7 @@ mod control;
 mod deploy;
 mod launcher;
 mod master_robustness;
+mod operations;
 mod real_deploy;
 mod recycle;
 pub(crate) mod rolling;

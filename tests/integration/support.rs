@@ -57,6 +57,8 @@ pub struct Cluster {
     pub control: Option<PathBuf>,
     seen_workers: Vec<u32>,
     status: Option<ExitStatus>,
+    /// Set once the reader of the master's stderr has seen EOF (every line is in `log`).
+    stderr_closed: Arc<std::sync::atomic::AtomicBool>,
     /// Started through a wrapper (unshare): the master is the wrapper's child.
     wrapped: bool,
 }
@@ -125,7 +127,10 @@ impl Cluster {
         });
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&log);
+        let stderr_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = Arc::clone(&stderr_closed);
         std::thread::spawn(move || {
+            let _closed = SetOnDrop(closed);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("  | {line}");
@@ -141,6 +146,7 @@ impl Cluster {
             control: None,
             seen_workers: Vec::new(),
             status: None,
+            stderr_closed,
             wrapped: !wrapper.is_empty(),
         };
         wait_until(TIMEOUT, || c.log_contains("control socket") || c.exited());
@@ -263,8 +269,12 @@ impl Cluster {
             "master still running after {timeout:?}; log:\n{}",
             self.log().join("\n")
         );
-        // Let the reader thread take the last lines.
-        std::thread::sleep(Duration::from_millis(50));
+        // Let the reader thread take the last lines: until EOF, which a process that still
+        // holds the master's stderr (an orphan) may delay, so not for ever.
+        let closed = Arc::clone(&self.stderr_closed);
+        wait_until(Duration::from_secs(5), || {
+            closed.load(std::sync::atomic::Ordering::SeqCst)
+        });
         self.status.unwrap().code()
     }
 }
@@ -284,6 +294,15 @@ impl Drop for Cluster {
         for pid in &self.seen_workers {
             kill_group(*pid);
         }
+    }
+}
+
+/// Sets its flag when dropped: when the thread that owns it ends, however it ends.
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -819,5 +838,53 @@ pub fn migration_possible() -> bool {
             eprintln!("skipped: this kernel has no {path} (Linux 5.14+)");
             false
         }
+    }
+}
+
+/// A fake systemd: a datagram socket that records every sd_notify message.
+pub struct FakeSystemd {
+    /// Its socket, for NOTIFY_SOCKET.
+    pub path: std::path::PathBuf,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeSystemd {
+    /// Binds a fresh socket and records what arrives.
+    pub fn new() -> FakeSystemd {
+        let path = temp_dir("systemd").join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&messages);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        FakeSystemd { path, messages }
+    }
+
+    /// Every message so far.
+    pub fn messages(&self) -> Vec<String> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits for a message containing `needle` after the first `from` ones; its index.
+    pub fn expect(&self, from: usize, needle: &str) -> usize {
+        let found = wait_until(TIMEOUT, || {
+            self.messages()
+                .iter()
+                .skip(from)
+                .any(|m| m.contains(needle))
+        });
+        let all = self.messages();
+        assert!(found, "no {needle:?} after message {from}: {all:#?}");
+        from + all
+            .iter()
+            .skip(from)
+            .position(|m| m.contains(needle))
+            .unwrap()
     }
 }
