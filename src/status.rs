@@ -12,7 +12,7 @@ use nix::libc;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::slot_sockets::SlotSockets;
+use crate::slot_sockets::{Rotation, SlotSockets};
 use crate::supervisor::Supervisor;
 use crate::worker::ms;
 
@@ -53,6 +53,22 @@ pub struct ClusterStatus {
     pub socket_takeover: bool,
     /// The sockets the master holds, per slot.
     pub held_sockets: Vec<HeldSocketsStatus>,
+    /// Who picks a new connection's worker: `bpf`, or `hash (why)`.
+    pub steering: String,
+    /// Under bpf steering, every entry of the program's socket map (first bind), with the
+    /// cookie of the socket the master holds for that slot: equal when the map is right.
+    pub steering_map: Vec<MapEntryStatus>,
+}
+
+/// One entry of the steering program's socket map.
+#[derive(Debug, Serialize)]
+pub struct MapEntryStatus {
+    /// The slot (the map's key).
+    pub slot: usize,
+    /// The socket cookie in the map.
+    pub in_map: Option<u64>,
+    /// The cookie of the socket the master holds for the slot.
+    pub held: Option<u64>,
 }
 
 /// The sockets the master holds for one slot: they outlive its workers.
@@ -121,6 +137,8 @@ pub struct WorkerStatus {
     pub last_recycle: Option<String>,
     /// Accept queue of each listening socket.
     pub queues: Vec<QueueStatus>,
+    /// Under bpf steering: `in` when new connections may go to it, else `out: why`.
+    pub rotation: Option<String>,
 }
 
 /// The accept queue of one listening socket.
@@ -162,6 +180,10 @@ impl ClusterStatus {
                     app_status: w.status.clone(),
                     memory_bytes: crate::recycle::tree_memory(w.pid),
                     last_recycle: slot.and_then(|s| s.last_recycle.clone()),
+                    rotation: sockets.rotation(w.slot, w.pid, now).map(|r| match r {
+                        Rotation::In => "in".to_string(),
+                        Rotation::Out(why) => format!("out: {why}"),
+                    }),
                     queues: w
                         .sockets
                         .iter()
@@ -217,6 +239,22 @@ impl ClusterStatus {
                 .collect(),
             workers,
             socket_takeover: sockets.enabled(),
+            steering: sockets.mode(),
+            steering_map: {
+                let size = supervisor.slots().len();
+                let max = sockets.slots().last().map_or(0, |s| s + 1).max(size) + 8;
+                sockets
+                    .mapped_slots(max)
+                    .into_iter()
+                    .chain(sockets.slots())
+                    .collect::<std::collections::BTreeSet<usize>>()
+                    .into_iter()
+                    .filter_map(|slot| {
+                        let (in_map, held) = sockets.map_entry(slot)?;
+                        Some(MapEntryStatus { slot, in_map, held })
+                    })
+                    .collect()
+            },
             held_sockets: sockets
                 .slots()
                 .into_iter()
@@ -254,6 +292,7 @@ impl ClusterStatus {
         );
         let _ = writeln!(out, "sockets: {}", binds.join(", "));
         let _ = writeln!(out, "ready: {}; migrate: {}", self.ready_mode, self.migrate);
+        let _ = writeln!(out, "steering: {}", self.steering);
         let held: Vec<String> = self
             .held_sockets
             .iter()
@@ -290,7 +329,7 @@ impl ClusterStatus {
         }
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} STATUS",
+            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} {:<10} STATUS",
             "SLOT",
             "PID",
             "CPU",
@@ -300,7 +339,8 @@ impl ClusterStatus {
             "RESTARTS",
             "LAST EXIT",
             "QUEUE",
-            "MEMORY"
+            "MEMORY",
+            "ROTATION"
         );
         for w in &self.workers {
             let queues: Vec<String> = w
@@ -310,7 +350,7 @@ impl ClusterStatus {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} {}",
+                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<8} {:<8} {:<18} {:<16} {:<8} {:<10} {}",
                 w.slot,
                 w.pid,
                 w.cpu.map_or("-".into(), |c| c.to_string()),
@@ -321,6 +361,7 @@ impl ClusterStatus {
                 w.last_exit.as_deref().unwrap_or("-"),
                 queues.join(" "),
                 crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
+                w.rotation.as_deref().unwrap_or("-"),
                 w.app_status.as_deref().unwrap_or("-")
             );
             if let Some(why) = w.last_recycle.as_deref().filter(|_| w.serving) {
