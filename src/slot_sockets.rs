@@ -41,9 +41,9 @@
 //! socket's accept queue (TCP_INFO) with the connections the program sent it. It samples
 //! every [`SAMPLE_EVERY`] only while a queue is non-empty, a worker is out, or a socket
 //! drains; otherwise it waits in poll(2) for a held socket to become readable (a queued
-//! connection), so an idle master sleeps. A worker is out once something waited in its
-//! queue at two samples in a row and it accepted nothing in between; it is back once its
-//! queue is empty.
+//! connection), so an idle master sleeps. A worker is out once it accepted nothing between
+//! two samples while something waited in its queue at both, or while two or more arrived;
+//! it is back once its queue is empty.
 //!
 //! *Drain before stop.* In a rolling restart the new worker of a slot opens a fresh socket
 //! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
@@ -66,7 +66,7 @@ use crate::cli::Steer;
 use crate::supervisor::Event;
 
 /// How often the master samples the accept queues while something is queued.
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(2);
 
 /// How long a draining socket's queue must stay empty before its worker is stopped: time
 /// for the worker to read what it accepted last.
@@ -510,7 +510,10 @@ impl SlotSockets {
                 // Accepted since the last sample: what was queued plus what arrived, minus
                 // what is queued now.
                 let arrived = sent.saturating_sub(p.sent);
-                let stalled = p.queue > 0 && queue > 0 && queue as u64 >= p.queue as u64 + arrived;
+                let accepted = (p.queue as u64 + arrived).saturating_sub(queue as u64);
+                // Nothing accepted while something waited all along, or while several
+                // arrived: a worker that keeps up takes at least one in a sample's time.
+                let stalled = queue > 0 && accepted == 0 && (p.queue > 0 || arrived >= 2);
                 if in_rotation && out_since.is_none() && stalled {
                     out_since = Some(now);
                     crate::debug!("worker {slot}: out of rotation: not accepting (queue {queue})");
@@ -579,7 +582,7 @@ impl SlotSockets {
     }
 
     /// Writes the rotation to the program when it changed: the serving, held slots that
-    /// accept; all serving held slots when none does (round robin beats a stall).
+    /// accept; when none does, those with the shortest queue.
     fn update_rotation(&mut self) {
         let Ok(s) = self.steering.as_mut() else {
             return;
@@ -596,7 +599,13 @@ impl SlotSockets {
             .filter(|slot| s.load.get(slot).is_none_or(|l| l.out_since.is_none()))
             .collect();
         if rotation.is_empty() {
-            rotation = candidates;
+            // Everyone is behind: the shortest queues take what comes.
+            let queue = |slot: &usize| s.load.get(slot).map_or(0, |l| l.queue);
+            let least = candidates.iter().map(queue).min().unwrap_or(0);
+            rotation = candidates
+                .into_iter()
+                .filter(|slot| queue(slot) == least)
+                .collect();
         }
         if rotation != s.rotation {
             for group in &s.groups {

@@ -9,5 +9,6 @@ mod deploy;
 mod launcher;
 mod recycle;
 mod rolling;
+mod steering;
 mod support;
 mod takeover;
