@@ -6,7 +6,9 @@
 //! - `rotation` (ARRAY, one value): `n`, a round-robin counter, and the `n` slots that
 //!   take new connections, written by the master (slot_sockets.rs decides who is in);
 //! - `sent` (ARRAY, key: slot): connections the program sent to each slot, which the
-//!   master compares with the accept queue to see whether a worker still accepts.
+//!   master compares with the accept queue to see whether a worker still accepts;
+//! - `accepted` (ARRAY, key: slot): how many of those the slot had accepted at the
+//!   master's last sample; `sent - accepted` is what the program compares.
 //!
 //! The program is attached with BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, so it also places the
 //! connections still queued on a socket that closes (Linux 5.14+, whatever
@@ -49,6 +51,7 @@ pub struct Steer {
     socks: OwnedFd,
     rotation: OwnedFd,
     sent: OwnedFd,
+    limits: OwnedFd,
 }
 
 impl Steer {
@@ -67,7 +70,14 @@ impl Steer {
             .map_err(|e| format!("creating an array map: {e}"))?;
         let sent = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, MAX_SLOTS, "rc_sent")
             .map_err(|e| format!("creating an array map: {e}"))?;
-        let insns = program(rotation.as_raw_fd(), socks.as_raw_fd(), sent.as_raw_fd());
+        let limits = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, MAX_SLOTS, "rc_accepted")
+            .map_err(|e| format!("creating an array map: {e}"))?;
+        let insns = program(
+            rotation.as_raw_fd(),
+            socks.as_raw_fd(),
+            sent.as_raw_fd(),
+            limits.as_raw_fd(),
+        );
         let prog =
             prog_load(&insns).map_err(|e| format!("loading the SK_REUSEPORT program: {e}"))?;
         Ok(Steer {
@@ -75,6 +85,7 @@ impl Steer {
             socks,
             rotation,
             sent,
+            limits,
         })
     }
 
@@ -125,6 +136,16 @@ impl Steer {
             value[8 + 4 * i..12 + 4 * i].copy_from_slice(&(*slot as u32).to_ne_bytes());
         }
         map_update(&self.rotation, &0u32.to_ne_bytes(), &value)
+    }
+
+    /// Tells the program how many of the connections sent to `slot` it had accepted at
+    /// the last sample (0: as many as were sent, when unknown).
+    pub fn set_accepted(&self, slot: usize, accepted: u64) -> io::Result<()> {
+        map_update(
+            &self.limits,
+            &(slot as u32).to_ne_bytes(),
+            &accepted.to_ne_bytes(),
+        )
     }
 
     /// Connections the program has sent to `slot` so far.
@@ -199,6 +220,7 @@ const R4: u8 = 4;
 const R6: u8 = 6;
 const R7: u8 = 7;
 const R8: u8 = 8;
+const R9: u8 = 9;
 const R10: u8 = 10;
 
 // Opcode parts (linux/bpf_common.h, linux/bpf.h).
@@ -217,6 +239,7 @@ const ATOMIC: u8 = 0xc0;
 const K: u8 = 0x00;
 const X: u8 = 0x08;
 const ADD: u8 = 0x00;
+const SUB: u8 = 0x10;
 const LSH: u8 = 0x60;
 const MOD: u8 = 0x90;
 const MOV: u8 = 0xb0;
@@ -224,6 +247,7 @@ const JEQ: u8 = 0x10;
 const JGT: u8 = 0x20;
 const JGE: u8 = 0x30;
 const JNE: u8 = 0x50;
+const JA: u8 = 0x00;
 const CALL: u8 = 0x80;
 const EXIT: u8 = 0x90;
 const FETCH: i32 = 0x01;
@@ -260,76 +284,148 @@ fn jmp_imm(op: u8, dst: u8, imm: i32, off: i16) -> Insn {
     insn(JMP | op | K, dst, 0, off, imm)
 }
 
-/// The steering program: pick the next slot in rotation (round robin), select its socket,
-/// count it. Anything missing: SK_PASS without a selection, i.e. the kernel's hash.
+/// Slots the program compares per connection: the one whose turn it is and the next ones.
+pub const CHOICES: i32 = 3;
+
+/// The steering program: of the slot whose turn it is (round robin) and the next
+/// [`CHOICES`]` - 1` in rotation, take the one with the fewest connections outstanding (sent
+/// to it since the master's last sample, plus what it had not accepted then: `sent -
+/// accepted`, where the master writes `accepted[slot]` at each sample), the first on a tie;
+/// select its socket; count it. A worker that stops accepting sees its count grow with
+/// every connection it is sent, so the program itself stops sending it any long before the
+/// master takes it out of rotation. Anything missing: SK_PASS without a selection, i.e. the
+/// kernel's hash.
 ///
 /// ```c
 /// __u32 zero = 0;
 /// struct rotation *r = bpf_map_lookup_elem(&rotation, &zero);
 /// if (!r || r->n == 0 || r->n > MAX_SLOTS) return SK_PASS;
-/// __u32 i = __sync_fetch_and_add(&r->rr, 1) % r->n;
-/// if (i >= MAX_SLOTS) return SK_PASS;
-/// __u32 key = r->slots[i];
-/// if (bpf_sk_select_reuseport(ctx, &socks, &key, 0) == 0) {
-///     __u64 *c = bpf_map_lookup_elem(&sent, &key);
-///     if (c) __sync_fetch_and_add(c, 1);
+/// __u32 rr = __sync_fetch_and_add(&r->rr, 1);
+/// __u64 best = ~0ULL; __u32 best_key = 0;
+/// for (int t = 0; t < CHOICES; t++) {             // unrolled
+///     __u32 i = (rr + t) % r->n;
+///     if (i >= MAX_SLOTS) continue;
+///     __u32 key = r->slots[i];
+///     __u64 *acc = bpf_map_lookup_elem(&accepted, &key);
+///     __u64 *sent = bpf_map_lookup_elem(&sent, &key);
+///     if (!acc || !sent) continue;
+///     __u64 out = *sent > *acc ? *sent - *acc : 0;
+///     if (out < best) { best = out; best_key = key; }
 /// }
+/// if (best == ~0ULL) return SK_PASS;
+/// if (bpf_sk_select_reuseport(ctx, &socks, &best_key, 0)) return SK_PASS;
+/// __u64 *c = bpf_map_lookup_elem(&sent, &best_key);
+/// if (c) __sync_fetch_and_add(c, 1);
 /// return SK_PASS;
 /// ```
-pub fn program(rotation: RawFd, socks: RawFd, sent: RawFd) -> Vec<Insn> {
+pub fn program(rotation: RawFd, socks: RawFd, sent: RawFd, accepted: RawFd) -> Vec<Insn> {
     let max = MAX_SLOTS as i32;
-    let mut p = vec![
-        mov64_reg(R6, R1),                 // ctx
-        insn(ST | MEM | W, R10, 0, -4, 0), // zero
-        mov64_reg(R2, R10),
-        add64_imm(R2, -4),
-    ];
-    p.extend(ld_map_fd(R1, rotation));
-    p.push(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
-    let to_pass = |p: &Vec<Insn>, pass: usize| (pass - p.len() - 1) as i16;
-    // Jump targets are patched once `pass` is known.
-    let mut fixups = Vec::new();
-    fixups.push(p.len());
-    p.push(jmp_imm(JEQ, R0, 0, 0));
-    p.push(mov64_reg(R7, R0));
-    p.push(insn(LDX | MEM | W, R8, R7, 0, 0)); // n
-    fixups.push(p.len());
-    p.push(jmp_imm(JEQ, R8, 0, 0));
-    fixups.push(p.len());
-    p.push(jmp_imm(JGT, R8, max, 0));
-    p.push(mov64_imm(R1, 1));
-    p.push(insn(STX | ATOMIC | W, R7, R1, 4, ADD as i32 | FETCH)); // r1 = rr++
-    p.push(insn(ALU | MOD | X, R1, R8, 0, 0)); // w1 %= w8
-    fixups.push(p.len());
-    p.push(jmp_imm(JGE, R1, max, 0));
-    p.push(insn(ALU64 | LSH | K, R1, 0, 0, 2));
-    p.push(insn(ALU64 | ADD | X, R1, R7, 0, 0));
-    p.push(insn(LDX | MEM | W, R1, R1, 8, 0)); // key = slots[i]
-    p.push(insn(STX | MEM | W, R10, R1, -8, 0));
-    p.push(mov64_reg(R1, R6));
-    p.extend(ld_map_fd(R2, socks));
-    p.push(mov64_reg(R3, R10));
-    p.push(add64_imm(R3, -8));
-    p.push(mov64_imm(R4, 0));
-    p.push(insn(JMP | CALL, 0, 0, 0, FN_SK_SELECT_REUSEPORT));
-    fixups.push(p.len());
-    p.push(jmp_imm(JNE, R0, 0, 0));
-    p.push(mov64_reg(R2, R10));
-    p.push(add64_imm(R2, -8));
-    p.extend(ld_map_fd(R1, sent));
-    p.push(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
-    fixups.push(p.len());
-    p.push(jmp_imm(JEQ, R0, 0, 0));
-    p.push(mov64_imm(R1, 1));
-    p.push(insn(STX | ATOMIC | DW, R0, R1, 0, ADD as i32)); // lock *c += 1
-    let pass = p.len();
-    p.push(mov64_imm(R0, SK_PASS));
-    p.push(insn(JMP | EXIT, 0, 0, 0, 0));
-    for at in fixups {
-        let probe = p[..at].to_vec();
-        p[at].off = to_pass(&probe, pass);
+    // Stack: -4 zero, -8 key, -16 best key, -24 best, -32 accepted.
+    let mut a = Asm::default();
+    a.emit(mov64_reg(R6, R1)); // ctx
+    a.emit(insn(ST | MEM | W, R10, 0, -4, 0)); // zero
+    a.emit(insn(ST | MEM | W, R10, 0, -16, 0)); // best key
+    a.emit(insn(ST | MEM | DW, R10, 0, -24, -1)); // best = ~0
+    a.emit(mov64_reg(R2, R10));
+    a.emit(add64_imm(R2, -4));
+    a.emit_all(ld_map_fd(R1, rotation));
+    a.emit(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+    a.jump(jmp_imm(JEQ, R0, 0, 0), "pass");
+    a.emit(mov64_reg(R7, R0));
+    a.emit(insn(LDX | MEM | W, R8, R7, 0, 0)); // n
+    a.jump(jmp_imm(JEQ, R8, 0, 0), "pass");
+    a.jump(jmp_imm(JGT, R8, max, 0), "pass");
+    a.emit(mov64_imm(R9, 1));
+    a.emit(insn(STX | ATOMIC | W, R7, R9, 4, ADD as i32 | FETCH)); // r9 = rr++
+    for t in 0..CHOICES {
+        let next = format!("choice{}", t + 1);
+        a.label(&format!("choice{t}"));
+        a.emit(mov64_reg(R1, R9));
+        a.emit(insn(ALU | ADD | K, R1, 0, 0, t)); // w1 = rr + t
+        a.emit(insn(ALU | MOD | X, R1, R8, 0, 0)); // w1 %= n
+        a.jump(jmp_imm(JGE, R1, max, 0), &next);
+        a.emit(insn(ALU64 | LSH | K, R1, 0, 0, 2));
+        a.emit(insn(ALU64 | ADD | X, R1, R7, 0, 0));
+        a.emit(insn(LDX | MEM | W, R1, R1, 8, 0)); // key = slots[i]
+        a.emit(insn(STX | MEM | W, R10, R1, -8, 0));
+        a.emit(mov64_reg(R2, R10));
+        a.emit(add64_imm(R2, -8));
+        a.emit_all(ld_map_fd(R1, accepted));
+        a.emit(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+        a.jump(jmp_imm(JEQ, R0, 0, 0), &next);
+        a.emit(insn(LDX | MEM | DW, R1, R0, 0, 0));
+        a.emit(insn(STX | MEM | DW, R10, R1, -32, 0));
+        a.emit(mov64_reg(R2, R10));
+        a.emit(add64_imm(R2, -8));
+        a.emit_all(ld_map_fd(R1, sent));
+        a.emit(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+        a.jump(jmp_imm(JEQ, R0, 0, 0), &next);
+        a.emit(insn(LDX | MEM | DW, R1, R0, 0, 0)); // sent
+        a.emit(insn(LDX | MEM | DW, R2, R10, -32, 0)); // accepted
+        a.jump(insn(JMP | JGT | X, R1, R2, 0, 0), &format!("sub{t}"));
+        a.emit(mov64_imm(R1, 0));
+        a.jump(insn(JMP | JA, 0, 0, 0, 0), &format!("cmp{t}"));
+        a.label(&format!("sub{t}"));
+        a.emit(insn(ALU64 | SUB | X, R1, R2, 0, 0)); // out = sent - accepted
+        a.label(&format!("cmp{t}"));
+        a.emit(insn(LDX | MEM | DW, R3, R10, -24, 0)); // best
+        a.jump(insn(JMP | JGE | X, R1, R3, 0, 0), &next);
+        a.emit(insn(STX | MEM | DW, R10, R1, -24, 0));
+        a.emit(insn(LDX | MEM | W, R1, R10, -8, 0));
+        a.emit(insn(STX | MEM | W, R10, R1, -16, 0));
     }
-    p
+    a.label(&format!("choice{CHOICES}"));
+    a.emit(insn(LDX | MEM | DW, R1, R10, -24, 0));
+    a.jump(jmp_imm(JEQ, R1, -1, 0), "pass"); // no candidate (imm sign-extends to ~0)
+    a.emit(mov64_reg(R1, R6));
+    a.emit_all(ld_map_fd(R2, socks));
+    a.emit(mov64_reg(R3, R10));
+    a.emit(add64_imm(R3, -16));
+    a.emit(mov64_imm(R4, 0));
+    a.emit(insn(JMP | CALL, 0, 0, 0, FN_SK_SELECT_REUSEPORT));
+    a.jump(jmp_imm(JNE, R0, 0, 0), "pass");
+    a.emit(mov64_reg(R2, R10));
+    a.emit(add64_imm(R2, -16));
+    a.emit_all(ld_map_fd(R1, sent));
+    a.emit(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+    a.jump(jmp_imm(JEQ, R0, 0, 0), "pass");
+    a.emit(mov64_imm(R1, 1));
+    a.emit(insn(STX | ATOMIC | DW, R0, R1, 0, ADD as i32)); // lock *c += 1
+    a.label("pass");
+    a.emit(mov64_imm(R0, SK_PASS));
+    a.emit(insn(JMP | EXIT, 0, 0, 0, 0));
+    a.finish()
+}
+
+/// Instructions with forward jumps to named labels.
+#[derive(Default)]
+struct Asm {
+    insns: Vec<Insn>,
+    labels: std::collections::HashMap<String, usize>,
+    jumps: Vec<(usize, String)>,
+}
+
+impl Asm {
+    fn emit(&mut self, i: Insn) {
+        self.insns.push(i);
+    }
+    fn emit_all(&mut self, is: [Insn; 2]) {
+        self.insns.extend(is);
+    }
+    fn jump(&mut self, i: Insn, label: &str) {
+        self.jumps.push((self.insns.len(), label.to_string()));
+        self.insns.push(i);
+    }
+    fn label(&mut self, name: &str) {
+        self.labels.insert(name.to_string(), self.insns.len());
+    }
+    fn finish(mut self) -> Vec<Insn> {
+        for (at, label) in &self.jumps {
+            let target = self.labels[label];
+            self.insns[*at].off = (target as i64 - *at as i64 - 1) as i16;
+        }
+        self.insns
+    }
 }
 
 // ---- syscalls ----
@@ -544,6 +640,37 @@ mod tests {
         assert_eq!(queues, vec![5, 0, 5], "round robin over slots 0 and 2 only");
         assert_eq!((steer.sent(0).unwrap(), steer.sent(1).unwrap()), (5, 0));
         drop(clients);
+    }
+
+    #[test]
+    fn of_the_slots_whose_turn_it_is_the_one_with_the_fewest_outstanding_gets_it() {
+        if !root() {
+            return;
+        }
+        let steer = Steer::load().unwrap();
+        let (socks, addr) = group(3);
+        for (i, s) in socks.iter().enumerate() {
+            steer.attach(s.as_fd()).unwrap();
+            steer.set_socket(i, s.as_fd()).unwrap();
+        }
+        steer.set_rotation(&[0, 1, 2]).unwrap();
+        // Nobody accepts: every connection stays outstanding, so the counts stay level.
+        let mut clients: Vec<TcpStream> =
+            (0..9).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let queues = |socks: &[TcpListener]| -> Vec<u32> {
+            socks
+                .iter()
+                .map(|s| accept_queue(s.as_fd()).unwrap())
+                .collect()
+        };
+        assert_eq!(queues(&socks), vec![3, 3, 3]);
+        // Slots 1 and 2 accepted theirs (as the master's sample says); slot 0 did not.
+        for slot in [1, 2] {
+            steer.set_accepted(slot, steer.sent(slot).unwrap()).unwrap();
+        }
+        // They get the next 6, until they have as many outstanding as slot 0.
+        clients.extend((0..6).map(|_| TcpStream::connect(addr).unwrap()));
+        assert_eq!(queues(&socks), vec![3, 6, 6], "slot 0 took nothing more");
     }
 
     #[test]

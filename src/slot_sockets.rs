@@ -43,7 +43,10 @@
 //! drains; otherwise it waits in poll(2) for a held socket to become readable (a queued
 //! connection), so an idle master sleeps. A worker is out once it accepted nothing between
 //! two samples while something waited in its queue at both, or while two or more arrived;
-//! it is back once its queue is empty.
+//! it is back once its queue is empty. Between samples the program itself limits the harm:
+//! each sample tells it what every slot had accepted, and of the slot whose turn it is and
+//! the next two it picks the one with the fewest connections outstanding (sent since then,
+//! counted live, plus what was queued then), so a worker that stalls soon gets nothing.
 //!
 //! *Drain before stop.* In a rolling restart the new worker of a slot opens a fresh socket
 //! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
@@ -150,6 +153,8 @@ struct Steering {
 struct Load {
     queue: u32,
     sent: u64,
+    /// The accepted count last given to the program.
+    accepted: u64,
     /// Since when it is out of rotation for not accepting.
     out_since: Option<Instant>,
 }
@@ -338,6 +343,7 @@ impl SlotSockets {
         for (group, fd) in steering.groups.iter().zip(&held.fds) {
             if let Err(e) = group
                 .attach(fd.as_fd())
+                .and_then(|()| group.set_accepted(slot, 0))
                 .and_then(|()| group.set_socket(slot, fd.as_fd()))
             {
                 return Some(format!(
@@ -421,6 +427,7 @@ impl SlotSockets {
         s.load.remove(&slot);
         for group in &s.groups {
             let _ = group.remove_socket(slot);
+            let _ = group.set_accepted(slot, 0);
         }
         self.update_rotation();
     }
@@ -523,11 +530,20 @@ impl SlotSockets {
                 }
             }
             busy |= queue > 0 || out_since.is_some();
+            // What it accepted so far: the program compares what it sent since. (Per bind
+            // the program counts per group; with several binds the sums are looser.)
+            let accepted = sent.saturating_sub(queue as u64);
+            if prev.is_none_or(|p| p.accepted != accepted) {
+                for g in &s.groups {
+                    let _ = g.set_accepted(slot, accepted);
+                }
+            }
             s.load.insert(
                 slot,
                 Load {
                     queue,
                     sent,
+                    accepted,
                     out_since,
                 },
             );

@@ -325,7 +325,7 @@ fn rolls_of_an_eager_app(steer: &str, passes: u64) -> (u64, u64) {
             "--",
             app.to_str().unwrap(),
         ],
-        &[("DELAY_MS", "1")],
+        &[("DELAY_MS", "5")],
     );
     c.expect_log("workers ready");
     let addr = c.addr();
