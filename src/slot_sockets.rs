@@ -523,7 +523,11 @@ impl SlotSockets {
                 let stalled = queue > 0 && accepted == 0 && (p.queue > 0 || arrived >= 2);
                 if in_rotation && out_since.is_none() && stalled {
                     out_since = Some(now);
-                    crate::debug!("worker {slot}: out of rotation: not accepting (queue {queue})");
+                    crate::debug!(
+                        "worker {slot}: out of rotation: not accepting (queue {queue}, {} \
+                         then, {arrived} arrived since)",
+                        p.queue
+                    );
                 } else if out_since.is_some() && queue == 0 {
                     out_since = None;
                     crate::debug!("worker {slot}: back in rotation: its queue drained");
