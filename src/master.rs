@@ -431,13 +431,15 @@ fn perform(
                 }
             }
             Action::ReleaseAllSockets => sockets.release_all(),
-            Action::Drain { slot, pid } => match sockets.begin_drain(slot, pid, Instant::now()) {
-                Some(answer) => answers.push(answer),
-                None => info!(
-                    "worker {slot} (pid {pid}): its socket left the rotation; it stops once \
+            Action::Drain { slot, pid, wait } => {
+                match sockets.begin_drain(slot, pid, wait, Instant::now()) {
+                    Some(answer) => answers.push(answer),
+                    None => info!(
+                        "worker {slot} (pid {pid}): its socket left the rotation; it stops once \
                          its queue is empty"
-                ),
-            },
+                    ),
+                }
+            }
             Action::Signal { pgid, signal } => match signal_group(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => warn!("sending {signal} to process group {pgid}: {e}"),

@@ -359,7 +359,14 @@ impl SlotSockets {
     /// is to stop: the new worker's fresh sockets replace the old ones in the map and in
     /// the hold, and the old ones drain. Without steering, or without fresh sockets, there
     /// is nothing to drain: the answer is at once.
-    pub fn begin_drain(&mut self, slot: usize, old: Pid, now: Instant) -> Option<Event> {
+    /// `wait: false` (a hung worker): swap the sockets but answer at once.
+    pub fn begin_drain(
+        &mut self,
+        slot: usize,
+        old: Pid,
+        wait: bool,
+        now: Instant,
+    ) -> Option<Event> {
         let fresh = self.pending.remove(&slot).map(|(_, held)| held);
         let (Some(fresh), true) = (fresh, self.steers()) else {
             return Some(Event::Drained { slot, pid: old });
@@ -371,6 +378,10 @@ impl SlotSockets {
         let Some(previous) = self.held.insert(slot, fresh) else {
             return Some(Event::Drained { slot, pid: old });
         };
+        if !wait {
+            self.update_rotation();
+            return Some(Event::Drained { slot, pid: old });
+        }
         self.draining.insert(
             slot,
             Draining {

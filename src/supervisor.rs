@@ -152,6 +152,8 @@ pub enum Action {
         slot: usize,
         /// The old worker.
         pid: Pid,
+        /// Wait for its queue to empty; `false`: answer at once (a hung worker).
+        wait: bool,
     },
     /// Write a line to the master's log.
     Log(String),
@@ -642,22 +644,25 @@ impl Supervisor {
                 .rolling
                 .as_ref()
                 .is_some_and(|r| matches!(r.purpose, Purpose::Recycle { hung: true, .. }));
+            if let (Some(old), true) = (old, hung) {
+                // It will most likely not answer: SIGKILL comes sooner.
+                let grace = crate::recycle::HUNG_GRACE.min(self.settings.grace);
+                if let Some(w) = self.workers.get_mut(&old) {
+                    w.stop_grace = Some(grace);
+                }
+            }
             let step = match old {
                 Some(old) if self.settings.drain => {
+                    // A hung worker's queue would never empty: its socket is swapped out
+                    // and the worker stopped at once (the program moves the queue).
                     out.push(Action::Drain {
                         slot: index,
                         pid: old,
+                        wait: !hung,
                     });
                     SurgeStep::Draining(old)
                 }
                 Some(old) => {
-                    if hung {
-                        // It will most likely not answer: SIGKILL comes sooner.
-                        let grace = crate::recycle::HUNG_GRACE.min(self.settings.grace);
-                        if let Some(w) = self.workers.get_mut(&old) {
-                            w.stop_grace = Some(grace);
-                        }
-                    }
                     self.stop_worker(old, now, out);
                     SurgeStep::Retiring(old)
                 }
@@ -1492,7 +1497,8 @@ mod tests {
         assert!(
             out.contains(&Action::Drain {
                 slot: 0,
-                pid: pid(100)
+                pid: pid(100),
+                wait: true,
             }),
             "{out:?}"
         );
