@@ -432,7 +432,7 @@ fn perform(
             }
             Action::ReleaseAllSockets => sockets.release_all(),
             Action::Drain { slot, pid, wait } => {
-                match sockets.begin_drain(slot, pid, wait, Instant::now()) {
+                match sockets.begin_drain(slot, pid, wait, slot >= size, Instant::now()) {
                     Some(answer) => answers.push(answer),
                     None => info!(
                         "worker {slot} (pid {pid}): its socket left the rotation; it stops once \

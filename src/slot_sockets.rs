@@ -359,14 +359,38 @@ impl SlotSockets {
     /// is to stop: the new worker's fresh sockets replace the old ones in the map and in
     /// the hold, and the old ones drain. Without steering, or without fresh sockets, there
     /// is nothing to drain: the answer is at once.
-    /// `wait: false` (a hung worker): swap the sockets but answer at once.
+    /// `wait: false` (a hung worker): swap the sockets but answer at once. `gone`: the slot
+    /// was scaled away: its socket leaves the map and drains, with no successor.
     pub fn begin_drain(
         &mut self,
         slot: usize,
         old: Pid,
         wait: bool,
+        gone: bool,
         now: Instant,
     ) -> Option<Event> {
+        if gone {
+            self.pending.remove(&slot);
+            let held = self.held.remove(&slot);
+            self.unsteer(slot);
+            let (Some(held), true, true) = (held, self.steers(), wait) else {
+                return Some(Event::Drained { slot, pid: old });
+            };
+            self.draining.insert(
+                slot,
+                Draining {
+                    held,
+                    pid: old,
+                    since: now,
+                    queue: 0,
+                    empty_since: None,
+                },
+            );
+            if let Ok(s) = self.steering.as_mut() {
+                s.next_sample = Some(now);
+            }
+            return None;
+        }
         let fresh = self.pending.remove(&slot).map(|(_, held)| held);
         let (Some(fresh), true) = (fresh, self.steers()) else {
             return Some(Event::Drained { slot, pid: old });

@@ -902,6 +902,20 @@ impl Supervisor {
         } else {
             while self.slots.len() > wanted {
                 let Some(slot) = self.slots.pop() else { break };
+                let ready = slot
+                    .pid()
+                    .and_then(|p| self.workers.get(&p))
+                    .filter(|w| w.state == WorkerState::Ready)
+                    .map(|w| w.pid);
+                if let (Some(pid), true) = (ready, self.settings.drain) {
+                    // Its socket leaves the selection first; the worker stops once it drained.
+                    out.push(Action::Drain {
+                        slot: slot.index,
+                        pid,
+                        wait: true,
+                    });
+                    continue;
+                }
                 // Its worker's own fd decides from here, as without takeover: the master's
                 // reference would keep the socket in the group with nobody to serve it.
                 out.push(Action::ReleaseSockets {
@@ -1515,6 +1529,27 @@ mod tests {
         assert_eq!(signals(&out), vec![(100, TERM)]);
         let out = s.step(exited(100, ExitReason::signal(TERM)), t);
         assert_eq!(spawns(&out), vec![(1, 2)], "then the next slot");
+    }
+
+    #[test]
+    fn with_drain_a_scaled_away_worker_stops_once_its_socket_drained() {
+        let (mut s, t) = running(2);
+        s.settings.drain = true;
+        let out = s.step(Event::Scale(1), t);
+        assert!(
+            out.contains(&Action::Drain {
+                slot: 1,
+                pid: pid(101),
+                wait: true
+            }),
+            "{out:?}"
+        );
+        assert!(signals(&out).is_empty(), "{out:?}");
+        let drained = Event::Drained {
+            slot: 1,
+            pid: pid(101),
+        };
+        assert_eq!(signals(&s.step(drained, t)), vec![(101, TERM)]);
     }
 
     #[test]

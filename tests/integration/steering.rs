@@ -308,14 +308,15 @@ fn load_steering_a_stalled_worker_leaves_the_rotation_and_only_a_few_requests_wa
     assert!(hash.queued > bpf.queued, "control: {hash:?}");
 }
 
-/// Rolling restarts of 2 workers of the eager app under 16 closed-loop new-connection
-/// clients; the failed requests.
-fn rolls_of_an_eager_app(steer: &str, passes: u64) -> (u64, u64) {
+/// 16 closed-loop new-connection clients on `workers` workers of the eager app while
+/// `act` runs; (answered, failed).
+fn eager_app_under_load(steer: &str, workers: usize, act: impl FnOnce(&mut Cluster)) -> (u64, u64) {
     let app = script("eager_app.py", PYTHON_EAGER_APP);
+    let workers = workers.to_string();
     let mut c = Cluster::spawn(
         &[
             "--workers",
-            "2",
+            &workers,
             "--bind",
             "127.0.0.1:0",
             "--ready",
@@ -348,10 +349,7 @@ fn rolls_of_an_eager_app(steer: &str, passes: u64) -> (u64, u64) {
         })
         .collect();
     assert!(wait_until(TIMEOUT, || ok.load(Ordering::Relaxed) > 100));
-    for g in 2..2 + passes {
-        c.signal(Signal::SIGHUP);
-        c.expect_log(&format!("rolling restart to generation {g} done"));
-    }
+    act(&mut c);
     let now = ok.load(Ordering::Relaxed);
     assert!(wait_until(TIMEOUT, || ok.load(Ordering::Relaxed) > now + 100));
     stop.store(true, Ordering::Relaxed);
@@ -359,6 +357,47 @@ fn rolls_of_an_eager_app(steer: &str, passes: u64) -> (u64, u64) {
         t.join().unwrap();
     }
     (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+/// Rolling restarts of 2 workers of the eager app under load; (answered, failed).
+fn rolls_of_an_eager_app(steer: &str, passes: u64) -> (u64, u64) {
+    eager_app_under_load(steer, 2, |c| {
+        for g in 2..2 + passes {
+            c.signal(Signal::SIGHUP);
+            c.expect_log(&format!("rolling restart to generation {g} done"));
+        }
+    })
+}
+
+/// Scales 4 workers of the eager app down to 1, one at a time, under load.
+fn scale_downs_of_an_eager_app(steer: &str) -> (u64, u64) {
+    eager_app_under_load(steer, 4, |c| {
+        for n in (1..4).rev() {
+            c.ctl(&["scale", &n.to_string()]);
+            assert!(wait_until(TIMEOUT, || c.worker_count() == n));
+        }
+    })
+}
+
+#[test]
+fn load_steering_scale_downs_of_a_server_that_drops_unread_connections_lose_nothing() {
+    if !bpf_possible() {
+        return;
+    }
+    let _load = load_lock();
+    let (bpf_ok, bpf_failed) = scale_downs_of_an_eager_app("bpf");
+    let (hash_ok, hash_failed) = scale_downs_of_an_eager_app("hash");
+    println!(
+        "4 workers of an eager app scaled down to 1: bpf {bpf_failed} failed of {}, hash \
+         {hash_failed} failed of {}",
+        bpf_ok + bpf_failed,
+        hash_ok + hash_failed
+    );
+    assert_eq!(bpf_failed, 0, "drained before stop");
+    assert!(
+        hash_failed > 0,
+        "control: with the hash the removed worker is stopped with accepted, unread connections"
+    );
 }
 
 #[test]
