@@ -235,6 +235,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION")]
     pub hung_after: Option<String>,
 
+    /// Who picks the worker for a new connection: bpf attaches an SK_REUSEPORT program
+    /// (needs root or CAP_BPF+CAP_NET_ADMIN, Linux 5.14+) that sends connections round robin
+    /// to the workers that accept, drains a worker's socket before it is stopped, and moves
+    /// what is left on it when it closes; hash is the kernel's SO_REUSEPORT hash; auto uses
+    /// bpf when this host allows it and says why not otherwise
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = Steer::Auto)]
+    pub steer: Steer,
+
     /// Pass workers' stdout and stderr through the master, each line prefixed with
     /// `[w<slot> <pid>] ` [default: workers write straight to the master's stdout/stderr]
     #[arg(long)]
@@ -287,6 +295,17 @@ pub enum Migrate {
     On,
     /// Leave it alone.
     Off,
+}
+
+/// Who picks the worker of a new connection (`--steer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Steer {
+    /// bpf when this host allows it, else hash (one log line says why).
+    Auto,
+    /// The SK_REUSEPORT program, or refuse to start.
+    Bpf,
+    /// The kernel's hash, as without the program.
+    Hash,
 }
 
 /// How the master writes its own log lines.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::{access, AccessFlags};
 
-use crate::cli::{Migrate, RunArgs};
+use crate::cli::{Migrate, RunArgs, Steer};
 use crate::readiness::ReadyMode;
 use crate::socket::{Keepalive, ListenOptions};
 
@@ -70,6 +70,8 @@ pub struct Config {
     pub rolling_batch: usize,
     /// What to do about net.ipv4.tcp_migrate_req.
     pub migrate: Migrate,
+    /// `--steer`.
+    pub steer: Steer,
     /// `--name`; the first bind's port when not given (known once port 0 is resolved).
     pub name: Option<String>,
     /// `--control`.
@@ -303,6 +305,7 @@ impl Config {
             ready_timeout,
             rolling_batch: args.rolling_batch,
             migrate: args.migrate,
+            steer: args.steer,
             name: args.name.clone(),
             control: args.control.clone(),
             log_prefix: args.log_prefix,

@@ -71,6 +71,11 @@ pub fn run(plan: &Plan) -> bool {
         None => say(Verdict::Warn, "net.ipv4.tcp_migrate_req is missing (Linux 5.14+)".into()),
     }
 
+    match crate::bpf::probe() {
+        Ok(()) => say(Verdict::Ok, "steering: bpf: an SK_REUSEPORT program loads and attaches here, so --steer auto uses it (connections go round robin to the workers that accept; a worker's socket drains before it stops)".into()),
+        Err(e) => say(Verdict::Warn, format!("steering: hash: --steer auto falls back to the kernel's SO_REUSEPORT hash here ({e}); run the master as root or with CAP_BPF and CAP_NET_ADMIN on Linux 5.14+")),
+    }
+
     match socket::somaxconn() {
         Some(max) if max >= plan.backlog => say(Verdict::Ok, format!("net.core.somaxconn={max} >= --backlog {}", plan.backlog)),
         Some(max) => say(Verdict::Warn, format!("net.core.somaxconn={max} caps --backlog {} silently; run: sysctl -w net.core.somaxconn={}", plan.backlog, plan.backlog)),

@@ -6,6 +6,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod bpf;
 mod cli;
 mod client;
 mod config;

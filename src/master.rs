@@ -11,7 +11,7 @@
 //! The master must stay single-threaded: `fork` is only safe without other threads, and
 //! PR_SET_PDEATHSIG fires when the forking *thread* exits.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
@@ -130,6 +130,15 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         info!("metrics at http://{addr}/metrics");
     }
     info!("control socket {} (name {name})", control_path.display());
+    let (mut sockets, fallback) = SlotSockets::with_steering(
+        SlotSockets::enabled_by_env(),
+        config.binds.len(),
+        config.steer,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let Some(line) = fallback {
+        info!("{line}");
+    }
     let settings = Settings {
         workers: config.workers,
         cpus: config.cpus.clone(),
@@ -138,10 +147,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         ready: config.ready,
         ready_timeout: config.ready_timeout,
         rolling_batch: config.rolling_batch,
+        drain: sockets.steers(),
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
     let mut recycler = Recycler::new(config.recycle, Instant::now());
-    let mut sockets = SlotSockets::new(SlotSockets::enabled_by_env(), config.binds.len());
     if !sockets.enabled() {
         info!(
             "socket takeover off ({}=0): each worker opens its own sockets",
@@ -169,12 +178,18 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             // What an action answers (a fork's outcome) is handled before anything else.
             let mut done = Performed::default();
             let size = supervisor.slots().len();
+            let served: BTreeSet<usize> = supervisor
+                .slots()
+                .iter()
+                .filter(|s| s.pid().is_some())
+                .map(|s| s.index)
+                .collect();
             let outcome = perform(
                 actions,
                 &config,
                 &mut spawner,
                 &mut sockets,
-                size,
+                (size, &served),
                 &mut output,
                 &mut done,
             );
@@ -219,6 +234,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             tell(&mut control, waiters.check(&supervisor, Instant::now()));
         }
 
+        sockets.set_serving(supervisor.ready_slots());
         if let Some(sd) = systemd.as_mut() {
             sd.update(systemd_view(&supervisor));
         }
@@ -234,6 +250,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             metrics_deadline,
             watchdog,
             leftovers.next_deadline(Instant::now()),
+            sockets.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -254,8 +271,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         {
             fds.push(PollFd::new(fd, events));
         }
-        for fd in sockets.poll_fds() {
-            fds.push(PollFd::new(fd, PollFlags::empty()));
+        let held = sockets.poll_fds();
+        for (fd, events) in &held {
+            fds.push(PollFd::new(*fd, *events));
         }
         wait(&mut fds, deadline);
         // accept(2) only on a listener that polled readable, not on every pass.
@@ -269,6 +287,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         let control_ready = readable(Some(control.listener_fd()));
         let metrics_ready = readable(metrics.as_ref().map(|m| m.listener_fd()));
         drop(fds);
+        drop(held);
 
         output.service();
         if let Some(sd) = systemd.as_mut() {
@@ -281,6 +300,12 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         // Exits are queued before the signals: a stop request handled in the same wake as
         // the last worker's exit must find it gone (and not SIGKILL, nor exit 3, for nothing).
         reap(&supervisor, &mut leftovers, &mut events);
+        for event in &events {
+            if let Event::Exited { pid, .. } = event {
+                sockets.exited(*pid);
+            }
+        }
+        events.extend(sockets.service(Instant::now()));
         // A socket an app shut down is dead for every holder: it wakes the poll (POLLHUP),
         // and every wake checks, one getsockopt per held socket.
         for (slot, inode) in sockets.lost() {
@@ -659,7 +684,7 @@ fn perform(
     config: &Config,
     spawner: &mut Spawner,
     sockets: &mut SlotSockets,
-    size: usize,
+    (size, served): (usize, &BTreeSet<usize>),
     output: &mut WorkerOutput,
     done: &mut Performed,
 ) -> Option<Outcome> {
@@ -685,7 +710,8 @@ fn perform(
                 cpu,
                 generation,
             } => {
-                let grant = sockets.grant(slot, &format!("worker {slot}"));
+                let surge = served.contains(&slot);
+                let grant = sockets.grant(slot, &format!("worker {slot}"), surge);
                 if let Some(note) = grant.note {
                     info!("{note}");
                 }
@@ -695,12 +721,16 @@ fn perform(
                 answers.push(
                     match spawner.spawn(slot, cpu, generation, size, inherit, send) {
                         Ok(spawned) => {
-                            sockets.started(
+                            let note = sockets.started(
                                 slot,
+                                spawned.pid,
                                 inherit.is_some(),
                                 spawned.opened,
                                 &spawned.sockets,
                             );
+                            if let Some(note) = note {
+                                warn!("{note}");
+                            }
                             if let Some(pipes) = spawned.output {
                                 output.add(slot, spawned.pid.as_raw(), generation, pipes);
                             }
@@ -726,6 +756,15 @@ fn perform(
                 }
             }
             Action::ReleaseAllSockets => sockets.release_all(),
+            Action::Drain { slot, pid, wait } => {
+                match sockets.begin_drain(slot, pid, wait, slot >= size, Instant::now()) {
+                    Some(answer) => answers.push(answer),
+                    None => info!(
+                        "worker {slot} (pid {pid}): its socket left the rotation; it stops once \
+                         its queue is empty"
+                    ),
+                }
+            }
             Action::Signal { pgid, signal } => match signal_group(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => warn!("sending {signal} to process group {pgid}: {e}"),

@@ -19,6 +19,9 @@ pub enum SurgeStep {
     Spawning,
     /// Its new worker runs and is not ready yet.
     Starting(Pid),
+    /// Its new worker serves; the old one's (this pid's) socket drains before it is
+    /// stopped (`--steer bpf`).
+    Draining(Pid),
     /// Its new worker serves; the old one (this pid) is stopping.
     Retiring(Pid),
     /// Finished.
@@ -120,7 +123,7 @@ impl RollingRestart {
     pub fn surge_of_pid(&mut self, pid: Pid) -> Option<&mut Surge> {
         self.surges
             .iter_mut()
-            .find(|s| matches!(s.step, SurgeStep::Starting(p) | SurgeStep::Retiring(p) if p == pid))
+            .find(|s| matches!(s.step, SurgeStep::Starting(p) | SurgeStep::Draining(p) | SurgeStep::Retiring(p) if p == pid))
     }
 
     /// Moves `slot`'s surge on.

@@ -29,12 +29,55 @@
 //!
 //! The supervisor decides *when* (as [`crate::supervisor::Action::ReleaseSockets`]); this
 //! module holds the fds and answers what a spawn gets.
+//!
+//! **Steering** (`--steer bpf`, see bpf.rs). Because the master holds every slot's socket,
+//! it also keeps the SK_REUSEPORT program's socket map (key: slot) and its rotation (the
+//! slots that take new connections). A slot is in rotation while its current worker is
+//! ready and accepts; the map entry of a slot follows its held socket (added when the
+//! master takes hold, removed when it lets go, and the kernel drops a closed socket
+//! itself), so a crash replacement, which inherits the socket, needs no update.
+//!
+//! *Load.* A worker that stops accepting leaves the rotation: the master compares each
+//! socket's accept queue (TCP_INFO) with the connections the program sent it. It samples
+//! every [`SAMPLE_EVERY`] only while a queue is non-empty, a worker is out, or a socket
+//! drains; otherwise it waits in poll(2) for a held socket to become readable (a queued
+//! connection), so an idle master sleeps. A worker is out once it accepted nothing between
+//! two samples while something waited in its queue at both, or while two or more arrived;
+//! it is back once its queue is empty. Between samples the program itself limits the harm:
+//! each sample tells it what every slot had accepted, and of the slot whose turn it is and
+//! the next two it picks the one with the fewest connections outstanding (sent since then,
+//! counted live, plus what was queued then), so a worker that stalls soon gets nothing.
+//!
+//! *Drain before stop.* In a rolling restart the new worker of a slot opens a fresh socket
+//! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
+//! the old one in the map and in the hold, the old socket gets no new connections, and
+//! once its queue has stayed empty for [`DRAIN_SETTLE`] (what the old worker accepted has
+//! been read) the supervisor is told ([`crate::supervisor::Event::Drained`]) and stops the
+//! old worker. What still arrives on the old socket before it closes (a handshake in
+//! flight) is moved by the program when it closes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant, SystemTime};
 
+use nix::poll::PollFlags;
 use nix::sys::socket::{getsockopt, sockopt};
+use nix::unistd::Pid;
+
+use crate::bpf;
+use crate::cli::Steer;
+use crate::supervisor::Event;
+
+/// How often the master samples the accept queues while something is queued.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(2);
+
+/// How long a draining socket's queue must stay empty before its worker is stopped: time
+/// for the worker to read what it accepted last.
+pub const DRAIN_SETTLE: Duration = Duration::from_millis(100);
+
+/// A draining socket whose queue never empties (its worker stalls) is given up after this;
+/// its worker is stopped and the program moves the queue when the socket closes.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A slot whose next restart is at least this far away lets go of its sockets: 100 ms,
 /// 200, 400 and 800 ms of backoff keep them (1.5 s of queued connections waiting for a
@@ -79,6 +122,61 @@ pub struct SlotSockets {
     enabled: bool,
     binds: usize,
     held: BTreeMap<usize, Held>,
+    /// The steering program, or why there is none.
+    steering: Result<Steering, String>,
+    /// Slots whose next worker opens fresh sockets although the slot is held (a rolling
+    /// restart's new worker under steering), and that worker's fresh sockets until it is
+    /// ready.
+    fresh_wanted: BTreeSet<usize>,
+    pending: BTreeMap<usize, (Pid, Held)>,
+    /// Old sockets being drained, by slot, with the worker to stop afterwards.
+    draining: BTreeMap<usize, Draining>,
+}
+
+/// The program of each bind and what the master knows of the load.
+#[derive(Debug)]
+struct Steering {
+    /// One per bind, in fd order.
+    groups: Vec<bpf::Steer>,
+    /// The slots in the program's rotation.
+    rotation: Vec<usize>,
+    /// Slots whose current worker is ready (the supervisor's view).
+    serving: BTreeSet<usize>,
+    /// The last sample of each serving slot.
+    load: BTreeMap<usize, Load>,
+    /// When to sample next; `None`: wait for a held socket to become readable.
+    next_sample: Option<Instant>,
+}
+
+/// One slot's accept queue and the connections sent to it, at the last sample.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    queue: u32,
+    sent: u64,
+    /// The accepted count last given to the program.
+    accepted: u64,
+    /// Since when it is out of rotation for not accepting.
+    out_since: Option<Instant>,
+}
+
+/// An old socket on its way out.
+#[derive(Debug)]
+struct Draining {
+    held: Held,
+    /// The old worker, stopped once the socket is drained.
+    pid: Pid,
+    since: Instant,
+    queue: u32,
+    empty_since: Option<Instant>,
+}
+
+/// Whether a worker takes new connections, for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rotation {
+    /// It does.
+    In,
+    /// It does not, and why.
+    Out(String),
 }
 
 /// What a spawn of a slot's worker gets.
@@ -91,13 +189,73 @@ pub struct Grant {
 }
 
 impl SlotSockets {
-    /// Holds nothing yet; `enabled: false` never holds anything (takeover off).
+    /// Holds nothing yet; `enabled: false` never holds anything (takeover off). No steering.
+    #[cfg(test)]
     pub fn new(enabled: bool, binds: usize) -> SlotSockets {
         SlotSockets {
             enabled,
             binds,
             held: BTreeMap::new(),
+            steering: Err("--steer hash".into()),
+            fresh_wanted: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            draining: BTreeMap::new(),
         }
+    }
+
+    /// Holds nothing yet, and sets up steering as `steer` asks: with `auto`, the line to
+    /// log when this host does not allow it; with `bpf`, an error instead.
+    pub fn with_steering(
+        enabled: bool,
+        binds: usize,
+        steer: Steer,
+    ) -> Result<(SlotSockets, Option<String>), String> {
+        let steering = match (steer, enabled) {
+            (Steer::Hash, _) => Err("--steer hash".to_string()),
+            (_, false) => Err(format!("socket takeover is off ({TAKEOVER_ENV}=0)")),
+            (_, true) => bpf::probe().and_then(|()| {
+                let groups = (0..binds)
+                    .map(|_| bpf::Steer::load())
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Steering {
+                    groups,
+                    rotation: Vec::new(),
+                    serving: BTreeSet::new(),
+                    load: BTreeMap::new(),
+                    next_sample: None,
+                })
+            }),
+        };
+        let line = match (&steering, steer) {
+            (Err(why), Steer::Bpf) => return Err(format!("--steer bpf: {why}")),
+            (Err(why), Steer::Auto) => Some(format!(
+                "steering: the kernel's SO_REUSEPORT hash (no BPF program: {why})"
+            )),
+            _ => None,
+        };
+        let sockets = SlotSockets {
+            enabled,
+            binds,
+            held: BTreeMap::new(),
+            steering,
+            fresh_wanted: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            draining: BTreeMap::new(),
+        };
+        Ok((sockets, line))
+    }
+
+    /// `bpf`, or `hash (why)`.
+    pub fn mode(&self) -> String {
+        match &self.steering {
+            Ok(_) => "bpf".into(),
+            Err(why) => format!("hash ({why})"),
+        }
+    }
+
+    /// Whether the program steers (and old sockets are drained before their worker stops).
+    pub fn steers(&self) -> bool {
+        self.steering.is_ok()
     }
 
     /// Whether takeover is on for this process: on unless [`TAKEOVER_ENV`] is `0`.
@@ -112,10 +270,16 @@ impl SlotSockets {
 
     /// The sockets the next worker of `slot` starts with. A held socket that no longer
     /// listens is dropped here, so the worker opens a fresh one.
-    pub fn grant(&mut self, slot: usize, label: &str) -> Grant {
+    /// `surge`: the slot's current worker keeps serving meanwhile (a rolling restart);
+    /// under steering that new worker opens fresh sockets, so the old ones can be drained.
+    pub fn grant(&mut self, slot: usize, label: &str, surge: bool) -> Grant {
         let Some(held) = self.held.get(&slot) else {
             return Grant::default();
         };
+        if surge && self.steers() {
+            self.fresh_wanted.insert(slot);
+            return Grant::default();
+        }
         if let Some(inode) = dead_inode(held) {
             self.held.remove(&slot);
             return Grant {
@@ -135,34 +299,142 @@ impl SlotSockets {
     /// A worker of `slot` exec'd. `inherited`: it got the held sockets; otherwise `fresh`
     /// are the sockets it opened (sent by the child; empty with takeover off), with their
     /// `inodes`.
-    pub fn started(&mut self, slot: usize, inherited: bool, fresh: Vec<OwnedFd>, inodes: &[u64]) {
+    pub fn started(
+        &mut self,
+        slot: usize,
+        pid: Pid,
+        inherited: bool,
+        fresh: Vec<OwnedFd>,
+        inodes: &[u64],
+    ) -> Option<String> {
+        let surge = self.fresh_wanted.remove(&slot);
         if inherited {
             if let Some(h) = self.held.get_mut(&slot) {
                 h.workers += 1;
             }
-            return;
+            return None;
         }
         if !self.enabled || fresh.len() != self.binds || inodes.len() != self.binds {
-            return; // dropping `fresh` closes the master's copies
+            return None; // dropping `fresh` closes the master's copies
         }
         let now = Instant::now();
+        let held = Held {
+            fds: fresh,
+            inodes: inodes.to_vec(),
+            since: now,
+            since_wall: SystemTime::now(),
+            workers: 1,
+        };
+        if surge && self.held.contains_key(&slot) {
+            // Kept aside until the new worker is ready: then it replaces the old socket.
+            self.pending.insert(slot, (pid, held));
+            return None;
+        }
+        let note = self.steer_socket(slot, &held);
         // A previous hold of the slot (a surge's crash-loop release raced a fresh spawn)
         // is replaced: the new worker serves the fresh sockets.
-        self.held.insert(
+        self.held.insert(slot, held);
+        note
+    }
+
+    /// Puts `held` in the program's map at `slot` (and attaches the program to its group).
+    fn steer_socket(&self, slot: usize, held: &Held) -> Option<String> {
+        let steering = self.steering.as_ref().ok()?;
+        for (group, fd) in steering.groups.iter().zip(&held.fds) {
+            if let Err(e) = group
+                .attach(fd.as_fd())
+                .and_then(|()| group.set_accepted(slot, 0))
+                .and_then(|()| group.set_socket(slot, fd.as_fd()))
+            {
+                return Some(format!(
+                    "worker {slot}: its socket could not join the steering map ({e}); the \
+                     kernel's hash may still send it connections"
+                ));
+            }
+        }
+        None
+    }
+
+    /// The new worker of `slot`'s rolling restart is ready and `old` (the previous worker)
+    /// is to stop: the new worker's fresh sockets replace the old ones in the map and in
+    /// the hold, and the old ones drain. Without steering, or without fresh sockets, there
+    /// is nothing to drain: the answer is at once.
+    /// `wait: false` (a hung worker): swap the sockets but answer at once. `gone`: the slot
+    /// was scaled away: its socket leaves the map and drains, with no successor.
+    pub fn begin_drain(
+        &mut self,
+        slot: usize,
+        old: Pid,
+        wait: bool,
+        gone: bool,
+        now: Instant,
+    ) -> Option<Event> {
+        if gone {
+            self.pending.remove(&slot);
+            let held = self.held.remove(&slot);
+            self.unsteer(slot);
+            let (Some(held), true, true) = (held, self.steers(), wait) else {
+                return Some(Event::Drained { slot, pid: old });
+            };
+            self.draining.insert(
+                slot,
+                Draining {
+                    held,
+                    pid: old,
+                    since: now,
+                    queue: 0,
+                    empty_since: None,
+                },
+            );
+            if let Ok(s) = self.steering.as_mut() {
+                s.next_sample = Some(now);
+            }
+            return None;
+        }
+        let fresh = self.pending.remove(&slot).map(|(_, held)| held);
+        let (Some(fresh), true) = (fresh, self.steers()) else {
+            return Some(Event::Drained { slot, pid: old });
+        };
+        let note = self.steer_socket(slot, &fresh);
+        if let Some(note) = note {
+            crate::warn!("{note}");
+        }
+        let Some(previous) = self.held.insert(slot, fresh) else {
+            return Some(Event::Drained { slot, pid: old });
+        };
+        if !wait {
+            self.update_rotation();
+            return Some(Event::Drained { slot, pid: old });
+        }
+        self.draining.insert(
             slot,
-            Held {
-                fds: fresh,
-                inodes: inodes.to_vec(),
+            Draining {
+                held: previous,
+                pid: old,
                 since: now,
-                since_wall: SystemTime::now(),
-                workers: 1,
+                queue: 0,
+                empty_since: None,
             },
         );
+        self.update_rotation();
+        if let Ok(s) = self.steering.as_mut() {
+            s.next_sample = Some(now);
+        }
+        None
+    }
+
+    /// A worker was reaped: fresh sockets it was given aside, or an old socket it drained,
+    /// are closed now (what is queued on them moves to the rotation).
+    pub fn exited(&mut self, pid: Pid) {
+        self.pending.retain(|_, (p, _)| *p != pid);
+        self.draining.retain(|_, d| d.pid != pid);
     }
 
     /// Lets go of `slot`'s sockets; the line to log, if it held any.
     pub fn release(&mut self, slot: usize, why: &str, label: &str) -> Option<String> {
+        self.pending.remove(&slot);
         let held = self.held.remove(&slot)?;
+        self.unsteer(slot);
         Some(format!(
             "{label}: let go of its socket{} (inode {}): {why}; the next worker opens a fresh one",
             if held.inodes.len() == 1 { "" } else { "s" },
@@ -172,7 +444,27 @@ impl SlotSockets {
 
     /// Lets go of every slot's sockets (the master is stopping).
     pub fn release_all(&mut self) {
+        let slots: Vec<usize> = self.held.keys().copied().collect();
+        for slot in slots {
+            self.unsteer(slot);
+        }
         self.held.clear();
+        self.pending.clear();
+        self.draining.clear();
+    }
+
+    /// Takes `slot` out of the rotation and the map.
+    fn unsteer(&mut self, slot: usize) {
+        let Ok(s) = self.steering.as_mut() else {
+            return;
+        };
+        s.serving.remove(&slot);
+        s.load.remove(&slot);
+        for group in &s.groups {
+            let _ = group.remove_socket(slot);
+            let _ = group.set_accepted(slot, 0);
+        }
+        self.update_rotation();
     }
 
     /// Slots whose held sockets no longer listen; they are dropped, and the caller replaces
@@ -185,17 +477,258 @@ impl SlotSockets {
             .collect();
         for (slot, _) in &dead {
             self.held.remove(slot);
+            self.unsteer(*slot);
         }
         dead
     }
 
-    /// The held sockets, for the master's poll(2) with no events requested: a listener
-    /// never wakes it for connections, but one shut down reports POLLHUP at once.
-    pub fn poll_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
+    /// The held sockets, for the master's poll(2). Mostly with no events requested: a
+    /// listener never wakes it for connections, but one shut down reports POLLHUP at once.
+    /// Under steering, while nothing is sampled, the sockets in rotation wake it when a
+    /// connection waits on them (POLLIN): the start of a sampling round.
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+        let armed = self
+            .steering
+            .as_ref()
+            .ok()
+            .filter(|s| s.next_sample.is_none());
         self.held
-            .values()
-            .flat_map(|h| h.fds.iter().map(|f| f.as_fd()))
+            .iter()
+            .flat_map(|(slot, h)| {
+                let flags = match armed {
+                    Some(s) if s.rotation.contains(slot) => PollFlags::POLLIN,
+                    _ => PollFlags::empty(),
+                };
+                h.fds.iter().map(move |f| (f.as_fd(), flags))
+            })
+            .collect()
+    }
+
+    /// When the master must sample the queues next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.steering.as_ref().ok().and_then(|s| s.next_sample)
+    }
+
+    /// The slots whose current worker is ready, after each round of events: they are the
+    /// candidates of the rotation.
+    pub fn set_serving(&mut self, serving: BTreeSet<usize>) {
+        let Ok(s) = self.steering.as_mut() else {
+            return;
+        };
+        if s.serving != serving {
+            s.load.retain(|slot, _| serving.contains(slot));
+            s.serving = serving;
+            self.update_rotation();
+        }
+    }
+
+    /// Samples the queues when due: updates the rotation, and says which old sockets are
+    /// drained (their workers may stop now). Called at every wake of the master.
+    pub fn service(&mut self, now: Instant) -> Vec<Event> {
+        let Ok(s) = self.steering.as_mut() else {
+            return Vec::new();
+        };
+        if s.next_sample.is_some_and(|t| now < t) {
+            return Vec::new();
+        }
+        // Woken while armed (a connection waited) or at the sampling deadline.
+        let armed = s.next_sample.is_none();
+        let mut busy = false;
+        let slots: Vec<usize> = s.serving.iter().copied().collect();
+        for slot in slots {
+            let Some(held) = self.held.get(&slot) else {
+                continue;
+            };
+            let queue: u32 = held
+                .fds
+                .iter()
+                .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
+                .sum();
+            let sent: u64 = s.groups.iter().map(|g| g.sent(slot).unwrap_or(0)).sum();
+            let in_rotation = s.rotation.contains(&slot);
+            let prev = s.load.get(&slot).copied();
+            let mut out_since = prev.and_then(|p| p.out_since);
+            if let Some(p) = prev {
+                // Accepted since the last sample: what was queued plus what arrived, minus
+                // what is queued now.
+                let arrived = sent.saturating_sub(p.sent);
+                let accepted = (p.queue as u64 + arrived).saturating_sub(queue as u64);
+                // Nothing accepted while something waited all along, or while several
+                // arrived: a worker that keeps up takes at least one in a sample's time.
+                let stalled = queue > 0 && accepted == 0 && (p.queue > 0 || arrived >= 2);
+                if in_rotation && out_since.is_none() && stalled {
+                    out_since = Some(now);
+                    crate::debug!(
+                        "worker {slot}: out of rotation: not accepting (queue {queue}, {} \
+                         then, {arrived} arrived since)",
+                        p.queue
+                    );
+                } else if out_since.is_some() && queue == 0 {
+                    out_since = None;
+                    crate::debug!("worker {slot}: back in rotation: its queue drained");
+                }
+            }
+            busy |= queue > 0 || out_since.is_some();
+            // What it accepted so far: the program compares what it sent since. (Per bind
+            // the program counts per group; with several binds the sums are looser.)
+            let accepted = sent.saturating_sub(queue as u64);
+            if prev.is_none_or(|p| p.accepted != accepted) {
+                for g in &s.groups {
+                    let _ = g.set_accepted(slot, accepted);
+                }
+            }
+            s.load.insert(
+                slot,
+                Load {
+                    queue,
+                    sent,
+                    accepted,
+                    out_since,
+                },
+            );
+        }
+        let mut events = Vec::new();
+        let mut done = Vec::new();
+        for (slot, d) in &mut self.draining {
+            d.queue = d
+                .held
+                .fds
+                .iter()
+                .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
+                .sum();
+            if d.queue > 0 {
+                d.empty_since = None;
+            } else if d.empty_since.is_none() {
+                d.empty_since = Some(now);
+            }
+            let settled = d
+                .empty_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= DRAIN_SETTLE);
+            let late = now.saturating_duration_since(d.since) >= DRAIN_TIMEOUT;
+            if settled || late {
+                if late && !settled {
+                    crate::info!(
+                        "worker {slot} (pid {}): its old socket still has {} queued after {}; \
+                         stopping it anyway (the queue moves when the socket closes)",
+                        d.pid,
+                        d.queue,
+                        crate::worker::ms(DRAIN_TIMEOUT)
+                    );
+                }
+                events.push(Event::Drained {
+                    slot: *slot,
+                    pid: d.pid,
+                });
+                done.push(*slot);
+            } else {
+                busy = true;
+            }
+        }
+        for slot in done {
+            // The master's copy closes here, before the stop signal: the old worker's own
+            // fd is then the last, and its close moves whatever is left.
+            self.draining.remove(&slot);
+        }
+        if let Ok(s) = self.steering.as_mut() {
+            s.next_sample = (busy || armed).then(|| now + SAMPLE_EVERY);
+        }
+        self.update_rotation();
+        events
+    }
+
+    /// Writes the rotation to the program when it changed: the serving, held slots that
+    /// accept; when none does, those with the shortest queue.
+    fn update_rotation(&mut self) {
+        let Ok(s) = self.steering.as_mut() else {
+            return;
+        };
+        let candidates: Vec<usize> = s
+            .serving
+            .iter()
+            .copied()
+            .filter(|slot| self.held.contains_key(slot))
+            .collect();
+        let mut rotation: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|slot| s.load.get(slot).is_none_or(|l| l.out_since.is_none()))
+            .collect();
+        if rotation.is_empty() {
+            // Everyone is behind: the shortest queues take what comes.
+            let queue = |slot: &usize| s.load.get(slot).map_or(0, |l| l.queue);
+            let least = candidates.iter().map(queue).min().unwrap_or(0);
+            rotation = candidates
+                .into_iter()
+                .filter(|slot| queue(slot) == least)
+                .collect();
+        }
+        if rotation != s.rotation {
+            for group in &s.groups {
+                if let Err(e) = group.set_rotation(&rotation) {
+                    crate::warn!("steering: updating the rotation: {e}");
+                }
+            }
+            s.rotation = rotation;
+        }
+    }
+
+    /// Whether `slot`'s socket takes new connections; `draining_pid`: the worker asked
+    /// about, when it is an old worker whose socket drains. `None` without steering.
+    pub fn rotation(&self, slot: usize, pid: Pid, now: Instant) -> Option<Rotation> {
+        let s = self.steering.as_ref().ok()?;
+        if let Some(d) = self.draining.get(&slot).filter(|d| d.pid == pid) {
+            return Some(Rotation::Out(format!(
+                "draining before it stops (queue {})",
+                d.queue
+            )));
+        }
+        if self.pending.get(&slot).is_some_and(|(p, _)| *p == pid) {
+            return Some(Rotation::Out("new worker, not ready yet".into()));
+        }
+        if s.rotation.contains(&slot) {
+            return Some(Rotation::In);
+        }
+        let why = match s.load.get(&slot) {
+            Some(Load {
+                out_since: Some(t),
+                queue,
+                ..
+            }) => format!(
+                "not accepting (queue {queue} for {})",
+                crate::worker::ms(now.saturating_duration_since(*t))
+            ),
+            _ if !self.held.contains_key(&slot) => "its socket is not held".into(),
+            _ if !s.serving.contains(&slot) => "not ready".into(),
+            _ => "out".into(),
+        };
+        Some(Rotation::Out(why))
+    }
+
+    /// The program map's socket cookie at `slot` and the cookie of the socket held for it,
+    /// for tests and `status`: equal when the map is right. `None` without steering.
+    pub fn map_entry(&self, slot: usize) -> Option<(Option<u64>, Option<u64>)> {
+        let s = self.steering.as_ref().ok()?;
+        let group = s.groups.first()?;
+        let in_map = group.socket_at(slot).ok().flatten();
+        let held = self
+            .held
+            .get(&slot)
+            .and_then(|h| h.fds.first())
+            .and_then(|f| bpf::socket_cookie(f.as_fd()).ok());
+        Some((in_map, held))
+    }
+
+    /// Slots with an entry in the program's socket map (first bind), up to `max`.
+    pub fn mapped_slots(&self, max: usize) -> Vec<usize> {
+        let Ok(s) = self.steering.as_ref() else {
+            return Vec::new();
+        };
+        let Some(group) = s.groups.first() else {
+            return Vec::new();
+        };
+        (0..max.min(bpf::MAX_SLOTS as usize))
+            .filter(|slot| group.socket_at(*slot).ok().flatten().is_some())
+            .collect()
     }
 
     /// What `status` shows of `slot`'s sockets.
@@ -258,18 +791,18 @@ mod tests {
     #[test]
     fn the_first_worker_opens_and_every_later_one_inherits_the_same_socket() {
         let mut s = SlotSockets::new(true, 1);
-        let first = s.grant(0, "worker 0");
+        let first = s.grant(0, "worker 0", false);
         assert!(
             first.inherit.is_none(),
             "nothing held yet: the child opens it"
         );
         let (fd, inode, _) = listener();
         let raw = fd.as_raw_fd();
-        s.started(0, false, vec![fd], &[inode]);
+        s.started(0, Pid::from_raw(100), false, vec![fd], &[inode]);
         for _ in 0..3 {
-            let g = s.grant(0, "worker 0");
+            let g = s.grant(0, "worker 0", false);
             assert_eq!(g.inherit, Some(vec![raw]));
-            s.started(0, true, Vec::new(), &[inode]);
+            s.started(0, Pid::from_raw(100), true, Vec::new(), &[inode]);
         }
         let view = s.view(0, Instant::now()).unwrap();
         assert_eq!((view.inodes, view.workers), (vec![inode], 4));
@@ -280,10 +813,10 @@ mod tests {
     fn a_connection_queued_while_no_worker_runs_waits_for_the_successor() {
         let mut s = SlotSockets::new(true, 1);
         let (fd, inode, addr) = listener();
-        s.started(0, false, vec![fd], &[inode]);
+        s.started(0, Pid::from_raw(100), false, vec![fd], &[inode]);
         // The worker is gone; the client connects to the held socket in between.
         let mut client = TcpStream::connect(addr).unwrap();
-        assert!(s.grant(0, "worker 0").inherit.is_some());
+        assert!(s.grant(0, "worker 0", false).inherit.is_some());
         // A dup of the held socket stands for the successor's fd 3.
         let held = &s.held[&0].fds[0];
         let successor = TcpListener::from(nix::unistd::dup(held).unwrap());
@@ -299,10 +832,10 @@ mod tests {
     fn release_closes_the_masters_reference_and_the_next_worker_opens_fresh() {
         let mut s = SlotSockets::new(true, 1);
         let (fd, inode, addr) = listener();
-        s.started(0, false, vec![fd], &[inode]);
+        s.started(0, Pid::from_raw(100), false, vec![fd], &[inode]);
         let line = s.release(0, "crash loop", "worker 0").unwrap();
         assert!(line.contains(&format!("inode {inode}")), "{line}");
-        assert!(s.grant(0, "worker 0").inherit.is_none());
+        assert!(s.grant(0, "worker 0", false).inherit.is_none());
         assert!(
             s.release(0, "again", "worker 0").is_none(),
             "nothing left to log"
@@ -319,14 +852,14 @@ mod tests {
         let (fd, inode, _) = listener();
         // The app's fd 3 is the same socket: shutdown(2) through it ends it for the master.
         let app = TcpListener::from(nix::unistd::dup(&fd).unwrap());
-        s.started(0, false, vec![fd], &[inode]);
+        s.started(0, Pid::from_raw(100), false, vec![fd], &[inode]);
         assert!(
             s.lost().is_empty(),
             "control: a listening socket is not lost"
         );
         nix::sys::socket::shutdown(app.as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
         assert_eq!(s.lost(), vec![(0, inode)]);
-        assert!(s.grant(0, "worker 0").inherit.is_none());
+        assert!(s.grant(0, "worker 0", false).inherit.is_none());
     }
 
     #[test]
@@ -334,9 +867,9 @@ mod tests {
         let mut s = SlotSockets::new(true, 1);
         let (fd, inode, _) = listener();
         let dup = nix::unistd::dup(&fd).unwrap();
-        s.started(0, false, vec![fd], &[inode]);
+        s.started(0, Pid::from_raw(100), false, vec![fd], &[inode]);
         nix::sys::socket::shutdown(dup.as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
-        let g = s.grant(0, "worker 0 (cpu 0)");
+        let g = s.grant(0, "worker 0 (cpu 0)", false);
         assert!(g.inherit.is_none());
         assert!(g.note.unwrap().contains("no longer listens"));
     }
@@ -345,8 +878,8 @@ mod tests {
     fn with_takeover_off_nothing_is_held() {
         let mut s = SlotSockets::new(false, 1);
         let (fd, inode, _) = listener();
-        s.started(0, false, vec![fd], &[inode]);
-        assert!(s.grant(0, "worker 0").inherit.is_none());
+        s.started(0, Pid::from_raw(100), false, vec![fd], &[inode]);
+        assert!(s.grant(0, "worker 0", false).inherit.is_none());
         assert_eq!(s.fd_count(), 0);
     }
 
@@ -354,16 +887,16 @@ mod tests {
     fn a_partial_set_of_sockets_is_not_held() {
         let mut s = SlotSockets::new(true, 2);
         let (fd, inode, _) = listener();
-        s.started(0, false, vec![fd], &[inode]);
+        s.started(0, Pid::from_raw(100), false, vec![fd], &[inode]);
         assert!(
-            s.grant(0, "worker 0").inherit.is_none(),
+            s.grant(0, "worker 0", false).inherit.is_none(),
             "2 binds need 2 sockets"
         );
         let (a, ia, _) = listener();
         let (b, ib, _) = listener();
         let raws = vec![a.as_raw_fd(), b.as_raw_fd()];
-        s.started(1, false, vec![a, b], &[ia, ib]);
-        assert_eq!(s.grant(1, "worker 1").inherit, Some(raws));
+        s.started(1, Pid::from_raw(100), false, vec![a, b], &[ia, ib]);
+        assert_eq!(s.grant(1, "worker 1", false).inherit, Some(raws));
         s.release_all();
         assert_eq!(s.fd_count(), 0);
     }

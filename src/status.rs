@@ -12,7 +12,7 @@ use nix::libc;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::slot_sockets::SlotSockets;
+use crate::slot_sockets::{Rotation, SlotSockets};
 use crate::supervisor::{RolloutResult, Supervisor};
 use crate::worker::{ms, SlotState};
 
@@ -58,6 +58,22 @@ pub struct ClusterStatus {
     pub socket_takeover: bool,
     /// The sockets the master holds, per slot.
     pub held_sockets: Vec<HeldSocketsStatus>,
+    /// Who picks a new connection's worker: `bpf`, or `hash (why)`.
+    pub steering: String,
+    /// Under bpf steering, every entry of the program's socket map (first bind), with the
+    /// cookie of the socket the master holds for that slot: equal when the map is right.
+    pub steering_map: Vec<MapEntryStatus>,
+}
+
+/// One entry of the steering program's socket map.
+#[derive(Debug, Serialize)]
+pub struct MapEntryStatus {
+    /// The slot (the map's key).
+    pub slot: usize,
+    /// The socket cookie in the map.
+    pub in_map: Option<u64>,
+    /// The cookie of the socket the master holds for the slot.
+    pub held: Option<u64>,
 }
 
 /// The sockets the master holds for one slot: they outlive its workers.
@@ -144,6 +160,8 @@ pub struct WorkerStatus {
     pub last_recycle: Option<String>,
     /// Accept queue of each listening socket.
     pub queues: Vec<QueueStatus>,
+    /// Under bpf steering: `in` when new connections may go to it, else `out: why`.
+    pub rotation: Option<String>,
 }
 
 /// The accept queue of one listening socket.
@@ -186,6 +204,10 @@ impl ClusterStatus {
                     app_status: w.status.clone(),
                     memory_bytes: crate::recycle::tree_memory(w.pid),
                     last_recycle: slot.and_then(|s| s.last_recycle.clone()),
+                    rotation: sockets.rotation(w.slot, w.pid, now).map(|r| match r {
+                        Rotation::In => "in".to_string(),
+                        Rotation::Out(why) => format!("out: {why}"),
+                    }),
                     queues: w
                         .sockets
                         .iter()
@@ -220,6 +242,7 @@ impl ClusterStatus {
                     last_recycle: slot.last_recycle.clone(),
                     app_status: None,
                     queues: Vec::new(),
+                    rotation: None,
                 });
             }
         }
@@ -276,6 +299,22 @@ impl ClusterStatus {
                 .collect(),
             workers,
             socket_takeover: sockets.enabled(),
+            steering: sockets.mode(),
+            steering_map: {
+                let size = supervisor.slots().len();
+                let max = sockets.slots().last().map_or(0, |s| s + 1).max(size) + 8;
+                sockets
+                    .mapped_slots(max)
+                    .into_iter()
+                    .chain(sockets.slots())
+                    .collect::<std::collections::BTreeSet<usize>>()
+                    .into_iter()
+                    .filter_map(|slot| {
+                        let (in_map, held) = sockets.map_entry(slot)?;
+                        Some(MapEntryStatus { slot, in_map, held })
+                    })
+                    .collect()
+            },
             held_sockets: sockets
                 .slots()
                 .into_iter()
@@ -322,6 +361,7 @@ impl ClusterStatus {
         );
         let _ = writeln!(out, "sockets: {}", binds.join(", "));
         let _ = writeln!(out, "ready: {}; migrate: {}", self.ready_mode, self.migrate);
+        let _ = writeln!(out, "steering: {}", self.steering);
         let held: Vec<String> = self
             .held_sockets
             .iter()
@@ -378,7 +418,7 @@ impl ClusterStatus {
         }
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} STATUS",
+            "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} {:<10} STATUS",
             "SLOT",
             "PID",
             "CPU",
@@ -388,7 +428,8 @@ impl ClusterStatus {
             "RESTARTS",
             "LAST EXIT",
             "QUEUE",
-            "MEMORY"
+            "MEMORY",
+            "ROTATION"
         );
         let uptime = |w: &WorkerStatus| match w.next_start_in_s {
             Some(next) => format!("next {}", ms(Duration::from_secs_f64(next))),
@@ -402,7 +443,7 @@ impl ClusterStatus {
                 .collect();
             let _ = writeln!(
                 out,
-                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} {}",
+                "{:<5} {:<8} {:<4} {:<4} {:<9} {:<11} {:<8} {:<18} {:<16} {:<8} {:<10} {}",
                 w.slot,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.cpu.map_or("-".into(), |c| c.to_string()),
@@ -416,6 +457,7 @@ impl ClusterStatus {
                     Some(_) => crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
                     None => "-".into(),
                 },
+                w.rotation.as_deref().unwrap_or("-"),
                 w.app_status.as_deref().unwrap_or("-")
             );
             if let Some(why) = w.last_recycle.as_deref().filter(|_| w.serving) {

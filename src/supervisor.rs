@@ -111,6 +111,14 @@ pub enum Event {
         /// The dead socket's inode.
         inode: u64,
     },
+    /// The old socket of `slot` drained (slot_sockets.rs, after [`Action::Drain`]): its
+    /// worker `pid` may stop now.
+    Drained {
+        /// The slot.
+        slot: usize,
+        /// The old worker.
+        pid: Pid,
+    },
     /// Time passed; timers may be due.
     Tick,
 }
@@ -148,6 +156,16 @@ pub enum Action {
     },
     /// Let go of every slot's sockets: the master is stopping.
     ReleaseAllSockets,
+    /// `slot`'s new worker is ready: take its old worker `pid`'s socket out of the
+    /// selection and answer with Drained once its queue is empty.
+    Drain {
+        /// The slot.
+        slot: usize,
+        /// The old worker.
+        pid: Pid,
+        /// Wait for its queue to empty; `false`: answer at once (a hung worker).
+        wait: bool,
+    },
     /// Write a line to the master's log.
     Log(String),
     /// Tell clients waiting on a rolling restart how it goes.
@@ -312,6 +330,9 @@ pub struct Settings {
     pub ready_timeout: Duration,
     /// Slots replaced at once in a rolling restart.
     pub rolling_batch: usize,
+    /// Drain an old worker's socket before stopping it in a rolling restart (`--steer
+    /// bpf`): [`Action::Drain`] first, the stop signal on [`Event::Drained`].
+    pub drain: bool,
 }
 
 /// The cluster's state and the rules that change it.
@@ -416,6 +437,19 @@ impl Supervisor {
                     .is_some_and(|w| w.state == WorkerState::Ready)
             })
             .count()
+    }
+
+    /// Slots whose current worker is ready.
+    pub fn ready_slots(&self) -> std::collections::BTreeSet<usize> {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.pid()
+                    .and_then(|p| self.workers.get(&p))
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+            })
+            .map(|s| s.index)
+            .collect()
     }
 
     /// Whether the master is shutting down.
@@ -575,6 +609,7 @@ impl Supervisor {
             Event::Scale(n) => self.on_scale(n, now, &mut out),
             Event::Recycle { pid, reason } => self.on_recycle(pid, reason, now, &mut out),
             Event::SocketLost { slot, inode } => self.on_socket_lost(slot, inode, now, &mut out),
+            Event::Drained { slot, pid } => self.on_drained(slot, pid, now, &mut out),
             Event::Tick => self.on_tick(now, &mut out),
         }
         self.finish_if_stopped(&mut out);
@@ -704,7 +739,7 @@ impl Supervisor {
             Some(SurgeStep::Starting(_)) => {
                 return self.abort_rolling(format!("{line}, before it was ready"), now, out);
             }
-            Some(SurgeStep::Retiring(_)) => {
+            Some(SurgeStep::Retiring(_) | SurgeStep::Draining(_)) => {
                 out.push(Action::Log(line));
                 if let Some(r) = self.rolling.as_mut() {
                     r.set_step(worker.slot, SurgeStep::Done);
@@ -791,15 +826,25 @@ impl Supervisor {
                 .rolling
                 .as_ref()
                 .is_some_and(|r| matches!(r.purpose, Purpose::Recycle { hung: true, .. }));
+            if let (Some(old), true) = (old, hung) {
+                // It will most likely not answer: SIGKILL comes sooner.
+                let grace = crate::recycle::HUNG_GRACE.min(self.settings.grace);
+                if let Some(w) = self.workers.get_mut(&old) {
+                    w.stop_grace = Some(grace);
+                }
+            }
             let step = match old {
+                Some(old) if self.settings.drain => {
+                    // A hung worker's queue would never empty: its socket is swapped out
+                    // and the worker stopped at once (the program moves the queue).
+                    out.push(Action::Drain {
+                        slot: index,
+                        pid: old,
+                        wait: !hung,
+                    });
+                    SurgeStep::Draining(old)
+                }
                 Some(old) => {
-                    if hung {
-                        // It will most likely not answer: SIGKILL comes sooner.
-                        let grace = crate::recycle::HUNG_GRACE.min(self.settings.grace);
-                        if let Some(w) = self.workers.get_mut(&old) {
-                            w.stop_grace = Some(grace);
-                        }
-                    }
                     self.stop_worker(old, now, out);
                     SurgeStep::Retiring(old)
                 }
@@ -1071,6 +1116,20 @@ impl Supervisor {
         } else {
             while self.slots.len() > wanted {
                 let Some(slot) = self.slots.pop() else { break };
+                let ready = slot
+                    .pid()
+                    .and_then(|p| self.workers.get(&p))
+                    .filter(|w| w.state == WorkerState::Ready)
+                    .map(|w| w.pid);
+                if let (Some(pid), true) = (ready, self.settings.drain) {
+                    // Its socket leaves the selection first; the worker stops once it drained.
+                    out.push(Action::Drain {
+                        slot: slot.index,
+                        pid,
+                        wait: true,
+                    });
+                    continue;
+                }
                 // Its worker's own fd decides from here, as without takeover: the master's
                 // reference would keep the socket in the group with nobody to serve it.
                 out.push(Action::ReleaseSockets {
@@ -1152,6 +1211,22 @@ impl Supervisor {
             "{why}; replacing worker {index} (pid {pid}) with one on a fresh socket"
         )));
         self.stop_worker(pid, now, out);
+    }
+
+    /// The old worker's socket drained: stop the worker (also when the rolling restart was
+    /// abandoned meanwhile: it no longer serves its slot either way).
+    fn on_drained(&mut self, slot: usize, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+        let serving = self.slots.get(slot).and_then(|s| s.pid()) == Some(pid);
+        if !serving {
+            self.stop_worker(pid, now, out);
+        }
+        if let Some(r) = self.rolling.as_mut() {
+            if r.surge(slot)
+                .is_some_and(|s| s.step == SurgeStep::Draining(pid))
+            {
+                r.set_step(slot, SurgeStep::Retiring(pid));
+            }
+        }
     }
 
     fn on_ready_timeout(&mut self, pid: Pid, now: Instant, out: &mut Vec<Action>) {
@@ -1369,6 +1444,7 @@ mod tests {
                 ready,
                 ready_timeout: TIMEOUT,
                 rolling_batch: batch,
+                drain: false,
             },
             t0,
         );
@@ -1685,6 +1761,96 @@ mod tests {
         );
         assert!(s.rolling.is_none());
         assert_eq!(s.slots()[1].generation, 2);
+    }
+
+    #[test]
+    fn with_drain_the_old_worker_stops_only_once_its_socket_drained() {
+        let (mut s, t) = running(2);
+        s.settings.drain = true;
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        let out = s.step(ready(200), t);
+        assert!(
+            out.contains(&Action::Drain {
+                slot: 0,
+                pid: pid(100),
+                wait: true,
+            }),
+            "{out:?}"
+        );
+        assert!(signals(&out).is_empty(), "no stop signal before the drain");
+        assert_eq!(s.slots()[0].pid(), Some(pid(200)), "the new worker serves");
+        assert!(spawns(&s.step(Event::Tick, t)).is_empty(), "slot 1 waits");
+        let out = s.step(
+            Event::Drained {
+                slot: 0,
+                pid: pid(100),
+            },
+            t,
+        );
+        assert_eq!(signals(&out), vec![(100, TERM)]);
+        let out = s.step(exited(100, ExitReason::signal(TERM)), t);
+        assert_eq!(spawns(&out), vec![(1, 2)], "then the next slot");
+    }
+
+    #[test]
+    fn with_drain_a_scaled_away_worker_stops_once_its_socket_drained() {
+        let (mut s, t) = running(2);
+        s.settings.drain = true;
+        let out = s.step(Event::Scale(1), t);
+        assert!(
+            out.contains(&Action::Drain {
+                slot: 1,
+                pid: pid(101),
+                wait: true
+            }),
+            "{out:?}"
+        );
+        assert!(signals(&out).is_empty(), "{out:?}");
+        let drained = Event::Drained {
+            slot: 1,
+            pid: pid(101),
+        };
+        assert_eq!(signals(&s.step(drained, t)), vec![(101, TERM)]);
+    }
+
+    #[test]
+    fn an_old_worker_dying_while_its_socket_drains_moves_the_pass_on() {
+        let (mut s, t) = running(2);
+        s.settings.drain = true;
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(ready(200), t);
+        let out = s.step(exited(100, ExitReason::Code(1)), t);
+        assert_eq!(spawns(&out), vec![(1, 2)]);
+        // The drain's late answer finds nothing to stop.
+        let late = Event::Drained {
+            slot: 0,
+            pid: pid(100),
+        };
+        assert!(signals(&s.step(late, t)).is_empty());
+    }
+
+    #[test]
+    fn a_drain_outliving_its_abandoned_pass_still_stops_the_old_worker() {
+        let (mut s, t) = running(2);
+        s.settings.drain = true;
+        s.settings.rolling_batch = 2;
+        reload(&mut s, t);
+        s.step(spawned(0, 2, 200), t);
+        s.step(spawned(1, 2, 201), t);
+        s.step(ready(200), t);
+        // Slot 1's new worker crashes: the pass is abandoned, slot 0 keeps its new worker.
+        s.step(exited(201, ExitReason::Code(1)), t);
+        assert!(s.rolling().is_none());
+        let out = s.step(
+            Event::Drained {
+                slot: 0,
+                pid: pid(100),
+            },
+            t,
+        );
+        assert_eq!(signals(&out), vec![(100, TERM)]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 // Node's cluster module with round-robin scheduling: the primary accepts every connection
 // and hands it to a worker (the design reuseport-cluster replaces). WORKERS workers.
+// APP: the worker's script [default: app.js].
 const cluster = require('cluster');
 // NODE_CLUSTER_SCHED_POLICY=none: the workers share the listening socket instead.
 if (process.env.NODE_CLUSTER_SCHED_POLICY !== 'none') cluster.schedulingPolicy = cluster.SCHED_RR;
@@ -11,5 +12,5 @@ if (cluster.isPrimary) {
     cluster.disconnect(() => process.exit(0));
   });
 } else {
-  require('./app.js');
+  require(process.env.APP || './app.js');
 }

@@ -69,7 +69,11 @@ fn status_text_and_json_tell_the_truth_about_every_worker() {
 
 #[test]
 fn a_stopped_worker_shows_a_growing_accept_queue_that_drains_after_sigcont() {
+    // The kernel's hash keeps sending the stopped worker its share (--steer bpf would take
+    // it out of rotation: tests/integration/steering.rs).
     let mut c = Cluster::start(&[
+        "--steer",
+        "hash",
         "--workers",
         "2",
         "--bind",

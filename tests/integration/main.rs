@@ -13,5 +13,6 @@ mod real_deploy;
 mod recycle;
 pub(crate) mod rolling;
 mod servers;
+mod steering;
 mod support;
 mod takeover;

@@ -17,6 +17,9 @@ pub use nix::sys::signal::Signal;
 pub const PYTHON_HTTP_APP: &str = include_str!("apps/http_app.py");
 /// A python app that closes its listener on SIGTERM without draining its queue.
 pub const PYTHON_CLOSE_APP: &str = include_str!("apps/close_app.py");
+/// A python app that accepts eagerly and, when it stops, closes what it accepted but has
+/// not read (as uvicorn does).
+pub const PYTHON_EAGER_APP: &str = include_str!("apps/eager_app.py");
 /// A Node app that calls server.close() on SIGTERM.
 pub const NODE_CLOSE_APP: &str = include_str!("apps/close_app.js");
 

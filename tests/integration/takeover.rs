@@ -209,7 +209,11 @@ fn takeover_the_slots_socket_survives_restarts_and_generations_and_status_shows_
     let port = free_port().to_string();
     let second = format!("127.0.0.1:{port}");
     let first = format!("127.0.0.1:{}", free_port());
+    // With --steer bpf a rolling restart's new worker opens fresh sockets (to drain the old
+    // ones): the hold across generations is the hash's behaviour.
     let mut c = Cluster::start(&[
+        "--steer",
+        "hash",
         "--workers",
         "2",
         "--bind",
@@ -352,8 +356,12 @@ fn takeover_a_crash_looping_slot_lets_go_of_its_socket_and_the_others_serve() {
 #[test]
 fn takeover_an_app_that_shuts_its_listener_down_at_stop_does_not_take_the_slot_down() {
     let app = script("close_app.py", PYTHON_CLOSE_APP);
+    // Under --steer hash the old and the new worker share the slot's socket; with bpf the
+    // old worker shuts down its own, drained socket, which harms nobody.
     let mut c = Cluster::spawn(
         &[
+            "--steer",
+            "hash",
             "--workers",
             "2",
             "--bind",

@@ -1,0 +1,339 @@
+//! Steering (issue 13): the scenarios where the kernel's SO_REUSEPORT hash is weak, run
+//! against four ways of spreading connections over 4 workers of one Node app
+//! (benches/node/steer_app.js):
+//! - `hash`: reuseport-cluster `--steer hash` (each worker its own socket, the kernel hashes);
+//! - `bpf`: reuseport-cluster `--steer bpf` (the SK_REUSEPORT program: round robin over the
+//!   workers that accept);
+//! - `cluster rr`: Node's cluster module, round robin (the primary accepts every connection);
+//! - `cluster shared`: Node's cluster module, SCHED_NONE (every worker accepts from one
+//!   shared socket).
+//!
+//! Scenarios (wrk, workers and wrk share the machine's CPUs):
+//! 1. stall: wrk -c64 `Connection: close` `--timeout 2s` for 7 s; one worker SIGSTOPped
+//!    from second 2 to second 5: timeouts;
+//! 2. slow: 1 % of requests block their worker 200 ms, wrk -c64 `Connection: close`, 10 s:
+//!    req/s, p99, max;
+//! 3. spread: 8 keep-alive clients (wrk -t2 -c8, 4 s) on 4 workers, 3 runs: requests
+//!    max/min per worker (∞: a worker got nothing);
+//! 4. uniform: wrk -c64 `Connection: close`, 10 s: req/s; and the master's CPU time over
+//!    3 idle seconds.
+//!
+//! One run. Run: `scripts/install-load-tools.sh --no-oha && cargo bench --bench steering`
+//! (as root, for bpf).
+
+#[path = "../tests/integration/support.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{children, free_port, get, wait_until, Signal};
+
+const LAUNCHERS: [&str; 4] = ["hash", "bpf", "cluster rr", "cluster shared"];
+const WORKERS: usize = 4;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Running {
+    child: Child,
+    port: u16,
+}
+
+fn start(launcher: &str, env: &[(&str, String)]) -> Running {
+    let port = free_port();
+    let app = root().join("benches/node/steer_app.js");
+    let bin = env!("CARGO_BIN_EXE_reuseport-cluster");
+    let mut cmd = match launcher {
+        "hash" | "bpf" => {
+            let mut c = Command::new(bin);
+            let control = std::env::temp_dir().join(format!("steering-{port}.sock"));
+            c.args([
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--workers",
+                &WORKERS.to_string(),
+                "--steer",
+                launcher,
+                "--grace",
+                "2s",
+            ])
+            .arg("--control")
+            .arg(control)
+            .args(["--", "node", app.to_str().unwrap()]);
+            c
+        }
+        _ => {
+            let mut c = Command::new("node");
+            c.arg(root().join("benches/node/cluster.js"))
+                .env("WORKERS", WORKERS.to_string())
+                .env("APP", &app);
+            if launcher == "cluster shared" {
+                c.env("NODE_CLUSTER_SCHED_POLICY", "none");
+            }
+            c
+        }
+    };
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env("PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {launcher}: {e}"));
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let pid = child.id();
+    assert!(
+        wait_until(Duration::from_secs(30), || get(addr).is_ok()
+            && children(pid).len() >= WORKERS),
+        "{launcher} did not answer"
+    );
+    // Every worker listening (Node cluster workers start one by one).
+    std::thread::sleep(Duration::from_millis(500));
+    Running { child, port }
+}
+
+fn stop(mut r: Running) {
+    let group = r.child.id();
+    support::signal(group, Signal::SIGTERM);
+    let gone = wait_until(Duration::from_secs(10), || {
+        r.child.try_wait().ok().flatten().is_some()
+    });
+    if !gone {
+        support::kill_group(group);
+    }
+    let _ = r.child.wait();
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group as i32), Signal::SIGKILL);
+}
+
+fn duration_ms(s: &str) -> f64 {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Wrk {
+    rps: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    timeouts: u64,
+    errors: u64,
+}
+
+fn wrk(port: u16, args: &[&str]) -> Wrk {
+    let out = Command::new("wrk")
+        .args(["--latency"])
+        .args(args)
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("running wrk (scripts/install-load-tools.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut w = Wrk::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["Requests/sec:", v] => w.rps = v.parse().unwrap_or(0.0),
+            ["99%", v] => w.p99_ms = duration_ms(v),
+            ["Latency", _avg, _stdev, max, ..] => w.max_ms = duration_ms(max),
+            ["Socket", "errors:", rest @ ..] => {
+                // connect N, read N, write N, timeout N
+                let nums: Vec<u64> = rest
+                    .iter()
+                    .filter_map(|x| x.trim_end_matches(',').parse().ok())
+                    .collect();
+                w.errors += nums.iter().take(3).sum::<u64>();
+                w.timeouts += nums.get(3).copied().unwrap_or(0);
+            }
+            ["Non-2xx", "or", "3xx", "responses:", v] => w.errors += v.parse::<u64>().unwrap_or(0),
+            _ => {}
+        }
+    }
+    w
+}
+
+fn close() -> [&'static str; 2] {
+    ["-H", "Connection: close"]
+}
+
+fn stall(launcher: &str) -> Wrk {
+    let r = start(launcher, &[]);
+    let victim = *children(r.child.id()).iter().min().unwrap();
+    let port = r.port;
+    let load = std::thread::spawn(move || {
+        let [h, v] = close();
+        wrk(port, &["-t2", "-c64", "-d7s", "--timeout", "2s", h, v])
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    support::signal(victim, Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(3));
+    support::signal(victim, Signal::SIGCONT);
+    let w = load.join().unwrap();
+    stop(r);
+    w
+}
+
+fn slow(launcher: &str) -> Wrk {
+    let r = start(
+        launcher,
+        &[("SLOW_PERMILLE", "10".into()), ("SLOW_MS", "200".into())],
+    );
+    let [h, v] = close();
+    let w = wrk(r.port, &["-t2", "-c64", "-d10s", "--timeout", "5s", h, v]);
+    stop(r);
+    w
+}
+
+/// max/min requests per worker, and the counts.
+fn spread(launcher: &str) -> (f64, Vec<u64>) {
+    let dir = std::env::temp_dir().join(format!("steering-counts-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = start(launcher, &[("COUNT_DIR", dir.display().to_string())]);
+    let pids = children(r.child.id());
+    // The warm-up request of start() was counted: start from the files as they are now.
+    std::thread::sleep(Duration::from_millis(400));
+    let read = |pid: &u32| -> u64 {
+        std::fs::read_to_string(dir.join(pid.to_string()))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before: HashMap<u32, u64> = pids.iter().map(|p| (*p, read(p))).collect();
+    wrk(r.port, &["-t2", "-c8", "-d4s"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let mut counts: Vec<u64> = pids.iter().map(|p| read(p) - before[p]).collect();
+    stop(r);
+    let _ = std::fs::remove_dir_all(&dir);
+    counts.sort_unstable();
+    let ratio = match (counts.first(), counts.last()) {
+        (Some(&min), Some(&max)) if min > 0 => max as f64 / min as f64,
+        _ => f64::INFINITY,
+    };
+    (ratio, counts)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// req/s with uniform load, the master's CPU seconds during it, and over 3 idle seconds.
+fn uniform(launcher: &str) -> (Wrk, f64, f64) {
+    let r = start(launcher, &[]);
+    let master = r.child.id();
+    let c0 = cpu_seconds(master);
+    let [h, v] = close();
+    let w = wrk(r.port, &["-t2", "-c64", "-d10s", h, v]);
+    let c1 = cpu_seconds(master);
+    std::thread::sleep(Duration::from_secs(3));
+    let c2 = cpu_seconds(master);
+    stop(r);
+    (w, c1 - c0, c2 - c1)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list`, `cargo test --benches`: nothing to list
+    }
+    let load: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    println!(
+        "steering bench: {} CPUs, load average {load:.2} at the start; 4 workers of benches/node/steer_app.js; one run\n",
+        num_cpus()
+    );
+
+    println!("| scenario | {} |", LAUNCHERS.join(" | "));
+    println!("|---|{}", "---|".repeat(LAUNCHERS.len()));
+
+    let cells: Vec<String> = LAUNCHERS
+        .iter()
+        .map(|l| {
+            let w = stall(l);
+            format!("{} ({:.0} req/s)", w.timeouts, w.rps)
+        })
+        .collect();
+    println!(
+        "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`: timeouts | {} |",
+        cells.join(" | ")
+    );
+
+    let cells: Vec<String> = LAUNCHERS
+        .iter()
+        .map(|l| {
+            let w = slow(l);
+            format!("{:.0}, {:.0} ms, {:.0} ms", w.rps, w.p99_ms, w.max_ms)
+        })
+        .collect();
+    println!(
+        "| 1 % of requests block their worker 200 ms, `Connection: close`: req/s, p99, max | {} |",
+        cells.join(" | ")
+    );
+
+    let cells: Vec<String> = LAUNCHERS
+        .iter()
+        .map(|l| {
+            let runs: Vec<String> = (0..3)
+                .map(|_| {
+                    let (ratio, counts) = spread(l);
+                    eprintln!("{l}: spread {counts:?}");
+                    if ratio.is_finite() {
+                        format!("{ratio:.1}")
+                    } else {
+                        "∞".into()
+                    }
+                })
+                .collect();
+            runs.join(", ")
+        })
+        .collect();
+    println!(
+        "| 8 keep-alive clients on 4 workers: requests max/min per worker (3 runs) | {} |",
+        cells.join(" | ")
+    );
+
+    let results: Vec<(Wrk, f64, f64)> = LAUNCHERS.iter().map(|l| uniform(l)).collect();
+    let cells: Vec<String> = results
+        .iter()
+        .map(|(w, busy, idle)| {
+            format!(
+                "{:.0} req/s, {} errors; master CPU {busy:.2} s busy, {idle:.2} s idle",
+                w.rps, w.errors
+            )
+        })
+        .collect();
+    println!(
+        "| uniform, `Connection: close`, 10 s: req/s; master CPU during it and over 3 idle s | {} |",
+        cells.join(" | ")
+    );
+    let ratio = results[1].0.rps / results[0].0.rps;
+    println!("\nuniform load, bpf / hash: {ratio:.3}");
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

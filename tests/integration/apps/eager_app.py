@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+# A python3 HTTP app that stops the way uvicorn does: it accepts eagerly (every queued
+# connection, each time the listener is readable) into one event loop, reads requests when
+# they arrive, and on SIGTERM stops accepting, finishes the requests it has read, and
+# closes the connections it accepted but has not read a request from yet. Env: DELAY_MS=N
+# takes that long per request (inline, like a blocking handler).
+import os, selectors, signal, socket, time
+
+assert int(os.environ["LISTEN_PID"]) == os.getpid()
+listener = socket.socket(fileno=3)
+listener.setblocking(False)
+delay = int(os.environ.get("DELAY_MS", "0")) / 1000
+worker = os.environ["REUSEPORT_CLUSTER_WORKER"]
+body = "pid={} worker={}\n".format(os.getpid(), worker).encode()
+stop = False
+
+
+def on_term(*_):
+    global stop
+    stop = True
+
+
+signal.signal(signal.SIGTERM, on_term)
+sel = selectors.DefaultSelector()
+sel.register(listener, selectors.EVENT_READ)
+buffers = {}
+
+
+def serve(conn):
+    data = buffers[conn]
+    try:
+        chunk = conn.recv(4096)
+    except OSError:
+        chunk = b""
+    if not chunk:
+        sel.unregister(conn)
+        del buffers[conn]
+        conn.close()
+        return
+    data += chunk
+    buffers[conn] = data
+    if b"\r\n\r\n" not in data:
+        return
+    if delay:
+        time.sleep(delay)
+    try:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Worker: %s\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), worker.encode(), body))
+    except OSError:
+        pass
+    sel.unregister(conn)
+    del buffers[conn]
+    conn.close()
+
+
+while not stop:
+    for key, _ in sel.select(timeout=0.05):
+        if stop:
+            break
+        if key.fileobj is listener:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                conn.setblocking(False)
+                buffers[conn] = b""
+                sel.register(conn, selectors.EVENT_READ)
+        elif key.fileobj in buffers:
+            serve(key.fileobj)
+sel.unregister(listener)
+listener.close()
+# Like uvicorn's shutdown: connections with no request read yet are closed at once.
+for conn in list(buffers):
+    conn.close()

@@ -1,0 +1,422 @@
+//! `--steer`: the SK_REUSEPORT program that places new connections (bpf), its fallback to
+//! the kernel's hash, drain before stop, and load-aware rotation. Each behaviour is checked
+//! against `--steer hash` as the control case.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Whether this host lets the test load BPF programs; prints why not.
+fn bpf_possible() -> bool {
+    let out = std::process::Command::new(bin())
+        .arg("doctor")
+        .output()
+        .expect("running doctor");
+    let out = String::from_utf8_lossy(&out.stdout);
+    if out.contains("steering: bpf") {
+        return true;
+    }
+    eprintln!(
+        "skipped: no BPF steering here: {}",
+        out.lines().find(|l| l.contains("steering")).unwrap_or("")
+    );
+    false
+}
+
+fn workers_rotation(c: &Cluster) -> Vec<(u64, String)> {
+    c.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["slot"].as_u64().unwrap(),
+                w["rotation"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The program's map as (slot, in map, held) cookies.
+fn steering_map(c: &Cluster) -> Vec<(u64, Option<u64>, Option<u64>)> {
+    c.status()["steering_map"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["slot"].as_u64().unwrap(),
+                e["in_map"].as_u64(),
+                e["held"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn steering_bpf_refuses_to_start_without_support_and_auto_falls_back_with_one_line() {
+    // No capabilities at all (an empty bounding set): bpf(2) is refused.
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return eprintln!("skipped: setpriv (util-linux) is not installed");
+    }
+    let drop_caps = ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all"];
+    let mut c = Cluster::spawn_wrapped(
+        &drop_caps,
+        &["--workers", "1", "--bind", "127.0.0.1:0", "--steer", "bpf"],
+        &[],
+    );
+    assert_eq!(c.wait_exit(TIMEOUT), Some(1));
+    let line = c
+        .log()
+        .into_iter()
+        .find(|l| l.contains("--steer bpf"))
+        .expect("an error line");
+    assert!(line.contains("Operation not permitted"), "{line}");
+
+    let mut c = Cluster::spawn_wrapped(
+        &drop_caps,
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            "127.0.0.1:0",
+            "--migrate",
+            "off",
+        ],
+        &[],
+    );
+    c.expect_log("workers ready");
+    let fallback: Vec<String> = c
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("steering:"))
+        .collect();
+    assert_eq!(fallback.len(), 1, "one line: {fallback:?}");
+    assert!(
+        fallback[0].contains("SO_REUSEPORT hash") && fallback[0].contains("not permitted"),
+        "{fallback:?}"
+    );
+    let status = c.status();
+    assert!(status["steering"].as_str().unwrap().starts_with("hash"));
+    assert!(status["workers"][0]["rotation"].is_null());
+    assert_eq!(get(c.addr()).unwrap().status, 200, "it runs as before");
+
+    // Takeover off: nothing to steer with, whatever the privileges.
+    let mut c = Cluster::spawn(
+        &["--workers", "1", "--bind", "127.0.0.1:0", "--steer", "bpf"],
+        &[("REUSEPORT_CLUSTER_TAKEOVER", "0")],
+    );
+    assert_eq!(c.wait_exit(TIMEOUT), Some(1));
+    assert!(c.log_contains("--steer bpf: socket takeover is off"));
+}
+
+#[test]
+fn steering_doctor_and_status_say_which_mode_runs() {
+    if !bpf_possible() {
+        return;
+    }
+    let c = Cluster::start(&["--workers", "2", "--bind", "127.0.0.1:0"]);
+    assert!(
+        !c.log_contains("steering:"),
+        "auto with support: no fallback line"
+    );
+    let status = c.status();
+    assert_eq!(status["steering"], "bpf");
+    assert_eq!(
+        workers_rotation(&c),
+        vec![(0, "in".to_string()), (1, "in".to_string())]
+    );
+    let (_, text, _) = c.ctl(&["status"]);
+    assert!(text.contains("steering: bpf"), "{text}");
+    assert!(text.contains("ROTATION"), "{text}");
+
+    let c = Cluster::start(&["--workers", "2", "--bind", "127.0.0.1:0", "--steer", "hash"]);
+    assert_eq!(c.status()["steering"], "hash (--steer hash)");
+    assert!(c.status()["steering_map"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn steering_round_robin_and_a_crashed_worker_leaves_no_lost_or_stale_map_entry() {
+    if !bpf_possible() {
+        return;
+    }
+    let mut c = Cluster::start(&["--workers", "3", "--bind", "127.0.0.1:0", "--steer", "bpf"]);
+    let map_is_right = |c: &Cluster, slots: u64| {
+        let map = steering_map(c);
+        map.len() as u64 == slots
+            && map.iter().enumerate().all(|(i, (slot, in_map, held))| {
+                *slot == i as u64 && in_map.is_some() && in_map == held
+            })
+    };
+    assert!(map_is_right(&c, 3), "{:?}", steering_map(&c));
+    let mut served = [0u32; 3];
+    for _ in 0..30 {
+        served[get(c.addr()).unwrap().worker()] += 1;
+    }
+    assert_eq!(served, [10, 10, 10], "round robin, not a hash");
+
+    for round in 0..3 {
+        let before = c.workers();
+        let victim = before[&1];
+        signal(victim, Signal::SIGKILL);
+        assert!(wait_until(TIMEOUT, || {
+            c.workers().get(&1).is_some_and(|p| *p != victim)
+                && workers_rotation(&c).iter().all(|(_, r)| r == "in")
+        }));
+        assert!(map_is_right(&c, 3), "round {round}: {:?}", steering_map(&c));
+        let mut served = [0u32; 3];
+        for _ in 0..30 {
+            served[get(c.addr()).unwrap().worker()] += 1;
+        }
+        // Round robin among the fewest outstanding: the replacement's first few may
+        // differ by one or two.
+        assert!(served.iter().all(|n| *n >= 8), "round {round}: {served:?}");
+    }
+
+    // Scaled away: its entry goes with it.
+    c.ctl(&["scale", "2"]);
+    assert!(
+        wait_until(TIMEOUT, || map_is_right(&c, 2)),
+        "{:?}",
+        steering_map(&c)
+    );
+    for _ in 0..20 {
+        assert!(get(c.addr()).unwrap().worker() < 2);
+    }
+}
+
+/// 32 closed-loop clients (a new connection per request) on 4 workers of the demo app;
+/// worker 0 is SIGSTOPped.
+fn stall(steer: &str) -> Stall {
+    let mut c = Cluster::start(&["--workers", "4", "--bind", "127.0.0.1:0", "--steer", steer]);
+    let addr = c.addr();
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    // Per client: when its current request began (ms since t0 + 1), 0 between requests.
+    let began: Arc<Vec<AtomicU64>> = Arc::new((0..32).map(|_| AtomicU64::new(0)).collect());
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let (stop, ok, began) = (stop.clone(), ok.clone(), began.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    began[i].store(t0.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+                    if get(addr).is_ok_and(|r| r.status == 200) {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    began[i].store(0, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    assert!(wait_until(TIMEOUT, || ok.load(Ordering::Relaxed) > 500));
+    let stalled = c.workers()[&0];
+    signal(stalled, Signal::SIGSTOP);
+    let stopped_at = Instant::now();
+    let at_stop = ok.load(Ordering::Relaxed);
+    // Until a second and a half has passed and either 1000 more requests were answered or
+    // nothing moves any more (every client waits on the stopped worker).
+    let mut last = (at_stop, Instant::now());
+    wait_until(Duration::from_secs(10), || {
+        let now = ok.load(Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        stopped_at.elapsed() > Duration::from_millis(1500)
+            && (now - at_stop >= 1000 || last.1.elapsed() > Duration::from_millis(1000))
+    });
+    let answered = ok.load(Ordering::Relaxed) - at_stop;
+    let now_ms = t0.elapsed().as_millis() as u64;
+    let stuck = began
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .filter(|b| *b != 0 && now_ms.saturating_sub(*b) > 1000)
+        .count();
+    let status = c.status();
+    let w0 = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["slot"] == 0)
+        .unwrap()
+        .clone();
+    let rotation = w0["rotation"].as_str().unwrap_or("-").to_string();
+    let queued = w0["queues"][0]["depth"].as_u64().unwrap();
+    signal(stalled, Signal::SIGCONT);
+    if steer == "bpf" {
+        assert!(
+            wait_until(TIMEOUT, || workers_rotation(&c)
+                .iter()
+                .all(|(_, r)| r == "in")),
+            "worker 0 returns once it drained: {:?}",
+            workers_rotation(&c)
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.join().unwrap();
+    }
+    c.signal(Signal::SIGTERM);
+    c.wait_exit(TIMEOUT);
+    Stall {
+        stuck,
+        queued,
+        answered,
+        rotation,
+    }
+}
+
+/// What [`stall`] saw.
+#[derive(Debug)]
+struct Stall {
+    /// Clients whose request has waited for over a second.
+    stuck: usize,
+    /// Connections waiting in the stopped worker's accept queue (the rest of the stuck
+    /// ones were accepted before it stopped).
+    queued: u64,
+    /// Requests answered by the others meanwhile.
+    answered: u64,
+    /// The stopped worker's rotation, from `status`.
+    rotation: String,
+}
+
+#[test]
+fn load_steering_a_stalled_worker_leaves_the_rotation_and_only_a_few_requests_wait() {
+    if !bpf_possible() {
+        return;
+    }
+    let _load = load_lock();
+    let bpf = stall("bpf");
+    let hash = stall("hash");
+    println!("one of 4 workers SIGSTOPped, 32 clients: bpf {bpf:?}; hash {hash:?}");
+    assert!(bpf.rotation.starts_with("out: not accepting"), "{bpf:?}");
+    assert!(bpf.answered >= 1000, "the others serve on: {bpf:?}");
+    assert!(
+        bpf.queued <= 24,
+        "only what came before it was noticed waits in its queue: {bpf:?}"
+    );
+    assert!(
+        hash.stuck >= 28 && hash.answered < bpf.answered / 10,
+        "control: with the hash every client ends up waiting on it ({hash:?})"
+    );
+    assert!(hash.queued > bpf.queued, "control: {hash:?}");
+}
+
+/// 16 closed-loop new-connection clients on `workers` workers of the eager app while
+/// `act` runs; (answered, failed).
+fn eager_app_under_load(steer: &str, workers: usize, act: impl FnOnce(&mut Cluster)) -> (u64, u64) {
+    let app = script("eager_app.py", PYTHON_EAGER_APP);
+    let workers = workers.to_string();
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            &workers,
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "listening",
+            "--grace",
+            "10s",
+            "--steer",
+            steer,
+            "--",
+            app.to_str().unwrap(),
+        ],
+        &[("DELAY_MS", "5")],
+    );
+    c.expect_log("workers ready");
+    let addr = c.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match get(addr) {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    assert!(wait_until(TIMEOUT, || ok.load(Ordering::Relaxed) > 100));
+    act(&mut c);
+    let now = ok.load(Ordering::Relaxed);
+    assert!(wait_until(TIMEOUT, || ok.load(Ordering::Relaxed) > now + 100));
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.join().unwrap();
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+/// Rolling restarts of 2 workers of the eager app under load; (answered, failed).
+fn rolls_of_an_eager_app(steer: &str, passes: u64) -> (u64, u64) {
+    eager_app_under_load(steer, 2, |c| {
+        for g in 2..2 + passes {
+            c.signal(Signal::SIGHUP);
+            c.expect_log(&format!("rolling restart to generation {g} done"));
+        }
+    })
+}
+
+/// Scales 4 workers of the eager app down to 1, one at a time, under load.
+fn scale_downs_of_an_eager_app(steer: &str) -> (u64, u64) {
+    eager_app_under_load(steer, 4, |c| {
+        for n in (1..4).rev() {
+            c.ctl(&["scale", &n.to_string()]);
+            assert!(wait_until(TIMEOUT, || c.worker_count() == n));
+        }
+    })
+}
+
+#[test]
+fn load_steering_scale_downs_of_a_server_that_drops_unread_connections_lose_nothing() {
+    if !bpf_possible() {
+        return;
+    }
+    let _load = load_lock();
+    let (bpf_ok, bpf_failed) = scale_downs_of_an_eager_app("bpf");
+    let (hash_ok, hash_failed) = scale_downs_of_an_eager_app("hash");
+    println!(
+        "4 workers of an eager app scaled down to 1: bpf {bpf_failed} failed of {}, hash \
+         {hash_failed} failed of {}",
+        bpf_ok + bpf_failed,
+        hash_ok + hash_failed
+    );
+    assert_eq!(bpf_failed, 0, "drained before stop");
+    assert!(
+        hash_failed > 0,
+        "control: with the hash the removed worker is stopped with accepted, unread connections"
+    );
+}
+
+#[test]
+fn load_steering_rolling_restarts_of_a_server_that_drops_unread_connections_lose_nothing() {
+    if !bpf_possible() {
+        return;
+    }
+    let _load = load_lock();
+    let (bpf_ok, bpf_failed) = rolls_of_an_eager_app("bpf", 4);
+    let (hash_ok, hash_failed) = rolls_of_an_eager_app("hash", 4);
+    println!(
+        "4 rolling restarts of 2 workers of an eager app: bpf {bpf_failed} failed of {}, hash \
+         {hash_failed} failed of {}",
+        bpf_ok + bpf_failed,
+        hash_ok + hash_failed
+    );
+    assert_eq!(bpf_failed, 0, "drained before stop");
+    assert!(
+        hash_failed > 0,
+        "control: with the hash the old worker is stopped with accepted, unread connections"
+    );
+}
