@@ -181,7 +181,7 @@ impl RollingRestart {
             + self
                 .surges
                 .iter()
-                .filter(|s| matches!(s.step, SurgeStep::Retiring(_)))
+                .filter(|s| matches!(s.step, SurgeStep::Draining(_) | SurgeStep::Retiring(_)))
                 .count()
     }
 

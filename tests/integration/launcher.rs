@@ -474,15 +474,21 @@ fn ipv4_and_ipv6_wildcards_on_one_port_and_localhost() {
 
 #[test]
 fn start_up_fails_fast_when_the_app_exits_at_once() {
-    let t0 = Instant::now();
-    let (code, log) = run(&[
-        "--workers",
-        "4",
-        "--bind",
-        "127.0.0.1:0",
-        "--cmd",
-        "sh -c 'exit 7'",
-    ]);
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "4",
+            "--bind",
+            "127.0.0.1:0",
+            "--cmd",
+            "sh -c 'exit 7'",
+        ],
+        &[],
+    );
+    // Timed from the spawn (after the machine-wide test lock, which a load test may hold).
+    let t0 = c.spawned;
+    let code = c.wait_exit(TIMEOUT);
+    let log = c.log().join("\n");
     assert_eq!(code, Some(1), "{log}");
     assert!(
         log.contains("error: worker 0")

@@ -64,6 +64,8 @@ pub struct Cluster {
     stderr_closed: Arc<std::sync::atomic::AtomicBool>,
     /// Started through a wrapper (unshare): the master is the wrapper's child.
     wrapped: bool,
+    /// When the binary was started (after the machine-wide test lock was taken).
+    pub spawned: Instant,
 }
 
 impl Cluster {
@@ -117,6 +119,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let spawned = Instant::now();
         let mut child = cmd.spawn().expect("starting reuseport-cluster");
         let stderr = child.stderr.take().unwrap();
         let stdout_pipe = child.stdout.take().unwrap();
@@ -142,6 +145,7 @@ impl Cluster {
         });
         let mut c = Cluster {
             _lock: lock,
+            spawned,
             child,
             log,
             stdout,
