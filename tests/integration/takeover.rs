@@ -328,16 +328,16 @@ fn takeover_a_crash_looping_slot_lets_go_of_its_socket_and_the_others_serve() {
     std::fs::write(&marker, "").unwrap();
     let t0 = Instant::now();
     signal(victim, Signal::SIGKILL);
-    c.expect_log("worker 1: let go of its socket");
+    let line = c.expect_log("worker 1: let go of its socket");
     let released = t0.elapsed();
     println!(
         "crash loop: socket released {} ms after the first crash",
         released.as_millis()
     );
-    assert!(
-        released < Duration::from_secs(5),
-        "released within the threshold (1.5 s of backoff plus start-up): {released:?}"
-    );
+    // At the fifth crash in a row, the first whose restart is 1 s or more away: 1.5 s of
+    // backoff plus five start-ups after the first crash (the time is printed, not bounded:
+    // start-ups are slow on a loaded machine).
+    assert!(line.contains("next restart in 1.6 s"), "{line}");
     // Every new connection now lands on slot 0's socket and is answered at once.
     let addr = c.addr();
     let mut workers = HashSet::new();
