@@ -226,6 +226,9 @@ impl WorkerOutput {
                 true
             }
             Err(Errno::EINTR) => true,
+            // A worker that shares the stream may have made it non-blocking (node does, for
+            // its stdio pipes): full for now, the bytes wait for POLLOUT.
+            Err(Errno::EAGAIN) => false,
             Err(_) => {
                 // The master's own stream is gone (closed terminal): drop rather than spin.
                 pending.clear();

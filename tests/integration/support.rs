@@ -126,8 +126,7 @@ impl Cluster {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let out_sink = Arc::clone(&stdout);
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout_pipe).lines() {
-                let Ok(line) = line else { break };
+            for line in lossy_lines(stdout_pipe) {
                 out_sink.lock().unwrap().push(line);
             }
         });
@@ -137,8 +136,7 @@ impl Cluster {
         let closed = Arc::clone(&stderr_closed);
         std::thread::spawn(move || {
             let _closed = SetOnDrop(closed);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
+            for line in lossy_lines(stderr) {
                 eprintln!("  | {line}");
                 sink.lock().unwrap().push(line);
             }
@@ -229,8 +227,40 @@ impl Cluster {
         let log = self.log();
         match log.iter().find(|l| l.contains(needle)) {
             Some(line) if found => line.clone(),
-            _ => panic!("no log line with {needle:?}; log:\n{}", log.join("\n")),
+            _ => panic!(
+                "no log line with {needle:?}; {}\nlog:\n{}",
+                self.diagnosis(),
+                log.join("\n")
+            ),
         }
+    }
+
+    /// Where the master and its children are, for a failure message.
+    pub fn diagnosis(&self) -> String {
+        let pid = self.pid();
+        let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+        let mut out = format!(
+            "master {pid}: wchan {:?}, syscall {:?}, fd 2 {} {:?}",
+            read(format!("/proc/{pid}/wchan")),
+            read(format!("/proc/{pid}/syscall")).trim(),
+            fd_target(pid, 2),
+            read(format!("/proc/{pid}/fdinfo/2")).replace('\n', " ")
+        );
+        if std::env::var_os("RC_TEST_GDB").is_some() {
+            if let Ok(o) = Command::new("gdb")
+                .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+                .output()
+            {
+                out.push_str(&String::from_utf8_lossy(&o.stdout));
+            }
+        }
+        for child in children(pid) {
+            let stat = read(format!("/proc/{child}/stat"));
+            let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next();
+            let cmd = read(format!("/proc/{child}/cmdline")).replace('\0', " ");
+            out.push_str(&format!("\n  child {child} {state:?} {cmd}"));
+        }
+        out
     }
 
     /// The master's children that are workers (not adopted orphans), by slot.
@@ -568,6 +598,23 @@ pub fn tagged_processes(tag: &str) -> Vec<u32> {
 /// A tag unique to this test run and `name`, for [`tagged_processes`].
 pub fn unique_tag(name: &str) -> String {
     format!("{name}-{}", std::process::id())
+}
+
+/// The lines of `r` until EOF; bytes that are not UTF-8 (an app's, on the shared stream) do
+/// not end the reading, as `BufRead::lines` would.
+fn lossy_lines(r: impl std::io::Read) -> impl Iterator<Item = String> {
+    let mut reader = BufReader::new(r);
+    std::iter::from_fn(move || {
+        let mut buf = Vec::new();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(
+                String::from_utf8_lossy(&buf)
+                    .trim_end_matches('\n')
+                    .to_string(),
+            ),
+        }
+    })
 }
 
 /// Sends `sig` to one process.
