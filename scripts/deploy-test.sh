@@ -21,8 +21,15 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "deploy-test: skipped: booting systemd, mounting overlays and running dockerd need root"
     exit 0
 fi
-scripts/install-deploy-tools.sh
-CACHE=$(scripts/deploy-rootfs.sh)
+# A step skips, saying why, only when its tools cannot be installed here.
+if ! scripts/install-deploy-tools.sh; then
+    echo "deploy-test: skipped: systemd-container, debootstrap or docker.io could not be installed (apt-get)"
+    exit 0
+fi
+if ! CACHE=$(scripts/deploy-rootfs.sh); then
+    echo "deploy-test: skipped: the Debian 12 rootfs could not be made (debootstrap from the Debian mirror)"
+    exit 0
+fi
 
 PASSED=0
 FAILED=0
@@ -86,6 +93,10 @@ trap 'exit 143' TERM INT
 
 BIN=$ROOT/target/release/reuseport-cluster
 if [[ " ${AREAS[*]} " == *" systemd-"* ]]; then
+    if ! scripts/install-deb-tools.sh; then
+        echo "deploy-test: skipped: cargo-deb or dpkg-dev could not be installed"
+        exit 0
+    fi
     echo "building the .deb (scripts/build-deb.sh --fast)"
     scripts/build-deb.sh --fast >"$WORK/build-deb.log" 2>&1 || { tail -20 "$WORK/build-deb.log"; exit 1; }
     DEB=$(ls -t target/debian/reuseport-cluster_*.deb | head -1)
