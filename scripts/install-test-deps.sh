@@ -3,8 +3,8 @@
 # cargo-nextest (the test runner), python3 (apps in other languages), node (an app using
 # server.listen({fd: 3})), util-linux (unshare), and HAProxy, wrk and iproute2 for the
 # multi-host test (scripts/install-multihost-tools.sh), and the real servers
-# (scripts/install-servers.sh). scripts/deploy-test.sh installs its own tools
-# (scripts/install-deploy-tools.sh, scripts/build-deb.sh).
+# (scripts/install-servers.sh), and what scripts/deploy-test.sh needs (its tools, cargo-deb
+# and the cached rootfs).
 # Idempotent: installs nothing that is already there.
 set -euo pipefail
 
@@ -33,6 +33,13 @@ command -v unshare >/dev/null || need+=(util-linux)
 # The real servers of tests/integration/servers.rs (pip, npm, Debian), cached outside the
 # clone; a server that cannot be installed makes its test skip with the reason.
 "$(dirname "$0")/install-servers.sh" || echo "warning: some servers could not be installed; their tests will be skipped" >&2
+# scripts/deploy-test.sh (tests real_deploy::*): systemd-nspawn, debootstrap, Docker, cargo-deb
+# and the cached Debian 12 rootfs, made here once (~4 min) rather than inside a timed test.
+if [ "$(id -u)" -eq 0 ]; then
+    { "$(dirname "$0")/install-deploy-tools.sh" && "$(dirname "$0")/install-deb-tools.sh" \
+        && "$(dirname "$0")/deploy-rootfs.sh" >/dev/null; } \
+        || echo "warning: the deploy tools or the rootfs could not be installed; scripts/deploy-test.sh will skip" >&2
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest (cargo install, a few minutes once)" >&2
