@@ -205,16 +205,30 @@ fn spread(launcher: &str) -> (f64, Vec<u64>) {
     let pids = children(r.child.id());
     // The warm-up request of start() was counted: start from the files as they are now.
     std::thread::sleep(Duration::from_millis(400));
+    // The app rewrites its file every 200 ms: a read may catch it truncated; read again.
     let read = |pid: &u32| -> u64 {
-        std::fs::read_to_string(dir.join(pid.to_string()))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        for _ in 0..50 {
+            let n = std::fs::read_to_string(dir.join(pid.to_string()))
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            if let Some(n) = n {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        0
     };
     let before: HashMap<u32, u64> = pids.iter().map(|p| (*p, read(p))).collect();
-    wrk(r.port, &["-t2", "-c8", "-d4s"]);
+    let w = wrk(r.port, &["-t2", "-c8", "-d4s"]);
     std::thread::sleep(Duration::from_millis(400));
-    let mut counts: Vec<u64> = pids.iter().map(|p| read(p) - before[p]).collect();
+    let mut counts: Vec<u64> = pids
+        .iter()
+        .map(|p| read(p).saturating_sub(before[p]))
+        .collect();
+    eprintln!(
+        "{launcher}: spread {counts:?} ({:.0} req/s, {} errors)",
+        w.rps, w.errors
+    );
     stop(r);
     let _ = std::fs::remove_dir_all(&dir);
     counts.sort_unstable();
@@ -299,8 +313,7 @@ fn main() {
         .map(|l| {
             let runs: Vec<String> = (0..3)
                 .map(|_| {
-                    let (ratio, counts) = spread(l);
-                    eprintln!("{l}: spread {counts:?}");
+                    let (ratio, _) = spread(l);
                     if ratio.is_finite() {
                         format!("{ratio:.1}")
                     } else {
