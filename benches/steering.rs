@@ -96,6 +96,20 @@ fn start(launcher: &str, env: &[(&str, String)]) -> Running {
             && children(pid).len() >= WORKERS),
         "{launcher} did not answer"
     );
+    if let "hash" | "bpf" = launcher {
+        // Every worker ready (under bpf only ready workers are in the rotation).
+        let control = std::env::temp_dir().join(format!("steering-{port}.sock"));
+        let ready = format!("{WORKERS}/{WORKERS} workers ready");
+        let all_ready = wait_until(Duration::from_secs(30), || {
+            Command::new(bin)
+                .arg("status")
+                .arg("--control")
+                .arg(&control)
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&ready))
+        });
+        assert!(all_ready, "{launcher}: not all workers ready");
+    }
     // Every worker listening (Node cluster workers start one by one).
     std::thread::sleep(Duration::from_millis(500));
     Running { child, port }
