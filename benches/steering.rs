@@ -44,6 +44,15 @@ struct Running {
     port: u16,
 }
 
+impl Drop for Running {
+    /// Nothing outlives the bench, also when it panics.
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
 fn start(launcher: &str, env: &[(&str, String)]) -> Running {
     let port = free_port();
     let app = root().join("benches/node/steer_app.js");
@@ -125,7 +134,6 @@ fn stop(mut r: Running) {
         support::kill_group(group);
     }
     let _ = r.child.wait();
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group as i32), Signal::SIGKILL);
 }
 
 fn duration_ms(s: &str) -> f64 {
