@@ -44,6 +44,15 @@ struct Running {
     port: u16,
 }
 
+impl Drop for Running {
+    /// Nothing outlives the bench, also when it panics.
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
 fn start(launcher: &str, env: &[(&str, String)]) -> Running {
     let port = free_port();
     let app = root().join("benches/node/steer_app.js");
@@ -96,6 +105,20 @@ fn start(launcher: &str, env: &[(&str, String)]) -> Running {
             && children(pid).len() >= WORKERS),
         "{launcher} did not answer"
     );
+    if let "hash" | "bpf" = launcher {
+        // Every worker ready (under bpf only ready workers are in the rotation).
+        let control = std::env::temp_dir().join(format!("steering-{port}.sock"));
+        let ready = format!("{WORKERS}/{WORKERS} workers ready");
+        let all_ready = wait_until(Duration::from_secs(30), || {
+            Command::new(bin)
+                .arg("status")
+                .arg("--control")
+                .arg(&control)
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&ready))
+        });
+        assert!(all_ready, "{launcher}: not all workers ready");
+    }
     // Every worker listening (Node cluster workers start one by one).
     std::thread::sleep(Duration::from_millis(500));
     Running { child, port }
@@ -111,7 +134,6 @@ fn stop(mut r: Running) {
         support::kill_group(group);
     }
     let _ = r.child.wait();
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group as i32), Signal::SIGKILL);
 }
 
 fn duration_ms(s: &str) -> f64 {
@@ -205,16 +227,30 @@ fn spread(launcher: &str) -> (f64, Vec<u64>) {
     let pids = children(r.child.id());
     // The warm-up request of start() was counted: start from the files as they are now.
     std::thread::sleep(Duration::from_millis(400));
+    // The app rewrites its file every 200 ms: a read may catch it truncated; read again.
     let read = |pid: &u32| -> u64 {
-        std::fs::read_to_string(dir.join(pid.to_string()))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        for _ in 0..50 {
+            let n = std::fs::read_to_string(dir.join(pid.to_string()))
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            if let Some(n) = n {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        0
     };
     let before: HashMap<u32, u64> = pids.iter().map(|p| (*p, read(p))).collect();
-    wrk(r.port, &["-t2", "-c8", "-d4s"]);
+    let w = wrk(r.port, &["-t2", "-c8", "-d4s"]);
     std::thread::sleep(Duration::from_millis(400));
-    let mut counts: Vec<u64> = pids.iter().map(|p| read(p) - before[p]).collect();
+    let mut counts: Vec<u64> = pids
+        .iter()
+        .map(|p| read(p).saturating_sub(before[p]))
+        .collect();
+    eprintln!(
+        "{launcher}: spread {counts:?} ({:.0} req/s, {} errors)",
+        w.rps, w.errors
+    );
     stop(r);
     let _ = std::fs::remove_dir_all(&dir);
     counts.sort_unstable();
@@ -299,8 +335,7 @@ fn main() {
         .map(|l| {
             let runs: Vec<String> = (0..3)
                 .map(|_| {
-                    let (ratio, counts) = spread(l);
-                    eprintln!("{l}: spread {counts:?}");
+                    let (ratio, _) = spread(l);
                     if ratio.is_finite() {
                         format!("{ratio:.1}")
                     } else {

@@ -178,10 +178,12 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             // What an action answers (a fork's outcome) is handled before anything else.
             let mut done = Performed::default();
             let size = supervisor.slots().len();
+            // Slots whose next worker surges beside a serving one (it gets fresh sockets under
+            // steering, to drain the old ones); a hung worker's successor takes its socket over.
             let served: BTreeSet<usize> = supervisor
                 .slots()
                 .iter()
-                .filter(|s| s.pid().is_some())
+                .filter(|s| s.pid().is_some() && supervisor.replacing_hung() != Some(s.index))
                 .map(|s| s.index)
                 .collect();
             let outcome = perform(

@@ -473,6 +473,16 @@ impl Supervisor {
         r.surges().next()
     }
 
+    /// The slot whose hung worker is being replaced, if any: its successor takes over the
+    /// slot's socket and what is queued on it (no drain: the hung worker would never empty it).
+    pub fn replacing_hung(&self) -> Option<usize> {
+        let r = self
+            .rolling
+            .as_ref()
+            .filter(|r| matches!(r.purpose, Purpose::Recycle { hung: true, .. }))?;
+        r.surges().next()
+    }
+
     /// The rolling restart under way: its generation, slots done, slots in all.
     pub fn rolling(&self) -> Option<(Generation, usize, usize)> {
         self.rolling.as_ref().filter(|r| r.is_deploy()).map(|r| {
