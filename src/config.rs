@@ -15,8 +15,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::{access, AccessFlags};
 
 use crate::cli::{Migrate, RunArgs, Steer};
-use crate::readiness::ReadyMode;
-use crate::socket::{Keepalive, ListenOptions};
+use crate::master::readiness::ReadyMode;
+use crate::sockets::listen::{Keepalive, ListenOptions};
 
 /// A command-line value that cannot be used; `main` maps it to exit code 2.
 #[derive(Debug)]
@@ -83,7 +83,7 @@ pub struct Config {
     /// `--user`/`--group`: who workers run as.
     pub credentials: Option<Credentials>,
     /// `--max-memory`, `--max-lifetime`, `--hung-after`.
-    pub recycle: crate::recycle::RecyclePolicy,
+    pub recycle: crate::master::recycle::RecyclePolicy,
     /// What each worker runs.
     pub app: App,
 }
@@ -244,7 +244,7 @@ impl Config {
         let ready_timeout =
             parse_duration(&args.ready_timeout).map_err(|e| invalid!("--ready-timeout {e}"))?;
         if let Some(name) = &args.name {
-            crate::control::check_name(name).map_err(Invalid)?;
+            crate::ops::control::check_name(name).map_err(Invalid)?;
         }
         if args.rolling_batch == 0 {
             return Err(invalid!("--rolling-batch 0: at least one slot at a time"));
@@ -257,11 +257,13 @@ impl Config {
                 Err(e) => Err(invalid!("{flag} {e}")),
             }
         };
-        let recycle = crate::recycle::RecyclePolicy {
+        let recycle = crate::master::recycle::RecyclePolicy {
             max_memory: args
                 .max_memory
                 .as_deref()
-                .map(|m| crate::recycle::parse_size(m).map_err(|e| invalid!("--max-memory {e}")))
+                .map(|m| {
+                    crate::master::recycle::parse_size(m).map_err(|e| invalid!("--max-memory {e}"))
+                })
                 .transpose()?,
             max_lifetime: positive("--max-lifetime", &args.max_lifetime)?,
             hung_after: positive("--hung-after", &args.hung_after)?,

@@ -7,7 +7,7 @@
 //!
 //! On SIGTERM/SIGINT it stops the way a production server should: it stops accepting and
 //! closes its fds of the listening sockets, never shutting them down (shutdown(2) would end
-//! the socket for the slot's next worker too, which shares it: see slot_sockets.rs), answers every further request with `Connection: close`, closes keep-alive
+//! the socket for the slot's next worker too, which shares it: see sockets/slots.rs), answers every further request with `Connection: close`, closes keep-alive
 //! connections that stay idle for a second (closing them at once would race a client that
 //! is sending its next request; a connection not answered yet waits for its request), and
 //! exits 0 once every connection is closed.
@@ -23,7 +23,7 @@ use anyhow::Context;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::spawn;
+use crate::master::spawn;
 
 /// Longest request head accepted (request line and headers).
 const MAX_HEAD: usize = 16 * 1024;

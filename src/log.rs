@@ -19,7 +19,7 @@ use crate::cli::LogFormat;
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// Once the master's loop runs, its own lines queue here and the loop writes them when
-/// stderr polls writable (worker_output.rs, which also carries `--log-prefix` output), so
+/// stderr polls writable (master/worker_output.rs, which also carries `--log-prefix` output), so
 /// that a full pipe never blocks the loop.
 static QUEUED: Mutex<Option<Queue>> = Mutex::new(None);
 /// Bytes queued at most; beyond that lines are dropped, and counted once the reader catches up.
@@ -171,7 +171,7 @@ fn json(level: &str, msg: &str) -> String {
         "level": level,
         "msg": msg,
     });
-    if let Some((slot, pid, generation)) = crate::worker::parse_worker_prefix(msg) {
+    if let Some((slot, pid, generation)) = crate::master::worker::parse_worker_prefix(msg) {
         object["slot"] = slot.into();
         object["pid"] = pid.into();
         object["generation"] = generation.into();

@@ -6,32 +6,15 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-mod bpf;
 mod cli;
-mod client;
 mod config;
-mod conns;
-mod control;
 mod demo;
-mod doctor;
 mod log;
 mod master;
-mod metrics;
-mod notify;
-mod ports;
-mod procs;
-mod readiness;
-mod recycle;
-mod rolling;
-mod slot_sockets;
-mod socket;
-mod spawn;
-mod status;
-mod supervisor;
-mod systemd;
-mod waiting;
-mod worker;
-mod worker_output;
+mod ops;
+mod sockets;
+
+use crate::ops::{client, control, doctor};
 
 use std::process::ExitCode;
 
@@ -39,7 +22,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::cli::{Cli, Command};
 use crate::config::Config;
-use crate::supervisor::Outcome;
+use crate::master::supervisor::Outcome;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

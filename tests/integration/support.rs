@@ -248,7 +248,13 @@ impl Cluster {
         );
         if std::env::var_os("RC_TEST_GDB").is_some() {
             if let Ok(o) = Command::new("gdb")
-                .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+                .args([
+                    "-p",
+                    &pid.to_string(),
+                    "-batch",
+                    "-ex",
+                    "thread apply all bt",
+                ])
                 .output()
             {
                 out.push_str(&String::from_utf8_lossy(&o.stdout));
@@ -256,7 +262,12 @@ impl Cluster {
         }
         for child in children(pid) {
             let stat = read(format!("/proc/{child}/stat"));
-            let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
             let cmd = read(format!("/proc/{child}/cmdline")).replace('\0', " ");
             out.push_str(&format!("\n  child {child} {state:?} {cmd}"));
         }

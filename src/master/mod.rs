@@ -11,6 +11,15 @@
 //! The master must stay single-threaded: `fork` is only safe without other threads, and
 //! PR_SET_PDEATHSIG fires when the forking *thread* exits.
 
+pub mod procs;
+pub mod readiness;
+pub mod recycle;
+pub mod rolling;
+pub mod spawn;
+pub mod supervisor;
+pub mod worker;
+pub mod worker_output;
+
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
@@ -33,21 +42,22 @@ use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 
 use crate::config::{format_cpu_list, App, Config};
-use crate::control::{ControlServer, Request};
-use crate::metrics::MetricsServer;
-use crate::notify::NotifySocket;
-use crate::procs::{Ending, Leftovers};
-use crate::readiness;
-use crate::recycle::{self, Recycler};
-use crate::slot_sockets::SlotSockets;
-use crate::socket;
-use crate::spawn::{self, Spawner};
-use crate::status::ClusterStatus;
-use crate::supervisor::{Action, Event, Outcome, Report, RolloutResult, Settings, Supervisor};
-use crate::systemd::{SystemdNotify, View};
-use crate::waiting::{Line, Wait, Waiters};
-use crate::worker::WorkerState;
-use crate::worker_output::WorkerOutput;
+use crate::master::procs::{Ending, Leftovers};
+use crate::master::recycle::Recycler;
+use crate::master::spawn::Spawner;
+use crate::master::supervisor::{
+    Action, Event, Outcome, Report, RolloutResult, Settings, Supervisor,
+};
+use crate::master::worker::WorkerState;
+use crate::master::worker_output::WorkerOutput;
+use crate::ops::control::{ControlServer, Request};
+use crate::ops::metrics::MetricsServer;
+use crate::ops::notify::NotifySocket;
+use crate::ops::status::ClusterStatus;
+use crate::ops::systemd::{SystemdNotify, View};
+use crate::ops::waiting::{Line, Wait, Waiters};
+use crate::sockets::listen;
+use crate::sockets::slots::SlotSockets;
 use crate::{debug, info, log, warn};
 
 /// Signals the master handles through signal-hook. USR1, USR2, WINCH, PIPE and ALRM are
@@ -75,9 +85,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     spawn::cloexec_inherited_fds();
     nix::sys::prctl::set_child_subreaper(true)
         .context("becoming a child subreaper (PR_SET_CHILD_SUBREAPER)")?;
-    // Held, bound but never listening, for the master's whole life: see socket.rs.
-    let _reserved = socket::reserve(&mut config.binds)?;
-    if let Some(holder) = crate::ports::foreign_listener(&config.binds) {
+    // Held, bound but never listening, for the master's whole life: see sockets/listen.rs.
+    let _reserved = listen::reserve(&mut config.binds)?;
+    if let Some(holder) = crate::sockets::ports::foreign_listener(&config.binds) {
         match config.share_port {
             true => warn!(
                 "--share-port: sharing port {} with pid {}",
@@ -90,21 +100,21 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             false => anyhow::bail!(holder.refusal()),
         }
     }
-    if let Some(max) = socket::somaxconn().filter(|max| config.backlog > *max) {
+    if let Some(max) = listen::somaxconn().filter(|max| config.backlog > *max) {
         warn!(
             "--backlog {} is above net.core.somaxconn ({max}), which silently caps it; \
              raise it with: sysctl -w net.core.somaxconn={}",
             config.backlog, config.backlog
         );
     }
-    if let Some((level, line)) = socket::apply_migrate(config.migrate)? {
+    if let Some((level, line)) = listen::apply_migrate(config.migrate)? {
         log::line(level, &line);
     }
     let name = config
         .name
         .clone()
         .unwrap_or_else(|| config.binds[0].addr.port().to_string());
-    let control_path = crate::control::socket_path(&name, config.control.as_deref());
+    let control_path = crate::ops::control::socket_path(&name, config.control.as_deref());
     let mut control = ControlServer::open(&control_path, &name)?;
     let mut metrics = config.metrics.map(MetricsServer::bind).transpose()?;
     let started = Instant::now();
@@ -154,7 +164,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     if !sockets.enabled() {
         info!(
             "socket takeover off ({}=0): each worker opens its own sockets",
-            crate::slot_sockets::TAKEOVER_ENV
+            crate::sockets::slots::TAKEOVER_ENV
         );
     }
     let mut output = WorkerOutput::default();
@@ -483,7 +493,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
 }
 
 /// When a look is due, checks every serving worker against --max-memory, --max-lifetime
-/// and --hung-after (recycle.rs); the supervisor decides whether a recycle may start now.
+/// and --hung-after (master/recycle.rs); the supervisor decides whether a recycle may start now.
 fn look_for_recycles(
     recycler: &mut Recycler,
     supervisor: &Supervisor,
@@ -495,7 +505,7 @@ fn look_for_recycles(
     };
     recycler.retain(|pid| supervisor.is_worker(pid));
     let queues = match recycler.policy().hung_after {
-        Some(_) => crate::status::accept_queues(),
+        Some(_) => crate::ops::status::accept_queues(),
         None => Default::default(),
     };
     for w in supervisor.serving() {
@@ -516,7 +526,7 @@ fn look_for_recycles(
 /// SIGTTIN and SIGTTOU, blocked and read from a signalfd, which tells who sent them. Blocked,
 /// they also let the master write to a terminal whose `stty tostop` would otherwise stop it
 /// (or, with a handler installed, restart its write for ever): the kernel treats a blocked
-/// SIGTTOU as ignored. Workers start with an empty mask (spawn.rs).
+/// SIGTTOU as ignored. Workers start with an empty mask (master/spawn.rs).
 fn scale_signals() -> anyhow::Result<SignalFd> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTTIN);
@@ -809,7 +819,7 @@ impl RateLimit {
 /// debug level, and a worker's oversized messages are rate-limited.
 fn notify_events(
     supervisor: &Supervisor,
-    message: crate::notify::Message,
+    message: crate::ops::notify::Message,
     rate: &mut RateLimit,
     events: &mut VecDeque<Event>,
 ) {
@@ -831,7 +841,7 @@ fn notify_events(
         let line = format!(
             "notify message from worker pid {} longer than {} bytes ignored",
             message.pid,
-            crate::notify::MAX_DATAGRAM
+            crate::ops::notify::MAX_DATAGRAM
         );
         if let Some(line) = rate.admit(line, Instant::now()) {
             warn!("{line}");

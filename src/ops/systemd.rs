@@ -6,7 +6,7 @@
 //! Type=notify-reload expects (its ExecReload sends SIGHUP); STOPPING=1 on shutdown;
 //! STATUS= "N/N workers ready, generation G" as it changes; WATCHDOG=1 every half
 //! WATCHDOG_USEC, from the event loop, so a stuck loop is noticed by systemd.
-//! The master never hands this socket to its workers (see spawn.rs).
+//! The master never hands this socket to its workers (see master/spawn.rs).
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

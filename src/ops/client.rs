@@ -1,6 +1,6 @@
 //! The client side of a waiting `reload`, `scale` or `stop`: it sends the request with
 //! `--wait`, shows the progress lines as they come and exits with the code the last line
-//! stands for (see `waiting.rs`).
+//! stands for (see `ops/waiting.rs`).
 //!
 //! On a terminal the slot being started is one live line with a running clock, finished
 //! when its worker is ready; otherwise every line is printed as it comes, for logs and CI.
@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::waiting::Line;
-use crate::worker::ms;
+use crate::master::worker::ms;
+use crate::ops::waiting::Line;
 
 /// Exit code when `--timeout` passes before the outcome.
 pub const TIMED_OUT: u8 = 5;
@@ -23,7 +23,7 @@ const TICK: Duration = Duration::from_millis(100);
 /// Sends `request --wait` to the master at `path` and follows it to its outcome; returns
 /// the exit code.
 pub fn follow(path: &Path, request: &str, timeout: Option<Duration>) -> anyhow::Result<u8> {
-    let mut stream = crate::control::connect(path)?;
+    let mut stream = crate::ops::control::connect(path)?;
     stream.write_all(format!("{request} --wait\n").as_bytes())?;
     let deadline = timeout.map(|t| Instant::now() + t);
     let live = std::io::stdout().is_terminal();

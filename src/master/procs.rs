@@ -14,7 +14,7 @@
 //! at T + grace, not at once; if the worker crashed, its leftovers get the stop signal now
 //! and SIGKILL after the grace. What a leftover starts while it drains (a `sleep` in a
 //! drain script) is its own business until the grace ends, when the whole subtree is
-//! SIGKILLed. The master exits only once no leftover is left (see master.rs), so nothing
+//! SIGKILLed. The master exits only once no leftover is left (see master/mod.rs), so nothing
 //! the cluster started outlives it or holds its port after it.
 //!
 //! Every leftover moves through [`LeftoverState`] in one place, [`Leftovers::advance`].
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::worker::ms;
+use crate::master::worker::ms;
 
 /// How often the tree is read again while leftovers run (a leftover that is not the
 /// master's child ends without a SIGCHLD to the master).

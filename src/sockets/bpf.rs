@@ -1,10 +1,10 @@
 //! The BPF loader for `--steer bpf`: raw bpf(2) and the few socket options around it.
-//! Every `unsafe` of the steering code lives here (the other room is spawn.rs).
+//! Every `unsafe` of the steering code lives here (the other room is master/spawn.rs).
 //!
 //! One SK_REUSEPORT program per bind's reuseport group, with three maps:
 //! - `socks` (REUSEPORT_SOCKARRAY, key: slot): the socket of each slot's current worker;
 //! - `rotation` (ARRAY, one value): `n`, a round-robin counter, and the `n` slots that
-//!   take new connections, written by the master (slot_sockets.rs decides who is in);
+//!   take new connections, written by the master (sockets/slots.rs decides who is in);
 //! - `sent` (ARRAY, key: slot): connections the program sent to each slot, which the
 //!   master compares with the accept queue to see whether a worker still accepts;
 //! - `accepted` (ARRAY, key: slot): how many of those the slot had accepted at the

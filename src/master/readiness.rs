@@ -103,7 +103,7 @@ pub fn is_listening(leader: u32, sockets: &[u64]) -> bool {
 /// are not `sockets` (the ones it was given): an app that binds a port itself, or listens
 /// on another one, while the socket at its fd 3 takes connections nobody accepts.
 pub fn listens_elsewhere(leader: u32, sockets: &[u64]) -> Vec<std::net::SocketAddr> {
-    let listeners = crate::status::proc_listeners();
+    let listeners = crate::ops::status::proc_listeners();
     let mut found = Vec::new();
     for pid in group_processes(leader) {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {

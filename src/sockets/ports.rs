@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::config::Bind;
-use crate::status::proc_listeners;
+use crate::ops::status::proc_listeners;
 
 /// Another process's listener on one of our addresses.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,7 @@
 //! Before exec the child writes each socket's inode to a close-on-exec socketpair (for
 //! `--ready listening`, which looks for that socket in /proc), with the socket itself
 //! attached (SCM_RIGHTS) when it opened it, so that the master can hold it for the slot's
-//! next workers (slot_sockets.rs); a failing step writes (step, bind index, errno) and
+//! next workers (sockets/slots.rs); a failing step writes (step, bind index, errno) and
 //! `_exit`s. The master reads until EOF, which comes when exec succeeded, like
 //! `std::process::Command` does. A worker given the slot's held sockets (`inherit`) moves
 //! those to fds 3.. instead of opening new ones.
@@ -48,8 +48,8 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{pipe2, ForkResult, Pid};
 
 use crate::config::{App, Config, Credentials};
-use crate::socket::{self, ListenSpec, SocketStep};
-use crate::worker::{ExitReason, Generation};
+use crate::master::worker::{ExitReason, Generation};
+use crate::sockets::listen::{self, ListenSpec, SocketStep};
 
 /// Environment variables the master sets for each worker (and never passes through).
 const MANAGED_ENV: &[&str] = &[
@@ -336,7 +336,7 @@ impl Spawner {
             Some(&SigSet::all()),
             Some(&mut old_mask),
         );
-        // SAFETY: the master is single-threaded (see master.rs), so no other thread can hold
+        // SAFETY: the master is single-threaded (see master/mod.rs), so no other thread can hold
         // a lock or be inside the allocator at fork; the child runs only `child`, which makes
         // async-signal-safe calls and never returns.
         let forked = unsafe { nix::unistd::fork() };
@@ -375,10 +375,10 @@ impl Spawner {
         let err = io::Error::from_raw_os_error(errno);
         let bind = self.binds.get(index).map(|(addr, _)| *addr);
         match (step, bind) {
-            (Step::Socket, Some(a)) => socket::explain(SocketStep::Socket, a, &err),
-            (Step::SocketOptions, Some(a)) => socket::explain(SocketStep::Options, a, &err),
-            (Step::Bind, Some(a)) => socket::explain(SocketStep::Bind, a, &err),
-            (Step::Listen, Some(a)) => socket::explain(SocketStep::Listen, a, &err),
+            (Step::Socket, Some(a)) => listen::explain(SocketStep::Socket, a, &err),
+            (Step::SocketOptions, Some(a)) => listen::explain(SocketStep::Options, a, &err),
+            (Step::Bind, Some(a)) => listen::explain(SocketStep::Bind, a, &err),
+            (Step::Listen, Some(a)) => listen::explain(SocketStep::Listen, a, &err),
             (Step::MoveFd, Some(a)) => {
                 format!("moving the socket of {a} to fd {}: {err}", 3 + index)
             }
@@ -556,7 +556,7 @@ fn child(plan: &mut ChildPlan) -> ! {
     for (i, (_, spec)) in plan.binds.iter().enumerate() {
         let raw = match plan.inherit {
             Some(held) => held[i],
-            None => match socket::open(spec, Some(plan.backlog)) {
+            None => match listen::open(spec, Some(plan.backlog)) {
                 Ok(s) => s.into_raw_fd(),
                 Err((step, e)) => fail(
                     plan.report,

@@ -55,7 +55,7 @@ impl fmt::Display for ExitReason {
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
-    /// exec'd; not ready yet (see `readiness.rs`).
+    /// exec'd; not ready yet (see `master/readiness.rs`).
     Starting,
     /// Up and serving.
     Ready,
@@ -222,7 +222,7 @@ pub struct Slot {
     pub last_exit: Option<ExitReason>,
     /// The next restart delay.
     pub backoff: Backoff,
-    /// Why its last worker was recycled (recycle.rs), if one was.
+    /// Why its last worker was recycled (master/recycle.rs), if one was.
     pub last_recycle: Option<String>,
 }
 

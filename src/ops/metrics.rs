@@ -1,5 +1,5 @@
 //! `--metrics ADDR`: the cluster's figures in Prometheus text format at `/metrics`, served
-//! by the master inside its loop (see `conns.rs`; this is the master's own endpoint, not a
+//! by the master inside its loop (see `ops/conns.rs`; this is the master's own endpoint, not a
 //! connection of the app).
 
 use std::fmt::Write as _;
@@ -10,13 +10,13 @@ use std::time::Instant;
 use anyhow::Context;
 use nix::poll::PollFlags;
 
-use crate::conns::Conns;
-use crate::status::ClusterStatus;
+use crate::ops::conns::Conns;
+use crate::ops::status::ClusterStatus;
 
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
 /// Scrapes served at once: any network peer can connect, so idle connections must not
-/// crowd out the scraper (the oldest idle one also makes room past this, see conns.rs).
+/// crowd out the scraper (the oldest idle one also makes room past this, see ops/conns.rs).
 const MAX_CONNS: usize = 128;
 
 /// The metrics endpoint.
@@ -141,7 +141,7 @@ pub fn render(status: &ClusterStatus) -> String {
     };
     // One series per slot: its serving worker (a slot has two workers during its surge).
     let serving: Vec<_> = status.workers.iter().filter(|w| w.serving).collect();
-    let per_slot = |value: &dyn Fn(&crate::status::WorkerStatus) -> f64| {
+    let per_slot = |value: &dyn Fn(&crate::ops::status::WorkerStatus) -> f64| {
         serving
             .iter()
             .map(|w| (format!(",slot=\"{}\"", w.slot), value(w)))

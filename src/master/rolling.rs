@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use nix::unistd::Pid;
 
-use crate::worker::Generation;
+use crate::master::worker::Generation;
 
 /// Where one slot of the pass is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub struct Surge {
 pub enum Purpose {
     /// A deploy (SIGHUP, `reload`): every slot, to a new generation.
     Deploy,
-    /// A recycle (recycle.rs): one slot, on its own generation, for this reason.
+    /// A recycle (master/recycle.rs): one slot, on its own generation, for this reason.
     Recycle {
         /// Why, as the log line says it.
         reason: String,

@@ -12,9 +12,9 @@ use nix::libc;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::slot_sockets::{Rotation, SlotSockets};
-use crate::supervisor::{RolloutResult, Supervisor};
-use crate::worker::{ms, SlotState};
+use crate::master::supervisor::{RolloutResult, Supervisor};
+use crate::master::worker::{ms, SlotState};
+use crate::sockets::slots::{Rotation, SlotSockets};
 
 /// The whole cluster.
 #[derive(Debug, Serialize)]
@@ -202,7 +202,7 @@ impl ClusterStatus {
                     last_exit: slot.and_then(|s| s.last_exit).map(|e| e.to_string()),
                     next_start_in_s: None,
                     app_status: w.status.clone(),
-                    memory_bytes: crate::recycle::tree_memory(w.pid),
+                    memory_bytes: crate::master::recycle::tree_memory(w.pid),
                     last_recycle: slot.and_then(|s| s.last_recycle.clone()),
                     rotation: sockets.rotation(w.slot, w.pid, now).map(|r| match r {
                         Rotation::In => "in".to_string(),
@@ -454,7 +454,7 @@ impl ClusterStatus {
                 w.last_exit.as_deref().unwrap_or("-"),
                 queues.join(" "),
                 match w.pid {
-                    Some(_) => crate::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
+                    Some(_) => crate::master::recycle::mib(w.memory_bytes).replace(" MiB", "M"),
                     None => "-".into(),
                 },
                 w.rotation.as_deref().unwrap_or("-"),
@@ -469,7 +469,7 @@ impl ClusterStatus {
 }
 
 fn migrate_setting(config: &Config) -> String {
-    let value = crate::socket::migrate_req().unwrap_or_else(|| "unsupported".into());
+    let value = crate::sockets::listen::migrate_req().unwrap_or_else(|| "unsupported".into());
     format!(
         "net.ipv4.tcp_migrate_req={value} (--migrate {:?})",
         config.migrate
@@ -629,8 +629,8 @@ mod tests {
 
     #[test]
     fn a_listeners_queue_grows_with_unaccepted_connections() {
-        let socket = crate::socket::open(
-            &crate::socket::ListenSpec::new("127.0.0.1:0".parse().unwrap()),
+        let socket = crate::sockets::listen::open(
+            &crate::sockets::listen::ListenSpec::new("127.0.0.1:0".parse().unwrap()),
             Some(64),
         )
         .unwrap();

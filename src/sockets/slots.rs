@@ -2,7 +2,7 @@
 //! handed to a successor, when they close. The one owner of that logic.
 //!
 //! **Opening.** A slot's first worker opens the slot's SO_REUSEPORT sockets itself, in the
-//! forked child before exec (spawn.rs), as it always did. Just before exec the child also
+//! forked child before exec (master/spawn.rs), as it always did. Just before exec the child also
 //! sends each socket it opened to the master over the close-on-exec socketpair that carries
 //! its start-up report (SCM_RIGHTS; received with MSG_CMSG_CLOEXEC). That channel already
 //! exists and sendmsg(2) is async-signal-safe; pidfd_getfd(2) would need Linux 5.6 and
@@ -27,10 +27,10 @@
 //!   holder). The next worker of the slot opens a fresh socket; a worker still serving the
 //!   dead one is replaced ([`SlotSockets::lost`]).
 //!
-//! The supervisor decides *when* (as [`crate::supervisor::Action::ReleaseSockets`]); this
+//! The supervisor decides *when* (as [`crate::master::supervisor::Action::ReleaseSockets`]); this
 //! module holds the fds and answers what a spawn gets.
 //!
-//! **Steering** (`--steer bpf`, see bpf.rs). Because the master holds every slot's socket,
+//! **Steering** (`--steer bpf`, see sockets/bpf.rs). Because the master holds every slot's socket,
 //! it also keeps the SK_REUSEPORT program's socket map (key: slot) and its rotation (the
 //! slots that take new connections). A slot is in rotation while its current worker is
 //! ready and accepts; the map entry of a slot follows its held socket (added when the
@@ -52,7 +52,7 @@
 //! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
 //! the old one in the map and in the hold, the old socket gets no new connections, and
 //! once its queue has stayed empty for [`DRAIN_SETTLE`] (what the old worker accepted has
-//! been read) the supervisor is told ([`crate::supervisor::Event::Drained`]) and stops the
+//! been read) the supervisor is told ([`crate::master::supervisor::Event::Drained`]) and stops the
 //! old worker. What still arrives on the old socket before it closes (a handshake in
 //! flight) is moved by the program when it closes.
 
@@ -64,9 +64,9 @@ use nix::poll::PollFlags;
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::Pid;
 
-use crate::bpf;
 use crate::cli::Steer;
-use crate::supervisor::Event;
+use crate::master::supervisor::Event;
+use crate::sockets::bpf;
 
 /// How often the master samples the accept queues while something is queued.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(2);
@@ -612,7 +612,7 @@ impl SlotSockets {
                          stopping it anyway (the queue moves when the socket closes)",
                         d.pid,
                         d.queue,
-                        crate::worker::ms(DRAIN_TIMEOUT)
+                        crate::master::worker::ms(DRAIN_TIMEOUT)
                     );
                 }
                 events.push(Event::Drained {
@@ -695,7 +695,7 @@ impl SlotSockets {
                 ..
             }) => format!(
                 "not accepting (queue {queue} for {})",
-                crate::worker::ms(now.saturating_duration_since(*t))
+                crate::master::worker::ms(now.saturating_duration_since(*t))
             ),
             _ if !self.held.contains_key(&slot) => "its socket is not held".into(),
             _ if !s.serving.contains(&slot) => "not ready".into(),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use nix::sys::resource::{getrlimit, Resource};
 
 use crate::config::{format_cpu_list, parse_bind_addr};
-use crate::socket::{self, ListenSpec};
+use crate::sockets::listen::{self, ListenSpec};
 
 /// What `doctor` checks against.
 pub struct Plan {
@@ -65,18 +65,18 @@ pub fn run(plan: &Plan) -> bool {
         ),
     }
 
-    match socket::migrate_req() {
+    match listen::migrate_req() {
         Some(v) if v == "1" => say(Verdict::Ok, "net.ipv4.tcp_migrate_req=1: connections queued on a closing socket (scale-down, crash loop) move to the other workers".into()),
         Some(v) => say(Verdict::Warn, format!("net.ipv4.tcp_migrate_req={v}: restarts lose nothing (socket takeover), but a scale-down or a crash-looping slot resets the connections queued on the socket it closes; run: sysctl -w net.ipv4.tcp_migrate_req=1 (a root master with --migrate auto does it)")),
         None => say(Verdict::Warn, "net.ipv4.tcp_migrate_req is missing (Linux 5.14+)".into()),
     }
 
-    match crate::bpf::probe() {
+    match crate::sockets::bpf::probe() {
         Ok(()) => say(Verdict::Ok, "steering: bpf: an SK_REUSEPORT program loads and attaches here, so --steer auto uses it (connections go round robin to the workers that accept; a worker's socket drains before it stops)".into()),
         Err(e) => say(Verdict::Warn, format!("steering: hash: --steer auto falls back to the kernel's SO_REUSEPORT hash here ({e}); run the master as root or with CAP_BPF and CAP_NET_ADMIN on Linux 5.14+")),
     }
 
-    match socket::somaxconn() {
+    match listen::somaxconn() {
         Some(max) if max >= plan.backlog => say(Verdict::Ok, format!("net.core.somaxconn={max} >= --backlog {}", plan.backlog)),
         Some(max) => say(Verdict::Warn, format!("net.core.somaxconn={max} caps --backlog {} silently; run: sysctl -w net.core.somaxconn={}", plan.backlog, plan.backlog)),
         None => say(Verdict::Warn, "net.core.somaxconn is unreadable".into()),
@@ -124,26 +124,26 @@ pub fn run(plan: &Plan) -> bool {
 }
 
 fn check_port(addr: SocketAddr, say: &mut impl FnMut(Verdict, String)) {
-    match socket::open(&ListenSpec::new(addr), None) {
+    match listen::open(&ListenSpec::new(addr), None) {
         Ok(_) if addr.port() != 0 && listening_on(addr.port()) => say(
             Verdict::Warn,
             format!("{addr}: SO_REUSEPORT sockets of this user already listen there (another cluster?); a new one would share its connections"),
         ),
         Ok(_) => say(Verdict::Ok, format!("{addr}: free")),
-        Err((step, e)) => say(Verdict::Fail, socket::explain(step, addr, &e)),
+        Err((step, e)) => say(Verdict::Fail, listen::explain(step, addr, &e)),
     }
 }
 
 /// Whether a TCP socket listens on `port` (any address).
 fn listening_on(port: u16) -> bool {
-    crate::status::proc_listeners()
+    crate::ops::status::proc_listeners()
         .iter()
         .any(|l| l.port == port)
 }
 
 /// Two SO_REUSEPORT listeners on one loopback port.
 fn reuseport_works() -> Result<(), String> {
-    let first = socket::open(
+    let first = listen::open(
         &ListenSpec::new(SocketAddr::from(([127, 0, 0, 1], 0))),
         Some(1),
     )
@@ -153,7 +153,7 @@ fn reuseport_works() -> Result<(), String> {
         .ok()
         .and_then(|a| a.as_socket())
         .ok_or("no local address")?;
-    socket::open(&ListenSpec::new(addr), Some(1))
+    listen::open(&ListenSpec::new(addr), Some(1))
         .map_err(|(step, e)| format!("second socket, {step:?}: {e}"))?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! line; the master answers with text and closes the connection. An answer that starts with
 //! `error:` is a refusal. Requests: `status`, `status --json`, `reload`, `scale N`, `stop`.
 //!
-//! It is served inside the master's single-threaded loop (see `conns.rs`): a request is at
+//! It is served inside the master's single-threaded loop (see `ops/conns.rs`): a request is at
 //! most one 1 KiB line, a client has 5 s to send it and read the answer, and at most 8
 //! clients are served at once. Only root and the
 //! master's own uid may talk to it (SO_PEERCRED); the socket file is mode 0600.
@@ -25,7 +25,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::poll::PollFlags;
 use nix::sys::socket::{getsockopt, sockopt};
 
-use crate::conns::Conns;
+use crate::ops::conns::Conns;
 
 /// Longest request line.
 const MAX_REQUEST: usize = 1024;

@@ -1,6 +1,6 @@
 //! The supervision state machine: `step(event, now) -> actions`, with no syscalls.
 //!
-//! The master's loop (`master.rs`) turns signals, child exits, readiness and timers into
+//! The master's loop (`master/mod.rs`) turns signals, child exits, readiness and timers into
 //! [`Event`]s and carries out the [`Action`]s returned here (prepare a generation, fork,
 //! signal a process group, log, exit). Keeping the decisions free of I/O is what lets the
 //! unit tests below drive a whole cluster's life (start-up failure, crash loops, rolling
@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::readiness::ReadyMode;
-use crate::recycle::Reason;
-use crate::rolling::{Purpose, RollingRestart, SurgeStep};
-use crate::worker::{ms, ExitReason, Generation, Slot, SlotState, Worker, WorkerState};
+use crate::master::readiness::ReadyMode;
+use crate::master::recycle::Reason;
+use crate::master::rolling::{Purpose, RollingRestart, SurgeStep};
+use crate::master::worker::{ms, ExitReason, Generation, Slot, SlotState, Worker, WorkerState};
 
 /// Something that happened to the cluster.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,11 +92,11 @@ pub enum Event {
     },
     /// SIGTERM, SIGINT, `stop`: stop gracefully; repeating it changes nothing.
     StopGracefully,
-    /// SIGQUIT, or a second Ctrl-C (master.rs): SIGKILL every worker now.
+    /// SIGQUIT, or a second Ctrl-C (master/mod.rs): SIGKILL every worker now.
     StopNow,
     /// `scale N`, SIGTTIN, SIGTTOU: grow or shrink to this many slots (at least 1).
     Scale(usize),
-    /// recycle.rs found that the serving worker `pid` should be replaced.
+    /// master/recycle.rs found that the serving worker `pid` should be replaced.
     Recycle {
         /// The worker.
         pid: Pid,
@@ -104,14 +104,14 @@ pub enum Event {
         reason: Reason,
     },
     /// The socket the master held for `slot` no longer listens (the app shut it down):
-    /// slot_sockets.rs dropped it; a worker still serving it must be replaced.
+    /// sockets/slots.rs dropped it; a worker still serving it must be replaced.
     SocketLost {
         /// The slot.
         slot: usize,
         /// The dead socket's inode.
         inode: u64,
     },
-    /// The old socket of `slot` drained (slot_sockets.rs, after [`Action::Drain`]): its
+    /// The old socket of `slot` drained (sockets/slots.rs, after [`Action::Drain`]): its
     /// worker `pid` may stop now.
     Drained {
         /// The slot.
@@ -147,7 +147,7 @@ pub enum Action {
         /// The signal.
         signal: Signal,
     },
-    /// Let go of the master's reference to `slot`'s sockets (slot_sockets.rs).
+    /// Let go of the master's reference to `slot`'s sockets (sockets/slots.rs).
     ReleaseSockets {
         /// The slot.
         slot: usize,
@@ -838,7 +838,7 @@ impl Supervisor {
                 .is_some_and(|r| matches!(r.purpose, Purpose::Recycle { hung: true, .. }));
             if let (Some(old), true) = (old, hung) {
                 // It will most likely not answer: SIGKILL comes sooner.
-                let grace = crate::recycle::HUNG_GRACE.min(self.settings.grace);
+                let grace = crate::master::recycle::HUNG_GRACE.min(self.settings.grace);
                 if let Some(w) = self.workers.get_mut(&old) {
                     w.stop_grace = Some(grace);
                 }
@@ -1416,9 +1416,9 @@ pub const FD3_HINT: &str = "the app must serve the listening socket it is given 
     uvicorn --fd 3, gunicorn --bind fd://3, Go net.FileListener(os.NewFile(3, \"\"))";
 
 /// The CPU of slot `i`: the i-th of the pin list, wrapping around.
-/// A slot whose next restart is far off lets go of its sockets (slot_sockets.rs).
+/// A slot whose next restart is far off lets go of its sockets (sockets/slots.rs).
 fn release_if_crash_looping(slot: usize, delay: Duration, out: &mut Vec<Action>) {
-    if delay >= crate::slot_sockets::RELEASE_AFTER_BACKOFF {
+    if delay >= crate::sockets::slots::RELEASE_AFTER_BACKOFF {
         out.push(Action::ReleaseSockets {
             slot,
             why: format!(
@@ -2193,7 +2193,7 @@ mod tests {
 
 #[cfg(test)]
 mod socket_tests {
-    //! When the supervisor tells slot_sockets.rs to let go of a slot's sockets.
+    //! When the supervisor tells sockets/slots.rs to let go of a slot's sockets.
     use super::tests::*;
     use super::*;
 
@@ -2274,7 +2274,7 @@ mod recycle_tests {
     //! Recycles: a one-slot surge through the rolling-restart machinery.
     use super::tests::*;
     use super::*;
-    use crate::recycle::Reason;
+    use crate::master::recycle::Reason;
 
     fn memory() -> Reason {
         Reason::Memory {
@@ -2374,7 +2374,7 @@ mod recycle_tests {
         );
         s.step(spawned(0, 1, 300), t0);
         s.step(ready(300), t0);
-        let grace = crate::recycle::HUNG_GRACE;
+        let grace = crate::master::recycle::HUNG_GRACE;
         assert_eq!(
             s.next_deadline(),
             Some(t0 + grace),

@@ -130,11 +130,16 @@ fn set_tcp_options(socket: &Socket, options: &ListenOptions) -> io::Result<()> {
     socket.set_tcp_nodelay(options.nodelay)?;
     if let Some(secs) = options.defer_accept {
         let secs = secs.min(i32::MAX as u32) as i32;
-        crate::spawn::set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs)?;
+        crate::master::spawn::set_int_option(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            secs,
+        )?;
     }
     if let Some(qlen) = options.fastopen {
         let qlen = qlen.min(i32::MAX as u32) as i32;
-        crate::spawn::set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_FASTOPEN, qlen)?;
+        crate::master::spawn::set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_FASTOPEN, qlen)?;
     }
     if let Some(k) = options.keepalive {
         socket.set_keepalive(true)?;

@@ -2,7 +2,7 @@
 //! rolling restart slot by slot, a `scale` waits for its workers, a `stop` for the master's
 //! exit.
 //!
-//! The master holds their connections open (see `conns.rs`) and feeds this module the
+//! The master holds their connections open (see `ops/conns.rs`) and feeds this module the
 //! supervisor's [`Report`]s and, after every turn of its loop, the supervisor itself; what
 //! comes back are the lines to send. A line is `progress: …` while it goes on, and a last
 //! one whose first word tells the client its exit code (see [`Line::exit_code`]).
@@ -10,8 +10,8 @@
 
 use std::time::Instant;
 
-use crate::supervisor::{Outcome, Report, Supervisor};
-use crate::worker::{ms, Generation, SlotState};
+use crate::master::supervisor::{Outcome, Report, Supervisor};
+use crate::master::worker::{ms, Generation, SlotState};
 
 /// What a held client waits for.
 #[derive(Debug, Clone, PartialEq)]
