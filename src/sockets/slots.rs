@@ -331,6 +331,7 @@ impl SlotSockets {
             return None;
         }
         let note = self.steer_socket(slot, &held);
+        self.forget_load(slot);
         // A previous hold of the slot (a surge's crash-loop release raced a fresh spawn)
         // is replaced: the new worker serves the fresh sockets.
         self.held.insert(slot, held);
@@ -341,9 +342,12 @@ impl SlotSockets {
     fn steer_socket(&self, slot: usize, held: &Held) -> Option<String> {
         let steering = self.steering.as_ref().ok()?;
         for (group, fd) in steering.groups.iter().zip(&held.fds) {
+            // The slot's count of connections sent goes on across its sockets: a new one
+            // starts with nothing outstanding.
+            let sent = group.sent(slot).unwrap_or(0);
             if let Err(e) = group
                 .attach(fd.as_fd())
-                .and_then(|()| group.set_accepted(slot, 0))
+                .and_then(|()| group.set_accepted(slot, sent))
                 .and_then(|()| group.set_socket(slot, fd.as_fd()))
             {
                 return Some(format!(
@@ -353,6 +357,14 @@ impl SlotSockets {
             }
         }
         None
+    }
+
+    /// A new socket entered the map at `slot`: what the last sample saw of the old one (and
+    /// told the program) no longer holds, so the next sample writes afresh.
+    fn forget_load(&mut self, slot: usize) {
+        if let Ok(s) = self.steering.as_mut() {
+            s.load.remove(&slot);
+        }
     }
 
     /// The new worker of `slot`'s rolling restart is ready and `old` (the previous worker)
@@ -396,6 +408,7 @@ impl SlotSockets {
             return Some(Event::Drained { slot, pid: old });
         };
         let note = self.steer_socket(slot, &fresh);
+        self.forget_load(slot);
         if let Some(note) = note {
             crate::warn!("{note}");
         }

@@ -179,6 +179,19 @@ fn steering_round_robin_and_a_crashed_worker_leaves_no_lost_or_stale_map_entry()
         assert!(served.iter().all(|n| *n >= 8), "round {round}: {served:?}");
     }
 
+    // After a rolling restart with no traffic during it (every slot on a fresh socket),
+    // every new worker gets its turn.
+    c.signal(Signal::SIGHUP);
+    c.expect_log("rolling restart to generation 2 done");
+    let mut served = [0u32; 3];
+    for _ in 0..30 {
+        served[get(c.addr()).unwrap().worker()] += 1;
+    }
+    assert!(
+        served.iter().all(|n| *n >= 8),
+        "after a rolling restart: {served:?}"
+    );
+
     // Scaled away: its entry goes with it.
     c.ctl(&["scale", "2"]);
     assert!(
