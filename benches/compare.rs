@@ -192,22 +192,6 @@ fn stop(mut r: Running) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group as i32), Signal::SIGKILL);
 }
 
-/// CPU seconds (user + system) of `pid` so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn rss_mib(pid: u32) -> f64 {
     support::status_field(pid, "VmRSS")
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
@@ -347,7 +331,7 @@ fn main() {
                 let port = free_port();
                 let r = start(launcher, port, n, server_cpu);
                 let _ = wrk(port, "keep-alive", 1, threads, client_cpu); // warm up
-                let cpu_before = r.master.map(cpu_seconds);
+                let cpu_before = r.master.map(support::cpu_seconds);
                 for shape in SHAPES {
                     let load = wrk(port, shape, o.seconds, threads, client_cpu);
                     eprintln!(
@@ -360,7 +344,7 @@ fn main() {
                     costs
                         .entry((n, launcher))
                         .or_default()
-                        .push((rss_mib(pid), cpu_seconds(pid) - before));
+                        .push((rss_mib(pid), support::cpu_seconds(pid) - before));
                 }
                 stop(r);
             }

@@ -69,30 +69,7 @@ fn measure(workers: usize, passes: u64) -> Row {
 
 /// Failed requests over `passes` rolling restarts of 2 workers of `cmd` (empty: the demo).
 fn takeover_row(cmd: &[&str], env: &[(&str, &str)], passes: u64) -> (u64, u64) {
-    let mut args = vec![
-        "--workers",
-        "2",
-        "--bind",
-        "127.0.0.1:0",
-        "--ready",
-        "listening",
-        "--migrate",
-        "off",
-    ];
-    if !cmd.is_empty() {
-        args.push("--");
-        args.extend_from_slice(cmd);
-    }
-    let mut c = Cluster::spawn(&args, env);
-    c.expect_log("workers ready");
-    let load = Load::start_with(c.addr(), 16, Duration::from_secs(300), true);
-    std::thread::sleep(Duration::from_millis(300)); // warm up
-    for g in 2..2 + passes {
-        c.signal(Signal::SIGHUP);
-        c.expect_log(&format!("rolling restart to generation {g} done"));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let stats = load.finish();
+    let stats = rolls_under_load(cmd, env, passes);
     (stats.failed, stats.ok + stats.failed)
 }
 

@@ -261,31 +261,16 @@ fn spread(launcher: &str) -> (f64, Vec<u64>) {
     (ratio, counts)
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// req/s with uniform load, the master's CPU seconds during it, and over 3 idle seconds.
 fn uniform(launcher: &str) -> (Wrk, f64, f64) {
     let r = start(launcher, &[]);
     let master = r.child.id();
-    let c0 = cpu_seconds(master);
+    let c0 = support::cpu_seconds(master);
     let [h, v] = close();
     let w = wrk(r.port, &["-t2", "-c64", "-d10s", h, v]);
-    let c1 = cpu_seconds(master);
+    let c1 = support::cpu_seconds(master);
     std::thread::sleep(Duration::from_secs(3));
-    let c2 = cpu_seconds(master);
+    let c2 = support::cpu_seconds(master);
     stop(r);
     (w, c1 - c0, c2 - c1)
 }

@@ -320,19 +320,29 @@ fn read_tree() -> HashMap<i32, Proc> {
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            Some((pid, parse_stat(&stat)?))
-        })
+        .filter_map(|pid| Some((pid, parse_stat(&read_stat(pid)?)?)))
         .collect()
 }
 
-/// Parses /proc/PID/stat: the command name is in parentheses and may hold anything, so the
-/// fields are counted from its closing one.
+/// The fields of /proc/PID/stat after the command name, the state first: the name is in
+/// parentheses and may hold anything, so they are counted from its closing one. After the
+/// name: state(0) ppid(1) pgrp(2) … utime(11) stime(12) … starttime(19).
+pub fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    Some(
+        stat.get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect(),
+    )
+}
+
+/// /proc/PID/stat of `pid`.
+pub fn read_stat(pid: impl std::fmt::Display) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
+}
+
+/// One process's place in the tree, from its /proc/PID/stat.
 fn parse_stat(stat: &str) -> Option<Proc> {
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state(0) ppid(1) pgrp(2) … starttime(19).
+    let fields = stat_fields(stat)?;
     Some(Proc {
         zombie: matches!(*fields.first()?, "Z" | "X"),
         ppid: fields.get(1)?.parse().ok()?,

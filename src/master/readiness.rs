@@ -160,12 +160,9 @@ fn group_processes(leader: u32) -> Vec<u32> {
 
 /// Field 5 of /proc/PID/stat.
 pub fn process_group(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command (field 2) may contain spaces and parentheses: count after the last ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(2)?
+    let stat = crate::master::procs::read_stat(pid)?;
+    crate::master::procs::stat_fields(&stat)?
+        .get(2)?
         .parse()
         .ok()
 }

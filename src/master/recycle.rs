@@ -352,12 +352,9 @@ fn tree(pid: u32) -> Vec<u32> {
 
 /// State and utime+stime (clock ticks) from /proc/PID/stat.
 fn stat(pid: u32) -> Option<(char, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &text[text.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let text = crate::master::procs::read_stat(pid)?;
+    let fields = crate::master::procs::stat_fields(&text)?;
     let state = fields.first()?.chars().next()?;
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the state.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((state, utime + stime))

@@ -628,6 +628,22 @@ fn lossy_lines(r: impl std::io::Read) -> impl Iterator<Item = String> {
     })
 }
 
+/// CPU seconds (user + system) of `pid` so far (benchmarks compare launchers' masters).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Sends `sig` to one process.
 pub fn signal(pid: u32, sig: Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
@@ -863,6 +879,42 @@ impl Load {
         }
         total
     }
+}
+
+/// Runs `passes` rolling restarts of `cmd` (2 workers; empty: the demo app) under load
+/// (keep-alive clients retry once on a connection the server closed); what the clients saw.
+pub fn rolls_under_load(cmd: &[&str], env: &[(&str, &str)], passes: u64) -> LoadStats {
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "listening",
+        "--migrate",
+        "off",
+        "--grace",
+        "10s",
+    ];
+    if !cmd.is_empty() {
+        args.push("--");
+        args.extend_from_slice(cmd);
+    }
+    let mut c = Cluster::spawn(&args, env);
+    c.expect_log("workers ready");
+    let load = Load::start_with(c.addr(), 16, Duration::from_secs(60), true);
+    assert!(
+        wait_until(TIMEOUT, || load.ok_so_far() > 50),
+        "the load runs"
+    );
+    for g in 2..2 + passes {
+        c.signal(Signal::SIGHUP);
+        c.expect_log(&format!("rolling restart to generation {g} done"));
+    }
+    // Let the last old workers finish what they accepted.
+    let ok = load.ok_so_far();
+    assert!(wait_until(TIMEOUT, || load.ok_so_far() > ok + 50));
+    load.finish()
 }
 
 /// Moves this test thread, and every process and thread it starts from now on, into a new

@@ -40,40 +40,6 @@ fn socket_inode(pid: u32, fd: i32) -> u64 {
         .unwrap_or_else(|| panic!("fd {fd} of {pid} is {target}"))
 }
 
-/// Runs `passes` rolling restarts of `app` (2 workers) under load in this thread's netns and
-/// returns what the clients saw.
-fn rolls_under_load(cmd: &[&str], env: &[(&str, &str)], passes: u64) -> LoadStats {
-    let mut args = vec![
-        "--workers",
-        "2",
-        "--bind",
-        "127.0.0.1:0",
-        "--ready",
-        "listening",
-        "--migrate",
-        "off",
-        "--grace",
-        "10s",
-        "--",
-    ];
-    args.extend_from_slice(cmd);
-    let mut c = Cluster::spawn(&args, env);
-    c.expect_log("workers ready");
-    let load = Load::start_with(c.addr(), 16, Duration::from_secs(60), true);
-    assert!(
-        wait_until(TIMEOUT, || load.ok_so_far() > 50),
-        "the load runs"
-    );
-    for g in 2..2 + passes {
-        c.signal(Signal::SIGHUP);
-        c.expect_log(&format!("rolling restart to generation {g} done"));
-    }
-    // Let the last old workers finish what they accepted.
-    let ok = load.ok_so_far();
-    assert!(wait_until(TIMEOUT, || load.ok_so_far() > ok + 50));
-    load.finish()
-}
-
 fn zero_loss_with_and_without_takeover(cmd: &[&str]) {
     let _load = load_lock();
     if !enter_fresh_netns() {
