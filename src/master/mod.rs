@@ -36,7 +36,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 use signal_hook::consts::signal::{
-    SIGALRM, SIGCHLD, SIGHUP, SIGINT, SIGPIPE, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH,
+    SIGALRM, SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH,
 };
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
@@ -60,12 +60,14 @@ use crate::sockets::listen;
 use crate::sockets::slots::SlotSockets;
 use crate::{debug, info, log, warn};
 
-/// Signals the master handles through signal-hook. USR1, USR2, WINCH, PIPE and ALRM are
-/// sent by habit (logrotate hooks, gunicorn and nginx habits, a resized terminal, a closed
-/// pipe, a stray alarm): each is handled so that none takes the cluster down (README,
-/// "Signals"). SIGTTIN and SIGTTOU come through a signalfd instead (see `scale_signals`).
-const HANDLED: [i32; 10] = [
-    SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGPIPE, SIGALRM,
+/// Signals the master handles through signal-hook. USR1, USR2, WINCH and ALRM are sent by
+/// habit (logrotate hooks, gunicorn and nginx habits, a resized terminal, a stray alarm):
+/// each is handled so that none takes the cluster down (README, "Signals"). SIGPIPE is not
+/// handled but stays ignored, as Rust's runtime set it: a handler would write to the signal
+/// pipe, and once that pipe's read end is closed (at exit) the write raises SIGPIPE again,
+/// for ever. SIGTTIN and SIGTTOU come through a signalfd instead (see `scale_signals`).
+const HANDLED: [i32; 9] = [
+    SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGALRM,
 ];
 
 /// A SIGINT this soon after the stop began is the same request arriving twice (a tool that
@@ -435,7 +437,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 ),
                 SIGUSR2 => info!("SIGUSR2 ignored: send SIGHUP for a rolling restart"),
                 SIGALRM => info!("SIGALRM ignored"),
-                SIGWINCH | SIGPIPE => debug!("signal {signal} ignored"),
+                SIGWINCH => debug!("signal {signal} ignored"),
                 _ => {} // SIGCHLD: reaped above; SIGHUP: counted below
             }
         }

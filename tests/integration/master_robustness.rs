@@ -944,3 +944,48 @@ fn the_control_socket_is_accepted_from_only_when_readable() {
     let _ = strace.wait();
     assert_eq!(idle, 0, "accept(2) calls during 20 idle wakes");
 }
+
+/// A stop request sent again and again (a supervisor that retries, a `kill` loop) while the
+/// master is already exiting must not keep it from exiting. It once did: the signal pipe's
+/// read end closed first at exit, a SIGTERM arriving then made the handler write to it,
+/// that write raised SIGPIPE, whose handler wrote to it again, for ever (100 % CPU, no exit).
+#[test]
+fn signals_that_keep_coming_while_the_master_exits_do_not_keep_it_alive() {
+    for round in 0..5 {
+        let mut c = Cluster::start(&[
+            "--workers",
+            "1",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "delay:10ms",
+            "--",
+            "sleep",
+            "1000",
+        ]);
+        let pid = nix::unistd::Pid::from_raw(c.pid() as i32);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let storm = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                // Bounded: the master is waited for below for at most 10 s.
+                let until = Instant::now() + Duration::from_secs(12);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                    if nix::sys::signal::kill(pid, Signal::SIGTERM).is_err() {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let exited = wait_until(Duration::from_secs(10), || c.exited());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        storm.join().unwrap();
+        assert!(
+            exited,
+            "round {round}: the master did not exit under repeated SIGTERMs: {}; log:\n{}",
+            c.diagnosis(),
+            c.log().join("\n")
+        );
+    }
+}
