@@ -360,6 +360,29 @@ fn listen_pid(pid: i32) -> Option<i32> {
         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
 }
 
+/// `pid` and every process below it, from the kernel's children lists (cheaper than
+/// reading the whole tree; empty when `pid` is gone).
+pub fn family(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() && out.len() < 4096 {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for task in tasks.flatten() {
+                let children = std::fs::read_to_string(task.path().join("children"));
+                out.extend(
+                    children
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
 /// `root` and every process below it.
 fn subtree(tree: &HashMap<i32, Proc>, root: i32) -> Vec<i32> {
     let mut out = vec![root];
@@ -394,6 +417,20 @@ mod tests {
         );
         let zombie = "7 (a) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0";
         assert!(parse_stat(zombie).unwrap().zombie);
+    }
+
+    #[test]
+    fn a_family_holds_the_children_of_every_thread() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let family = family(me);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(family[0], me);
+        assert!(family.contains(&(child.id() as i32)), "{family:?}");
     }
 
     #[test]

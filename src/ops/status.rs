@@ -6,9 +6,6 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use std::os::fd::AsRawFd;
-
-use nix::libc;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -481,74 +478,11 @@ fn migrate_setting(config: &Config) -> String {
 /// sock_diag (what `ss -lnt` shows as Recv-Q/Send-Q), else depth only from /proc/net/tcp.
 pub fn accept_queues() -> HashMap<u64, (u32, u32)> {
     let mut queues = HashMap::new();
-    let diag = [libc::AF_INET, libc::AF_INET6]
-        .into_iter()
-        .try_for_each(|family| sock_diag_listeners(family as u8, &mut queues));
-    if diag.is_err() {
-        proc_net_tcp_listeners(&mut queues);
+    match crate::sockets::diag::listeners() {
+        Ok(found) => queues.extend(found.iter().map(|s| (s.inode, (s.rqueue, s.wqueue)))),
+        Err(_) => proc_net_tcp_listeners(&mut queues),
     }
     queues
-}
-
-/// One INET_DIAG dump of the listening TCP sockets of `family`.
-fn sock_diag_listeners(family: u8, queues: &mut HashMap<u64, (u32, u32)>) -> nix::Result<()> {
-    use nix::sys::socket::{
-        recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-        SockType,
-    };
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const TCP_LISTEN_BIT: u32 = 1 << 10;
-
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkSockDiag,
-    )?;
-    // struct nlmsghdr (16 bytes) + struct inet_diag_req_v2 (56 bytes)
-    let mut req = Vec::with_capacity(72);
-    req.extend_from_slice(&72u32.to_ne_bytes());
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req.extend_from_slice(&[0u8; 8]); // seq, pid
-    req.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    req.extend_from_slice(&TCP_LISTEN_BIT.to_ne_bytes());
-    req.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: any
-    sendto(
-        fd.as_raw_fd(),
-        &req,
-        &NetlinkAddr::new(0, 0),
-        MsgFlags::empty(),
-    )?;
-
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        let mut msg = &buf[..n];
-        while msg.len() >= 16 {
-            let len = u32::from_ne_bytes(msg[0..4].try_into().unwrap_or_default()) as usize;
-            let kind = u16::from_ne_bytes([msg[4], msg[5]]);
-            if len < 16 || len > msg.len() {
-                return Err(nix::errno::Errno::EINVAL);
-            }
-            match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => return Err(nix::errno::Errno::EPROTO),
-                _ if len >= 16 + 72 => {
-                    // struct inet_diag_msg: 4 bytes, sockid (48), expires, rqueue, wqueue, uid, inode
-                    let body = &msg[16..16 + 72];
-                    let word = |at: usize| {
-                        u32::from_ne_bytes(body[at..at + 4].try_into().unwrap_or_default())
-                    };
-                    queues.insert(word(68) as u64, (word(56), word(60)));
-                }
-                _ => {}
-            }
-            msg = &msg[len.next_multiple_of(4).min(msg.len())..];
-        }
-    }
 }
 
 /// Depths of listening sockets from /proc/net/tcp{,6} (rx_queue); no limits there.
@@ -626,6 +560,7 @@ fn parse_proc_ip(hex: &str) -> Option<std::net::IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn a_listeners_queue_grows_with_unaccepted_connections() {

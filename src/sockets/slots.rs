@@ -51,8 +51,9 @@
 //! *Drain before stop.* In a rolling restart the new worker of a slot opens a fresh socket
 //! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
 //! the old one in the map and in the hold, the old socket gets no new connections, and
-//! once its queue has stayed empty for [`DRAIN_SETTLE`] (what the old worker accepted has
-//! been read) the supervisor is told ([`crate::master::supervisor::Event::Drained`]) and stops the
+//! once its queue has stayed empty for [`DRAIN_SETTLE`] and the old worker holds no
+//! connection it accepted but has not read (sockets/diag.rs; an eager server such as
+//! uvicorn closes those when it stops) the supervisor is told ([`crate::master::supervisor::Event::Drained`]) and stops the
 //! old worker. What still arrives on the old socket before it closes (a handshake in
 //! flight) is moved by the program when it closes.
 
@@ -74,6 +75,14 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(2);
 /// How long a draining socket's queue must stay empty before its worker is stopped: time
 /// for the worker to read what it accepted last.
 pub const DRAIN_SETTLE: Duration = Duration::from_millis(100);
+
+/// How often a settled drain asks whether the old worker has read every connection it
+/// accepted (a read of its /proc/PID/fd and one sock_diag dump).
+pub const UNREAD_CHECK_EVERY: Duration = Duration::from_millis(10);
+
+/// A connection accepted this recently with nothing received on it yet counts as unread: its
+/// request may be on its way (see sockets/diag.rs).
+pub const UNREAD_YOUNG: Duration = Duration::from_secs(1);
 
 /// A draining socket whose queue never empties (its worker stalls) is given up after this;
 /// its worker is stopped and the program moves the queue when the socket closes.
@@ -168,6 +177,38 @@ struct Draining {
     since: Instant,
     queue: u32,
     empty_since: Option<Instant>,
+    /// Its local ports: the accepted connections that count are on these.
+    ports: BTreeSet<u16>,
+    /// Connections the old worker accepted and has not read, at the last check (`None`: not
+    /// checked since the queue last emptied).
+    unread: Option<usize>,
+    checked: Option<Instant>,
+}
+
+impl Draining {
+    fn new(held: Held, pid: Pid, now: Instant) -> Draining {
+        let ports = held
+            .fds
+            .iter()
+            .filter_map(|f| {
+                let addr: nix::sys::socket::SockaddrStorage =
+                    nix::sys::socket::getsockname(f.as_raw_fd()).ok()?;
+                addr.as_sockaddr_in()
+                    .map(|a| a.port())
+                    .or_else(|| addr.as_sockaddr_in6().map(|a| a.port()))
+            })
+            .collect();
+        Draining {
+            held,
+            pid,
+            since: now,
+            queue: 0,
+            empty_since: None,
+            ports,
+            unread: None,
+            checked: None,
+        }
+    }
 }
 
 /// Whether a worker takes new connections, for `status`.
@@ -388,16 +429,7 @@ impl SlotSockets {
             let (Some(held), true, true) = (held, self.steers(), wait) else {
                 return Some(Event::Drained { slot, pid: old });
             };
-            self.draining.insert(
-                slot,
-                Draining {
-                    held,
-                    pid: old,
-                    since: now,
-                    queue: 0,
-                    empty_since: None,
-                },
-            );
+            self.draining.insert(slot, Draining::new(held, old, now));
             if let Ok(s) = self.steering.as_mut() {
                 s.next_sample = Some(now);
             }
@@ -419,16 +451,8 @@ impl SlotSockets {
             self.update_rotation();
             return Some(Event::Drained { slot, pid: old });
         }
-        self.draining.insert(
-            slot,
-            Draining {
-                held: previous,
-                pid: old,
-                since: now,
-                queue: 0,
-                empty_since: None,
-            },
-        );
+        self.draining
+            .insert(slot, Draining::new(previous, old, now));
         self.update_rotation();
         if let Ok(s) = self.steering.as_mut() {
             s.next_sample = Some(now);
@@ -611,20 +635,37 @@ impl SlotSockets {
                 .sum();
             if d.queue > 0 {
                 d.empty_since = None;
+                d.unread = None;
             } else if d.empty_since.is_none() {
                 d.empty_since = Some(now);
             }
-            let settled = d
+            let quiet = d
                 .empty_since
                 .is_some_and(|t| now.saturating_duration_since(t) >= DRAIN_SETTLE);
+            // What the old worker accepted must have been read, too: an eager server closes
+            // unread connections when it stops.
+            if quiet
+                && d.checked
+                    .is_none_or(|t| now.saturating_duration_since(t) >= UNREAD_CHECK_EVERY)
+            {
+                let family = crate::master::procs::family(d.pid.as_raw());
+                d.unread = Some(
+                    crate::sockets::diag::unread_held_by(&family, &d.ports, UNREAD_YOUNG)
+                        .unwrap_or(0),
+                );
+                d.checked = Some(now);
+            }
+            let settled = quiet && d.unread == Some(0);
             let late = now.saturating_duration_since(d.since) >= DRAIN_TIMEOUT;
             if settled || late {
                 if late && !settled {
                     crate::info!(
-                        "worker {slot} (pid {}): its old socket still has {} queued after {}; \
-                         stopping it anyway (the queue moves when the socket closes)",
+                        "worker {slot} (pid {}): its old socket still has {} queued and {} \
+                         accepted unread after {}; stopping it anyway (the queue moves when \
+                         the socket closes)",
                         d.pid,
                         d.queue,
+                        d.unread.unwrap_or(0),
                         crate::master::worker::ms(DRAIN_TIMEOUT)
                     );
                 }
