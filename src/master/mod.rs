@@ -81,6 +81,9 @@ const READINESS_SCAN: Duration = Duration::from_millis(5);
 const ELSEWHERE_AFTER: Duration = Duration::from_millis(500);
 /// How often starting workers are looked at for that.
 const ELSEWHERE_CHECK: Duration = Duration::from_millis(250);
+/// How often a starting worker not seen waiting is checked for connections it already serves
+/// (a sock_diag dump of every connection: dearer than the scan).
+const SERVING_CHECK: Duration = Duration::from_millis(50);
 
 /// Runs the cluster until it has stopped.
 pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
@@ -175,6 +178,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let mut systemd = SystemdNotify::from_env(Instant::now());
     let mut waiters = Waiters::default();
     let mut next_elsewhere_check = Instant::now();
+    let mut next_serving_check = Instant::now();
     let mut events = VecDeque::from([Event::Start]);
     let mut leftovers = Leftovers::new(config.grace, config.stop_signal);
     let mut notify_log = RateLimit::default();
@@ -471,9 +475,15 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             if look_elsewhere {
                 next_elsewhere_check = now + ELSEWHERE_CHECK;
             }
+            let look_at_conns = now >= next_serving_check;
+            if look_at_conns {
+                next_serving_check = now + SERVING_CHECK;
+            }
             for w in supervisor.starting() {
                 let leader = w.pid.as_raw() as u32;
-                if readiness::is_listening(leader, &w.sockets) {
+                if readiness::is_listening(leader, &w.sockets)
+                    || (look_at_conns && readiness::serves_connections(leader, &w.sockets))
+                {
                     events.push_back(Event::Ready { pid: w.pid });
                 } else if look_elsewhere
                     && w.listens_elsewhere.is_none()

@@ -13,7 +13,10 @@
 //!   sync workers and blocking accept loops.
 //!
 //! There is no event for either, so the master looks every few milliseconds, and only while
-//! some worker is starting.
+//! some worker is starting. A worker busy serving from the start (it shares a held socket with
+//! traffic on it) is seldom caught waiting; so a worker whose processes hold a connection
+//! accepted on each of its sockets' ports also counts as listening (sock_diag, looked at less
+//! often: [`serves_connections`]).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -97,6 +100,34 @@ pub fn is_listening(leader: u32, sockets: &[u64]) -> bool {
         }
     }
     false
+}
+
+/// Whether processes of the group led by `leader` hold a TCP connection accepted on the
+/// port of every one of `sockets`: a worker that serves is ready, waiting or not.
+pub fn serves_connections(leader: u32, sockets: &[u64]) -> bool {
+    use crate::sockets::diag;
+    let Ok(listeners) = diag::listeners() else {
+        return false;
+    };
+    let ports: HashSet<u16> = listeners
+        .iter()
+        .filter(|l| sockets.contains(&l.inode))
+        .map(|l| l.port)
+        .collect();
+    if ports.is_empty() || sockets.is_empty() {
+        return false;
+    }
+    let pids: Vec<i32> = group_processes(leader).iter().map(|p| *p as i32).collect();
+    let held = diag::socket_inodes(&pids);
+    let Ok(conns) = diag::connections() else {
+        return false;
+    };
+    let served: HashSet<u16> = conns
+        .iter()
+        .filter(|c| held.contains(&c.inode) && ports.contains(&c.port))
+        .map(|c| c.port)
+        .collect();
+    served == ports
 }
 
 /// The TCP addresses processes of the group led by `leader` listen on with sockets that
@@ -398,6 +429,21 @@ mod tests {
         std::net::TcpStream::connect(addr).unwrap();
         waiter.join().unwrap();
         assert!(seen, "epoll_wait on the socket's epoll was not seen");
+    }
+
+    #[test]
+    fn a_process_holding_a_connection_accepted_on_the_socket_serves() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let me = std::process::id();
+        let inode = inode_of(&listener);
+        assert!(!serves_connections(me, &[inode]), "nothing accepted yet");
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(
+            !serves_connections(me, &[inode]),
+            "queued, not accepted: the client's end is on another port"
+        );
+        let _accepted = listener.accept().unwrap();
+        assert!(serves_connections(me, &[inode]));
     }
 
     #[test]
