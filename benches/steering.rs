@@ -16,9 +16,10 @@
 //! 3. spread: 8 keep-alive clients (wrk -t2 -c8, 4 s) on 4 workers, 3 runs: requests
 //!    max/min per worker (∞: a worker got nothing);
 //! 4. uniform: wrk -c64 `Connection: close`, 10 s: req/s; and the master's CPU time over
-//!    3 idle seconds.
+//!    3 idle seconds. Then hash and bpf alone, alternately, 3 rounds each: the median ratio
+//!    bpf / hash (a single pair swings with the machine's other load).
 //!
-//! One run. Run: `scripts/install-load-tools.sh --no-oha && cargo bench --bench steering`
+//! One run; the figures also go to docs/steering.png. Run: `scripts/install-load-tools.sh --no-oha && cargo bench --bench steering`
 //! (as root, for bpf).
 
 #[path = "../tests/integration/support.rs"]
@@ -291,44 +292,50 @@ fn main() {
     println!("| scenario | {} |", LAUNCHERS.join(" | "));
     println!("|---|{}", "---|".repeat(LAUNCHERS.len()));
 
-    let cells: Vec<String> = LAUNCHERS
+    let stalls: Vec<Wrk> = LAUNCHERS.iter().map(|l| stall(l)).collect();
+    let cells: Vec<String> = stalls
         .iter()
-        .map(|l| {
-            let w = stall(l);
-            format!("{} ({:.0} req/s)", w.timeouts, w.rps)
-        })
+        .map(|w| format!("{} ({:.0} req/s)", w.timeouts, w.rps))
         .collect();
     println!(
         "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`: timeouts | {} |",
         cells.join(" | ")
     );
 
-    let cells: Vec<String> = LAUNCHERS
+    let slows: Vec<Wrk> = LAUNCHERS.iter().map(|l| slow(l)).collect();
+    let cells: Vec<String> = slows
         .iter()
-        .map(|l| {
-            let w = slow(l);
-            format!("{:.0}, {:.0} ms, {:.0} ms", w.rps, w.p99_ms, w.max_ms)
-        })
+        .map(|w| format!("{:.0}, {:.0} ms, {:.0} ms", w.rps, w.p99_ms, w.max_ms))
         .collect();
     println!(
         "| 1 % of requests block their worker 200 ms, `Connection: close`: req/s, p99, max | {} |",
         cells.join(" | ")
     );
 
-    let cells: Vec<String> = LAUNCHERS
+    // Per launcher, the 3 runs' max/min ratios; the chart shows their median.
+    let spread_runs: Vec<Vec<f64>> = LAUNCHERS
         .iter()
-        .map(|l| {
-            let runs: Vec<String> = (0..3)
-                .map(|_| {
-                    let (ratio, _) = spread(l);
-                    if ratio.is_finite() {
-                        format!("{ratio:.1}")
-                    } else {
-                        "∞".into()
-                    }
+        .map(|l| (0..3).map(|_| spread(l).0).collect())
+        .collect();
+    let cells: Vec<String> = spread_runs
+        .iter()
+        .map(|runs| {
+            let shown: Vec<String> = runs
+                .iter()
+                .map(|r| match r.is_finite() {
+                    true => format!("{r:.1}"),
+                    false => "∞".into(),
                 })
                 .collect();
-            runs.join(", ")
+            shown.join(", ")
+        })
+        .collect();
+    let spreads: Vec<f64> = spread_runs
+        .iter()
+        .map(|runs| {
+            let mut r = runs.clone();
+            r.sort_by(f64::total_cmp);
+            r[1]
         })
         .collect();
     println!(
@@ -350,8 +357,121 @@ fn main() {
         "| uniform, `Connection: close`, 10 s: req/s; master CPU during it and over 3 idle s | {} |",
         cells.join(" | ")
     );
-    let ratio = results[1].0.rps / results[0].0.rps;
-    println!("\nuniform load, bpf / hash: {ratio:.3}");
+
+    // hash and bpf alone, alternately: one pair's ratio is mostly the machine's noise.
+    let mut ratios = Vec::new();
+    for round in 1..=3 {
+        let hash = uniform("hash").0.rps;
+        let bpf = uniform("bpf").0.rps;
+        println!(
+            "uniform round {round}: hash {hash:.0} req/s, bpf {bpf:.0} req/s, bpf / hash {:.3}",
+            bpf / hash
+        );
+        ratios.push(bpf / hash);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "\nuniform load, bpf / hash, median of 3 alternating rounds: {:.3}",
+        ratios[1]
+    );
+
+    chart(
+        &[
+            (
+                "1 worker stopped 3 s: timeouts",
+                stalls.iter().map(|w| w.timeouts as f64).collect(),
+            ),
+            (
+                "1 % slow requests: p99 (ms)",
+                slows.iter().map(|w| w.p99_ms).collect(),
+            ),
+            ("8 keep-alive clients: max/min per worker", spreads),
+            (
+                "uniform: requests/s",
+                results.iter().map(|r| r.0.rps).collect(),
+            ),
+        ],
+        &root().join("docs/steering.png"),
+    );
+}
+
+/// One panel per scenario, a bar per launcher (lower is better but for requests/s; an
+/// infinite spread, a worker that got nothing, is drawn above the panel's top as "∞").
+fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
+    use plotters::prelude::*;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .expect("fonts-dejavu-core (scripts/install-load-tools.sh installs it)");
+    let _ = plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    );
+    let root = BitMapBackend::new(path, (1400, 420)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let areas = root.split_evenly((1, panels.len()));
+    let colors = [
+        RED.mix(0.7),
+        BLUE.mix(0.7),
+        GREEN.mix(0.7),
+        MAGENTA.mix(0.7),
+    ];
+    for (area, (title, values)) in areas.iter().zip(panels) {
+        let finite = values
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max);
+        let top = (finite * 1.2).max(1.0);
+        let mut chart = ChartBuilder::on(area)
+            .caption(*title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..LAUNCHERS.len() as f64, 0.0..top)
+            .unwrap();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(4 * LAUNCHERS.len())
+            .x_label_formatter(&|x| {
+                let i = x - 0.5;
+                match i.fract() == 0.0 && i >= 0.0 {
+                    true => LAUNCHERS.get(i as usize).copied().unwrap_or("").to_string(),
+                    false => String::new(),
+                }
+            })
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .label_style(("sans-serif", 12))
+            .draw()
+            .unwrap();
+        for (i, v) in values.iter().enumerate() {
+            let height = if v.is_finite() { *v } else { top };
+            chart
+                .draw_series([Rectangle::new(
+                    [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, height)],
+                    colors[i % colors.len()].filled(),
+                )])
+                .unwrap();
+            let label = if v.is_finite() {
+                if *v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            } else {
+                "∞".to_string()
+            };
+            chart
+                .draw_series([Text::new(
+                    label,
+                    (i as f64 + 0.3, height * 0.97),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                )])
+                .unwrap();
+        }
+    }
+    root.present().unwrap();
+    println!("\nchart: {}", path.display());
 }
 
 fn num_cpus() -> usize {
