@@ -440,7 +440,10 @@ fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
                     false => String::new(),
                 }
             })
-            .y_label_formatter(&|y| format!("{y:.0}"))
+            .y_label_formatter(&|y| match top < 10.0 {
+                true => format!("{y:.1}"),
+                false => format!("{y:.0}"),
+            })
             .label_style(("sans-serif", 12))
             .draw()
             .unwrap();
@@ -452,14 +455,10 @@ fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
                     colors[i % colors.len()].filled(),
                 )])
                 .unwrap();
-            let label = if v.is_finite() {
-                if *v >= 100.0 {
-                    format!("{v:.0}")
-                } else {
-                    format!("{v:.1}")
-                }
-            } else {
-                "∞".to_string()
+            let label = match v.is_finite() {
+                true if v.fract() == 0.0 || *v >= 100.0 => format!("{v:.0}"),
+                true => format!("{v:.1}"),
+                false => "∞".to_string(),
             };
             chart
                 .draw_series([Text::new(

@@ -84,6 +84,12 @@ pub const UNREAD_CHECK_EVERY: Duration = Duration::from_millis(10);
 /// request may be on its way (see sockets/diag.rs).
 pub const UNREAD_YOUNG: Duration = Duration::from_secs(1);
 
+/// A draining socket whose queue stays non-empty this long without its worker accepting any
+/// of it belongs to a worker that does not accept now (Puma with every thread held by a
+/// keep-alive connection): it is stopped, and the program moves the queue to the rotation
+/// when the socket closes, instead of the queued clients waiting out [`DRAIN_TIMEOUT`].
+pub const DRAIN_STUCK: Duration = Duration::from_millis(500);
+
 /// A draining socket whose queue never empties (its worker stalls) is given up after this;
 /// its worker is stopped and the program moves the queue when the socket closes.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,6 +185,8 @@ struct Draining {
     empty_since: Option<Instant>,
     /// Its local ports: the accepted connections that count are on these.
     ports: BTreeSet<u16>,
+    /// When the old worker last took from the queue (or found it empty).
+    progress: Instant,
     /// Connections the old worker accepted and has not read, at the last check (`None`: not
     /// checked since the queue last emptied).
     unread: Option<usize>,
@@ -205,6 +213,7 @@ impl Draining {
             queue: 0,
             empty_since: None,
             ports,
+            progress: now,
             unread: None,
             checked: None,
         }
@@ -627,12 +636,17 @@ impl SlotSockets {
         let mut events = Vec::new();
         let mut done = Vec::new();
         for (slot, d) in &mut self.draining {
-            d.queue = d
+            let queue: u32 = d
                 .held
                 .fds
                 .iter()
                 .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
                 .sum();
+            // Out of the rotation nothing new arrives: a shorter queue is the worker accepting.
+            if queue == 0 || queue < d.queue {
+                d.progress = now;
+            }
+            d.queue = queue;
             if d.queue > 0 {
                 d.empty_since = None;
                 d.unread = None;
@@ -656,9 +670,19 @@ impl SlotSockets {
                 d.checked = Some(now);
             }
             let settled = quiet && d.unread == Some(0);
+            let stuck = d.queue > 0 && now.saturating_duration_since(d.progress) >= DRAIN_STUCK;
             let late = now.saturating_duration_since(d.since) >= DRAIN_TIMEOUT;
-            if settled || late {
-                if late && !settled {
+            if settled || stuck || late {
+                if stuck {
+                    crate::info!(
+                        "worker {slot} (pid {}): accepts nothing from its old socket ({} queued \
+                         for {}); stopping it now, the queue moves to the others when the \
+                         socket closes",
+                        d.pid,
+                        d.queue,
+                        crate::master::worker::ms(DRAIN_STUCK)
+                    );
+                } else if late && !settled {
                     crate::info!(
                         "worker {slot} (pid {}): its old socket still has {} queued and {} \
                          accepted unread after {}; stopping it anyway (the queue moves when \

@@ -8,21 +8,13 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-/// Whether this host lets the test load BPF programs; prints why not.
+/// Whether this host lets the test load BPF programs; prints why the test skips if not.
 fn bpf_possible() -> bool {
-    let out = std::process::Command::new(bin())
-        .arg("doctor")
-        .output()
-        .expect("running doctor");
-    let out = String::from_utf8_lossy(&out.stdout);
-    if out.contains("steering: bpf") {
-        return true;
+    let (possible, why) = bpf_steering();
+    if !possible {
+        eprintln!("skipped: no BPF steering here: {why}");
     }
-    eprintln!(
-        "skipped: no BPF steering here: {}",
-        out.lines().find(|l| l.contains("steering")).unwrap_or("")
-    );
-    false
+    possible
 }
 
 fn workers_rotation(c: &Cluster) -> Vec<(u64, String)> {
@@ -488,4 +480,74 @@ fn load_steering_a_slow_eager_server_is_stopped_only_once_it_has_read_what_it_ac
         ok + failed
     );
     assert_eq!(failed, 0);
+}
+
+/// A worker that does not accept while it drains (Puma with every thread held by a keep-alive
+/// client; here an app that stops accepting while 2 connections are open) would keep what is
+/// queued on its old socket until the drain's 10 s timeout. It is stopped once its queue has
+/// not moved for 500 ms, and the program moves the queue to the new worker when the socket
+/// closes: the queued requests are answered within seconds.
+#[test]
+fn steering_a_worker_that_stops_accepting_while_it_drains_is_stopped_and_its_queue_moves() {
+    if !bpf_possible() {
+        return;
+    }
+    let app = script("eager_app.py", PYTHON_EAGER_APP);
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "1",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "listening",
+            "--steer",
+            "bpf",
+            "--",
+            app.to_str().unwrap(),
+        ],
+        &[("MAX_OPEN", "2")],
+    );
+    c.expect_log("workers ready");
+    let addr = c.addr();
+    // Two idle connections fill the app; the requests after them wait in its queue.
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    assert!(wait_until(TIMEOUT, || queue_of(&c, 0) == 0));
+    let queued: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                (get(addr).map(|r| r.status), started.elapsed())
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(TIMEOUT, || queue_of(&c, 0) == 3),
+        "the 3 requests wait in the full worker's queue"
+    );
+    c.signal(Signal::SIGHUP);
+    c.expect_log("rolling restart to generation 2 done");
+    for t in queued {
+        let (status, took) = t.join().unwrap();
+        assert_eq!(status.ok(), Some(200), "answered by the new worker");
+        assert!(
+            took < Duration::from_secs(8),
+            "answered long before the drain's 10 s timeout: {took:?}"
+        );
+    }
+    c.expect_log("accepts nothing from its old socket");
+    drop(idle);
+}
+
+/// The accept queue of `slot`'s worker, from `status --json`.
+fn queue_of(c: &Cluster, slot: u64) -> u64 {
+    c.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["slot"] == slot)
+        .and_then(|w| w["queues"][0]["depth"].as_u64())
+        .unwrap_or(u64::MAX)
 }

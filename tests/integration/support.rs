@@ -1005,3 +1005,14 @@ impl FakeSystemd {
             .unwrap()
     }
 }
+
+/// Whether this host gets BPF steering, and `doctor`'s line about it.
+pub fn bpf_steering() -> (bool, String) {
+    let out = Command::new(bin())
+        .arg("doctor")
+        .output()
+        .expect("running doctor");
+    let out = String::from_utf8_lossy(&out.stdout);
+    let line = out.lines().find(|l| l.contains("steering")).unwrap_or("");
+    (out.contains("steering: bpf"), line.to_string())
+}

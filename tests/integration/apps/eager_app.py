@@ -3,13 +3,15 @@
 # connection, each time the listener is readable) into one event loop, reads requests when
 # they arrive, and on SIGTERM stops accepting, finishes the requests it has read, and
 # closes the connections it accepted but has not read a request from yet. Env: DELAY_MS=N
-# takes that long per request (inline, like a blocking handler).
+# takes that long per request (inline, like a blocking handler); MAX_OPEN=N stops accepting
+# while N connections are open (like Puma with every thread held by a keep-alive client).
 import os, selectors, signal, socket, time
 
 assert int(os.environ["LISTEN_PID"]) == os.getpid()
 listener = socket.socket(fileno=3)
 listener.setblocking(False)
 delay = int(os.environ.get("DELAY_MS", "0")) / 1000
+max_open = int(os.environ.get("MAX_OPEN", "0"))
 worker = os.environ["REUSEPORT_CLUSTER_WORKER"]
 body = "pid={} worker={}\n".format(os.getpid(), worker).encode()
 stop = False
@@ -53,12 +55,20 @@ def serve(conn):
     conn.close()
 
 
+accepting = True
 while not stop:
+    full = max_open and len(buffers) >= max_open
+    if full and accepting:
+        sel.unregister(listener)
+        accepting = False
+    elif not full and not accepting:
+        sel.register(listener, selectors.EVENT_READ)
+        accepting = True
     for key, _ in sel.select(timeout=0.05):
         if stop:
             break
         if key.fileobj is listener:
-            while True:
+            while not (max_open and len(buffers) >= max_open):
                 try:
                     conn, _ = listener.accept()
                 except (BlockingIOError, InterruptedError):
@@ -68,7 +78,8 @@ while not stop:
                 sel.register(conn, selectors.EVENT_READ)
         elif key.fileobj in buffers:
             serve(key.fileobj)
-sel.unregister(listener)
+if accepting:
+    sel.unregister(listener)
 listener.close()
 # Like uvicorn's shutdown: connections with no request read yet are closed at once.
 for conn in list(buffers):
