@@ -431,13 +431,7 @@ fn short(launcher: &str) -> &str {
 /// Requests/s per launcher and load shape, one panel per N.
 fn chart(o: &Opts, loads: &HashMap<(usize, &str, &str), Vec<Load>>, path: &Path) {
     use plotters::prelude::*;
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-        .expect("fonts-dejavu-core (scripts/install-load-tools.sh installs it)");
-    let _ = plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        Box::leak(font.into_boxed_slice()),
-    );
+    support::register_chart_font();
     let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let panels = root.split_evenly((1, o.workers.len()));

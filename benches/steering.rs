@@ -399,13 +399,7 @@ fn main() {
 /// infinite spread, a worker that got nothing, is drawn above the panel's top as "∞").
 fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
     use plotters::prelude::*;
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-        .expect("fonts-dejavu-core (scripts/install-load-tools.sh installs it)");
-    let _ = plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        Box::leak(font.into_boxed_slice()),
-    );
+    support::register_chart_font();
     let root = BitMapBackend::new(path, (1400, 420)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let areas = root.split_evenly((1, panels.len()));

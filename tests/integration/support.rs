@@ -1016,3 +1016,14 @@ pub fn bpf_steering() -> (bool, String) {
     let line = out.lines().find(|l| l.contains("steering")).unwrap_or("");
     (out.contains("steering: bpf"), line.to_string())
 }
+
+/// Makes DejaVu Sans the charts' "sans-serif" (plotters draws no text without a font).
+pub fn register_chart_font() {
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+        .expect("fonts-dejavu-core (scripts/install-load-tools.sh installs it)");
+    let _ = plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    );
+}
