@@ -53,9 +53,10 @@
 //! the old one in the map and in the hold, the old socket gets no new connections, and
 //! once its queue has stayed empty for [`DRAIN_SETTLE`] and the old worker holds no
 //! connection it accepted but has not read (sockets/diag.rs; an eager server such as
-//! uvicorn closes those when it stops) the supervisor is told ([`crate::master::supervisor::Event::Drained`]) and stops the
-//! old worker. What still arrives on the old socket before it closes (a handshake in
-//! flight) is moved by the program when it closes.
+//! uvicorn closes those when it stops) the supervisor is told
+//! ([`crate::master::supervisor::Event::Drained`]) and stops the old worker. A worker that
+//! takes nothing from its queue for [`DRAIN_STUCK`] is stopped then. What is still on the
+//! old socket when it closes (a handshake in flight, a stuck queue) is moved by the program.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
