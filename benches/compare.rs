@@ -435,6 +435,7 @@ fn chart(o: &Opts, loads: &HashMap<(usize, &str, &str), Vec<Load>>, path: &Path)
     let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let panels = root.split_evenly((1, o.workers.len()));
+    let names: Vec<&str> = LAUNCHERS.iter().map(|l| short(l)).collect();
     for (panel, &n) in panels.iter().zip(&o.workers) {
         let value = |l: &str, s: &str| median(loads[&(n, l, s)].iter().map(|x| x.rps).collect());
         let top = LAUNCHERS
@@ -454,13 +455,7 @@ fn chart(o: &Opts, loads: &HashMap<(usize, &str, &str), Vec<Load>>, path: &Path)
             .disable_x_mesh()
             // Key points every 0.5: a launcher's name at the middle of its bars (i + 0.5).
             .x_labels(4 * LAUNCHERS.len())
-            .x_label_formatter(&|x| {
-                let i = x - 0.5;
-                match i.fract() == 0.0 && i >= 0.0 {
-                    true => short(LAUNCHERS.get(i as usize).copied().unwrap_or("")).to_string(),
-                    false => String::new(),
-                }
-            })
+            .x_label_formatter(&|x| support::bar_group_label(x, &names))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .label_style(("sans-serif", 13))
             .draw()

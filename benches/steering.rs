@@ -427,13 +427,7 @@ fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(4 * LAUNCHERS.len())
-            .x_label_formatter(&|x| {
-                let i = x - 0.5;
-                match i.fract() == 0.0 && i >= 0.0 {
-                    true => LAUNCHERS.get(i as usize).copied().unwrap_or("").to_string(),
-                    false => String::new(),
-                }
-            })
+            .x_label_formatter(&|x| support::bar_group_label(x, &LAUNCHERS))
             .y_label_formatter(&|y| match top < 10.0 {
                 true => format!("{y:.1}"),
                 false => format!("{y:.0}"),

@@ -479,10 +479,18 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             if look_at_conns {
                 next_serving_check = now + SERVING_CHECK;
             }
+            // One dump of the host's TCP sockets serves every starting worker, taken only
+            // if one of them is not seen waiting.
+            let mut tcp = None;
             for w in supervisor.starting() {
                 let leader = w.pid.as_raw() as u32;
                 if readiness::is_listening(leader, &w.sockets)
-                    || (look_at_conns && readiness::serves_connections(leader, &w.sockets))
+                    || (look_at_conns
+                        && readiness::serves_connections(
+                            leader,
+                            &w.sockets,
+                            tcp.get_or_insert_with(crate::sockets::diag::Snapshot::take),
+                        ))
                 {
                     events.push_back(Event::Ready { pid: w.pid });
                 } else if look_elsewhere

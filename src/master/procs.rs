@@ -360,25 +360,28 @@ fn listen_pid(pid: i32) -> Option<i32> {
         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
 }
 
-/// `pid` and every process below it, from the kernel's children lists (cheaper than
-/// reading the whole tree; empty when `pid` is gone).
-pub fn family(pid: i32) -> Vec<i32> {
+/// `pid` and every process below it, through /proc/PID/task/TID/children (cheaper than
+/// reading the whole tree; just `pid` when it is gone).
+pub fn family(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];
     let mut i = 0;
+    // Bounded: a fork bomb must not make the master read forever.
     while i < out.len() && out.len() < 4096 {
         let p = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
-            for task in tasks.flatten() {
-                let children = std::fs::read_to_string(task.path().join("children"));
+        i += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let path = task.path().join("children");
+            if let Ok(children) = std::fs::read_to_string(path) {
                 out.extend(
                     children
-                        .unwrap_or_default()
                         .split_whitespace()
-                        .filter_map(|c| c.parse::<i32>().ok()),
+                        .filter_map(|c| c.parse::<u32>().ok()),
                 );
             }
         }
-        i += 1;
     }
     out
 }
@@ -425,12 +428,12 @@ mod tests {
             .arg("100")
             .spawn()
             .unwrap();
-        let me = std::process::id() as i32;
+        let me = std::process::id();
         let family = family(me);
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(family[0], me);
-        assert!(family.contains(&(child.id() as i32)), "{family:?}");
+        assert!(family.contains(&child.id()), "{family:?}");
     }
 
     #[test]

@@ -18,13 +18,14 @@
 //! accepted on each of its sockets' ports also counts as listening (sock_diag, looked at less
 //! often: [`serves_connections`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::time::Duration;
 
 use nix::libc;
 
 use crate::config::parse_duration;
+use crate::sockets::diag;
 
 /// How the master decides that a new worker is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,28 +104,22 @@ pub fn is_listening(leader: u32, sockets: &[u64]) -> bool {
 }
 
 /// Whether processes of the group led by `leader` hold a TCP connection accepted on the
-/// port of every one of `sockets`: a worker that serves is ready, waiting or not.
-pub fn serves_connections(leader: u32, sockets: &[u64]) -> bool {
-    use crate::sockets::diag;
-    let Ok(listeners) = diag::listeners() else {
-        return false;
-    };
-    let ports: HashSet<u16> = listeners
+/// port of every one of `sockets`, in `tcp`: a worker that serves is ready, waiting or not.
+pub fn serves_connections(leader: u32, sockets: &[u64], tcp: &diag::Snapshot) -> bool {
+    let ports: BTreeSet<u16> = tcp
+        .listeners
         .iter()
         .filter(|l| sockets.contains(&l.inode))
         .map(|l| l.port)
         .collect();
-    if ports.is_empty() || sockets.is_empty() {
+    if ports.is_empty() {
         return false;
     }
-    let pids: Vec<i32> = group_processes(leader).iter().map(|p| *p as i32).collect();
-    let held = diag::socket_inodes(&pids);
-    let Ok(conns) = diag::connections() else {
-        return false;
-    };
-    let served: HashSet<u16> = conns
+    let held = diag::socket_inodes(&group_processes(leader));
+    let served: BTreeSet<u16> = tcp
+        .connections
         .iter()
-        .filter(|c| held.contains(&c.inode) && ports.contains(&c.port))
+        .filter(|c| diag::held_on(c, &held, &ports))
         .map(|c| c.port)
         .collect();
     served == ports
@@ -135,29 +130,15 @@ pub fn serves_connections(leader: u32, sockets: &[u64]) -> bool {
 /// on another one, while the socket at its fd 3 takes connections nobody accepts.
 pub fn listens_elsewhere(leader: u32, sockets: &[u64]) -> Vec<std::net::SocketAddr> {
     let listeners = crate::ops::status::proc_listeners();
+    let held = diag::socket_inodes(&group_processes(leader));
     let mut found = Vec::new();
-    for pid in group_processes(leader) {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Some(ino) = fd
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse().ok())
-                .and_then(|n| socket_inode(pid, n))
-            else {
-                continue;
-            };
-            if sockets.contains(&ino) {
-                continue;
-            }
-            for l in listeners.iter().filter(|l| l.inode == ino) {
-                let addr = std::net::SocketAddr::new(l.ip, l.port);
-                if !found.contains(&addr) {
-                    found.push(addr);
-                }
-            }
+    for l in listeners
+        .iter()
+        .filter(|l| held.contains(&l.inode) && !sockets.contains(&l.inode))
+    {
+        let addr = std::net::SocketAddr::new(l.ip, l.port);
+        if !found.contains(&addr) {
+            found.push(addr);
         }
     }
     found
@@ -201,11 +182,7 @@ pub fn process_group(pid: u32) -> Option<u32> {
 /// The inode of `pid`'s fd `fd`, if it is a socket.
 fn socket_inode(pid: u32, fd: u64) -> Option<u64> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    link.to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    crate::sockets::diag::socket_inode(link.to_str()?)
 }
 
 /// Which of `sockets` a thread of `pid` is blocked waiting to accept on.
@@ -436,14 +413,15 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let me = std::process::id();
         let inode = inode_of(&listener);
-        assert!(!serves_connections(me, &[inode]), "nothing accepted yet");
+        let serves = || serves_connections(me, &[inode], &diag::Snapshot::take());
+        assert!(!serves(), "nothing accepted yet");
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         assert!(
-            !serves_connections(me, &[inode]),
+            !serves(),
             "queued, not accepted: the client's end is on another port"
         );
         let _accepted = listener.accept().unwrap();
-        assert!(serves_connections(me, &[inode]));
+        assert!(serves());
     }
 
     #[test]

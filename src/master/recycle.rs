@@ -307,7 +307,7 @@ pub fn observe_tree(pid: Pid, memory: bool, queued: u32) -> Observation {
         ..Observation::default()
     };
     let mut total_memory = 0;
-    for p in tree(pid.as_raw() as u32) {
+    for p in crate::master::procs::family(pid.as_raw() as u32) {
         if let Some((state, cpu_ticks)) = stat(p) {
             look.stopped |= state == 'T' || state == 't';
             look.cpu_ns += cpu_ns(p).unwrap_or(cpu_ticks * 1_000_000_000 / ticks_per_second());
@@ -322,32 +322,10 @@ pub fn observe_tree(pid: Pid, memory: bool, queued: u32) -> Observation {
 
 /// The memory (PSS) of the process tree under `pid`, for `status` and metrics.
 pub fn tree_memory(pid: Pid) -> u64 {
-    tree(pid.as_raw() as u32).into_iter().filter_map(pss).sum()
-}
-
-/// `pid` and every descendant, through /proc/PID/task/TID/children.
-fn tree(pid: u32) -> Vec<u32> {
-    let mut out = vec![pid];
-    let mut i = 0;
-    // Bounded: a fork bomb must not make the master read forever.
-    while i < out.len() && out.len() < 4096 {
-        let p = out[i];
-        i += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let path = task.path().join("children");
-            if let Ok(children) = std::fs::read_to_string(path) {
-                out.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
-    }
-    out
+    crate::master::procs::family(pid.as_raw() as u32)
+        .into_iter()
+        .filter_map(pss)
+        .sum()
 }
 
 /// State and utime+stime (clock ticks) from /proc/PID/stat.

@@ -45,6 +45,26 @@ pub fn connections() -> nix::Result<Vec<DiagSocket>> {
     dump_all((1 << TCP_ESTABLISHED) | (1 << TCP_CLOSE_WAIT), true)
 }
 
+/// The listening and connected TCP sockets at one moment: one dump of each, for checks that
+/// look at several workers.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// [`listeners`].
+    pub listeners: Vec<DiagSocket>,
+    /// [`connections`].
+    pub connections: Vec<DiagSocket>,
+}
+
+impl Snapshot {
+    /// Dumps both; an empty snapshot when the kernel cannot be asked.
+    pub fn take() -> Snapshot {
+        Snapshot {
+            listeners: listeners().unwrap_or_default(),
+            connections: connections().unwrap_or_default(),
+        }
+    }
+}
+
 fn dump_all(states: u32, info: bool) -> nix::Result<Vec<DiagSocket>> {
     let mut found = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
@@ -64,24 +84,31 @@ pub fn unread(s: &DiagSocket, young: Duration) -> bool {
     }
 }
 
-/// How many connections on `ports` that `pids` hold are unread (see [`unread`]); `None`
-/// when the kernel cannot be asked (no sock_diag).
-pub fn unread_held_by(pids: &[i32], ports: &BTreeSet<u16>, young: Duration) -> Option<usize> {
+/// The connections on `ports` that `pids` hold (no sock_diag dump when they hold no socket).
+pub fn held_connections(pids: &[u32], ports: &BTreeSet<u16>) -> nix::Result<Vec<DiagSocket>> {
     let held = socket_inodes(pids);
     if held.is_empty() {
-        return Some(0);
+        return Ok(Vec::new());
     }
-    let conns = connections().ok()?;
-    Some(
-        conns
-            .iter()
-            .filter(|s| ports.contains(&s.port) && held.contains(&s.inode) && unread(s, young))
-            .count(),
-    )
+    let mut conns = connections()?;
+    conns.retain(|s| held_on(s, &held, ports));
+    Ok(conns)
+}
+
+/// Whether connection `s` is one of the `held` sockets, on one of `ports`.
+pub fn held_on(s: &DiagSocket, held: &HashSet<u64>, ports: &BTreeSet<u16>) -> bool {
+    ports.contains(&s.port) && held.contains(&s.inode)
+}
+
+/// How many connections on `ports` that `pids` hold are unread (see [`unread`]); `None`
+/// when the kernel cannot be asked (no sock_diag).
+pub fn unread_held_by(pids: &[u32], ports: &BTreeSet<u16>, young: Duration) -> Option<usize> {
+    let conns = held_connections(pids, ports).ok()?;
+    Some(conns.iter().filter(|s| unread(s, young)).count())
 }
 
 /// The inodes of the sockets `pids` have open.
-pub fn socket_inodes(pids: &[i32]) -> HashSet<u64> {
+pub fn socket_inodes(pids: &[u32]) -> HashSet<u64> {
     let mut inodes = HashSet::new();
     for pid in pids {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -210,7 +237,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let ports = BTreeSet::from([port]);
-        let me = [std::process::id() as i32];
+        let me = [std::process::id()];
         let young = Duration::from_secs(5);
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut accepted, _) = listener.accept().unwrap();

@@ -73,11 +73,7 @@ fn own_socket_inodes() -> Vec<u64> {
 }
 
 fn socket_inode(link: &std::path::Path) -> Option<u64> {
-    link.to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    crate::sockets::diag::socket_inode(link.to_str()?)
 }
 
 /// The process holding socket `inode`, and its command line.

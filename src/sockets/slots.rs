@@ -663,7 +663,7 @@ impl SlotSockets {
                 && d.checked
                     .is_none_or(|t| now.saturating_duration_since(t) >= UNREAD_CHECK_EVERY)
             {
-                let family = crate::master::procs::family(d.pid.as_raw());
+                let family = crate::master::procs::family(d.pid.as_raw() as u32);
                 d.unread = Some(
                     crate::sockets::diag::unread_held_by(&family, &d.ports, UNREAD_YOUNG)
                         .unwrap_or(0),

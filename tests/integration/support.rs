@@ -1027,3 +1027,13 @@ pub fn register_chart_font() {
         Box::leak(font.into_boxed_slice()),
     );
 }
+
+/// A bar chart's x label: group `i` of `names` spans i..i+1, and its name goes at its middle
+/// (ask plotters for key points every 0.5: `x_labels(4 * names.len())`).
+pub fn bar_group_label(x: &f64, names: &[&str]) -> String {
+    let i = x - 0.5;
+    match i.fract() == 0.0 && i >= 0.0 {
+        true => names.get(i as usize).copied().unwrap_or("").to_string(),
+        false => String::new(),
+    }
+}
