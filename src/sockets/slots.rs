@@ -87,8 +87,9 @@ pub const UNREAD_YOUNG: Duration = Duration::from_secs(1);
 
 /// A draining socket whose queue stays non-empty this long without its worker accepting any
 /// of it belongs to a worker that does not accept now (Puma with every thread held by a
-/// keep-alive connection): it is stopped, and the program moves the queue to the rotation
-/// when the socket closes, instead of the queued clients waiting out [`DRAIN_TIMEOUT`].
+/// keep-alive connection): the master shuts the socket down, so that the program moves the
+/// queue to the rotation, and the worker is stopped, instead of the queued clients waiting
+/// out [`DRAIN_TIMEOUT`].
 pub const DRAIN_STUCK: Duration = Duration::from_millis(500);
 
 /// A draining socket whose queue never empties (its worker stalls) is given up after this;
@@ -677,8 +678,8 @@ impl SlotSockets {
                 if stuck {
                     crate::info!(
                         "worker {slot} (pid {}): accepts nothing from its old socket ({} queued \
-                         for {}); stopping it now, the queue moves to the others when the \
-                         socket closes",
+                         for {}); shutting the socket down (its queue moves to the others) \
+                         and stopping the worker",
                         d.pid,
                         d.queue,
                         crate::master::worker::ms(DRAIN_STUCK)
@@ -686,13 +687,24 @@ impl SlotSockets {
                 } else if late && !settled {
                     crate::info!(
                         "worker {slot} (pid {}): its old socket still has {} queued and {} \
-                         accepted unread after {}; stopping it anyway (the queue moves when \
-                         the socket closes)",
+                         accepted unread after {}; shutting the socket down (its queue moves \
+                         to the others) and stopping the worker anyway",
                         d.pid,
                         d.queue,
                         d.unread.unwrap_or(0),
                         crate::master::worker::ms(DRAIN_TIMEOUT)
                     );
+                }
+                if !settled {
+                    // The app may keep its fd open until it exits (Puma does, for up to the
+                    // grace): shut the listener down now, which moves its queue through the
+                    // program as a close would, and fails the old worker's next accept.
+                    for f in &d.held.fds {
+                        let _ = nix::sys::socket::shutdown(
+                            f.as_raw_fd(),
+                            nix::sys::socket::Shutdown::Read,
+                        );
+                    }
                 }
                 events.push(Event::Drained {
                     slot: *slot,

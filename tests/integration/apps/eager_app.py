@@ -4,7 +4,9 @@
 # they arrive, and on SIGTERM stops accepting, finishes the requests it has read, and
 # closes the connections it accepted but has not read a request from yet. Env: DELAY_MS=N
 # takes that long per request (inline, like a blocking handler); MAX_OPEN=N stops accepting
-# while N connections are open (like Puma with every thread held by a keep-alive client).
+# while N connections are open (like Puma with every thread held by a keep-alive client);
+# LINGER_MS=N keeps the listener open that long after SIGTERM before it closes (Puma keeps it
+# until its threads are done).
 import os, selectors, signal, socket, time
 
 assert int(os.environ["LISTEN_PID"]) == os.getpid()
@@ -80,6 +82,7 @@ while not stop:
             serve(key.fileobj)
 if accepting:
     sel.unregister(listener)
+time.sleep(int(os.environ.get("LINGER_MS", "0")) / 1000)
 listener.close()
 # Like uvicorn's shutdown: connections with no request read yet are closed at once.
 for conn in list(buffers):
