@@ -340,6 +340,20 @@ pub fn read_stat(pid: impl std::fmt::Display) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
 }
 
+/// Whether every thread of `pid` is stopped (job-control or tracing stop) or the process
+/// is gone: nothing of it can run a system call until it is continued.
+pub fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| Some(stat_fields(&s)?.first()?.to_string()))
+            .is_none_or(|state| matches!(state.as_str(), "T" | "t" | "Z" | "X"))
+    })
+}
+
 /// One process's place in the tree, from its /proc/PID/stat.
 fn parse_stat(stat: &str) -> Option<Proc> {
     let fields = stat_fields(stat)?;

@@ -427,7 +427,7 @@ impl Supervisor {
         self.serving_generation
     }
 
-    /// Slots whose current worker is ready.
+    /// Slots whose current worker is ready, with that worker.
     pub fn ready_count(&self) -> usize {
         self.slots
             .iter()
@@ -439,16 +439,18 @@ impl Supervisor {
             .count()
     }
 
-    /// Slots whose current worker is ready.
-    pub fn ready_slots(&self) -> std::collections::BTreeSet<usize> {
+    /// Slots whose current worker is ready, with that worker.
+    pub fn ready_slots(&self) -> std::collections::BTreeMap<usize, Pid> {
         self.slots
             .iter()
-            .filter(|s| {
-                s.pid()
-                    .and_then(|p| self.workers.get(&p))
-                    .is_some_and(|w| w.state == WorkerState::Ready)
+            .filter_map(|s| {
+                let pid = s.pid()?;
+                let ready = self
+                    .workers
+                    .get(&pid)
+                    .is_some_and(|w| w.state == WorkerState::Ready);
+                ready.then_some((s.index, pid))
             })
-            .map(|s| s.index)
             .collect()
     }
 

@@ -92,6 +92,23 @@ pub const UNREAD_YOUNG: Duration = Duration::from_secs(1);
 /// out [`DRAIN_TIMEOUT`].
 pub const DRAIN_STUCK: Duration = Duration::from_millis(500);
 
+/// A worker out of rotation for not accepting, with connections still queued and none of
+/// them taken for this long, has its queue moved to the workers in rotation (see
+/// [`Evacuation`]): they would otherwise wait for as long as it stalls.
+pub const EVACUATE_AFTER: Duration = Duration::from_millis(50);
+
+/// How long an evacuation waits for the stalled worker's processes to stop before it gives
+/// up (and continues them).
+pub const FREEZE_WAIT: Duration = Duration::from_millis(20);
+
+/// A worker whose queue was moved stays out of rotation this long, doubled for each
+/// evacuation in a row up to [`HOLD_OUT_MAX`]: sent connections again at once, a worker
+/// still stalled would hold a few more for [`EVACUATE_AFTER`] each time.
+pub const HOLD_OUT: Duration = EVACUATE_AFTER;
+
+/// The longest a worker is held out of rotation after its queue moved.
+pub const HOLD_OUT_MAX: Duration = Duration::from_millis(800);
+
 /// A draining socket whose queue never empties (its worker stalls) is given up after this;
 /// its worker is stopped and the program moves the queue when the socket closes.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,6 +121,11 @@ pub const RELEASE_AFTER_BACKOFF: Duration = Duration::from_secs(1);
 /// Environment variable that turns socket takeover off (`0`): each worker then opens its
 /// own sockets, as before takeover. For comparisons and the tests' control cases.
 pub const TAKEOVER_ENV: &str = "REUSEPORT_CLUSTER_TAKEOVER";
+
+/// Environment variable that turns evacuation off (`0`): a stalled worker's queue then
+/// waits for it (see [`Evacuation`]). For users who must not have their workers stopped and
+/// continued, and for the tests' control cases.
+pub const EVACUATE_ENV: &str = "REUSEPORT_CLUSTER_EVACUATE";
 
 /// The sockets the master holds for one slot.
 #[derive(Debug)]
@@ -157,12 +179,86 @@ struct Steering {
     groups: Vec<bpf::Steer>,
     /// The slots in the program's rotation.
     rotation: Vec<usize>,
-    /// Slots whose current worker is ready (the supervisor's view).
-    serving: BTreeSet<usize>,
+    /// Slots whose current worker is ready, with that worker (the supervisor's view).
+    serving: BTreeMap<usize, Pid>,
     /// The last sample of each serving slot.
     load: BTreeMap<usize, Load>,
     /// When to sample next; `None`: wait for a held socket to become readable.
     next_sample: Option<Instant>,
+    /// Queues being moved off stalled workers, by slot.
+    evacuating: BTreeMap<usize, Evacuation>,
+    /// Queues moved so far, and the connections they held.
+    evacuations: (u64, u64),
+    /// Whether stalled workers' queues are moved ([`EVACUATE_ENV`]).
+    evacuate: bool,
+}
+
+impl Drop for Steering {
+    /// A worker frozen for an evacuation is never left stopped.
+    fn drop(&mut self) {
+        for (_, e) in std::mem::take(&mut self.evacuating) {
+            e.thaw();
+        }
+    }
+}
+
+/// Moving a stalled worker's accept queue to the rotation, without taking its socket away.
+///
+/// Linux moves a listener's queue only when the listener stops: shutdown(2) does, and the
+/// program (attached for SELECT_OR_MIGRATE) places each queued connection on a socket in
+/// rotation. listen(2) right after brings the same socket back into its reuseport group
+/// (the kernel keeps a stopped member for that), so the worker's fd 3 goes on working and
+/// the worker never knows. Between the two calls an accept(2) would fail with EINVAL (Node
+/// treats that as a fatal server error), so the worker's processes are stopped
+/// (SIGSTOP) first, unless they already are, and continued right after: they are stuck
+/// anyway, and the freeze lasts until the master's next sample at most.
+#[derive(Debug)]
+struct Evacuation {
+    /// The processes the master stopped, to continue afterwards.
+    frozen: Vec<Pid>,
+    since: Instant,
+}
+
+impl Evacuation {
+    /// Stops every process of `pid`'s family that is not stopped already.
+    fn freeze(pid: Pid, now: Instant) -> Evacuation {
+        let frozen: Vec<Pid> = crate::master::procs::family(pid.as_raw() as u32)
+            .into_iter()
+            .filter(|p| !crate::master::procs::stopped(*p))
+            .map(|p| Pid::from_raw(p as i32))
+            .filter(|p| nix::sys::signal::kill(*p, nix::sys::signal::SIGSTOP).is_ok())
+            .collect();
+        Evacuation { frozen, since: now }
+    }
+
+    /// Whether nothing of the worker can run now.
+    fn frozen(&self) -> bool {
+        self.frozen
+            .iter()
+            .all(|p| crate::master::procs::stopped(p.as_raw() as u32))
+    }
+
+    fn thaw(self) {
+        for p in self.frozen {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::SIGCONT);
+        }
+    }
+}
+
+/// Stops and restarts `fds`' listening (see [`Evacuation`]) and puts them back in the
+/// program's map at `slot`: what was queued moves to the rotation. The connections moved.
+fn evacuate(groups: &[bpf::Steer], slot: usize, fds: &[OwnedFd]) -> std::io::Result<u32> {
+    let mut moved = 0;
+    for (group, fd) in groups.iter().zip(fds) {
+        let queue = bpf::accept_queue(fd.as_fd())?;
+        let backlog = bpf::backlog(fd.as_fd())?;
+        let sock = socket2::SockRef::from(fd);
+        sock.shutdown(std::net::Shutdown::Read)?;
+        sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+        group.set_socket(slot, fd.as_fd())?;
+        moved += queue;
+    }
+    Ok(moved)
 }
 
 /// One slot's accept queue and the connections sent to it, at the last sample.
@@ -174,6 +270,12 @@ struct Load {
     accepted: u64,
     /// Since when it is out of rotation for not accepting.
     out_since: Option<Instant>,
+    /// When it last took a connection from its queue (or its queue was empty).
+    took: Option<Instant>,
+    /// Its queue was moved this many times in a row (while it accepted nothing).
+    evacuated: u32,
+    /// Out of rotation until then at least, after its queue was moved.
+    hold_out: Option<Instant>,
 }
 
 /// An old socket on its way out.
@@ -272,9 +374,12 @@ impl SlotSockets {
                 Ok(Steering {
                     groups,
                     rotation: Vec::new(),
-                    serving: BTreeSet::new(),
+                    serving: BTreeMap::new(),
                     load: BTreeMap::new(),
                     next_sample: None,
+                    evacuating: BTreeMap::new(),
+                    evacuations: (0, 0),
+                    evacuate: std::env::var(EVACUATE_ENV).map_or(true, |v| v != "0"),
                 })
             }),
         };
@@ -508,6 +613,9 @@ impl SlotSockets {
         };
         s.serving.remove(&slot);
         s.load.remove(&slot);
+        if let Some(e) = s.evacuating.remove(&slot) {
+            e.thaw();
+        }
         for group in &s.groups {
             let _ = group.remove_socket(slot);
             let _ = group.set_accepted(slot, 0);
@@ -559,12 +667,23 @@ impl SlotSockets {
 
     /// The slots whose current worker is ready, after each round of events: they are the
     /// candidates of the rotation.
-    pub fn set_serving(&mut self, serving: BTreeSet<usize>) {
+    pub fn set_serving(&mut self, serving: BTreeMap<usize, Pid>) {
         let Ok(s) = self.steering.as_mut() else {
             return;
         };
         if s.serving != serving {
-            s.load.retain(|slot, _| serving.contains(slot));
+            s.load.retain(|slot, _| serving.contains_key(slot));
+            let gone: Vec<usize> = s
+                .evacuating
+                .keys()
+                .copied()
+                .filter(|slot| s.serving.get(slot) != serving.get(slot))
+                .collect();
+            for slot in gone {
+                if let Some(e) = s.evacuating.remove(&slot) {
+                    e.thaw();
+                }
+            }
             s.serving = serving;
             self.update_rotation();
         }
@@ -582,7 +701,7 @@ impl SlotSockets {
         // Woken while armed (a connection waited) or at the sampling deadline.
         let armed = s.next_sample.is_none();
         let mut busy = false;
-        let slots: Vec<usize> = s.serving.iter().copied().collect();
+        let slots: Vec<usize> = s.serving.keys().copied().collect();
         for slot in slots {
             let Some(held) = self.held.get(&slot) else {
                 continue;
@@ -596,6 +715,9 @@ impl SlotSockets {
             let in_rotation = s.rotation.contains(&slot);
             let prev = s.load.get(&slot).copied();
             let mut out_since = prev.and_then(|p| p.out_since);
+            let mut took = prev.and_then(|p| p.took);
+            let mut evacuated = prev.map_or(0, |p| p.evacuated);
+            let mut hold_out = prev.and_then(|p| p.hold_out);
             if let Some(p) = prev {
                 // Accepted since the last sample: what was queued plus what arrived, minus
                 // what is queued now.
@@ -604,6 +726,12 @@ impl SlotSockets {
                 // Nothing accepted while something waited all along, or while several
                 // arrived: a worker that keeps up takes at least one in a sample's time.
                 let stalled = queue > 0 && accepted == 0 && (p.queue > 0 || arrived >= 2);
+                if accepted > 0 || queue == 0 {
+                    took = Some(now);
+                }
+                if accepted > 0 {
+                    evacuated = 0;
+                }
                 if in_rotation && out_since.is_none() && stalled {
                     out_since = Some(now);
                     crate::debug!(
@@ -611,8 +739,9 @@ impl SlotSockets {
                          then, {arrived} arrived since)",
                         p.queue
                     );
-                } else if out_since.is_some() && queue == 0 {
+                } else if out_since.is_some() && queue == 0 && hold_out.is_none_or(|t| now >= t) {
                     out_since = None;
+                    hold_out = None;
                     crate::debug!("worker {slot}: back in rotation: its queue drained");
                 }
             }
@@ -632,9 +761,13 @@ impl SlotSockets {
                     sent,
                     accepted,
                     out_since,
+                    took,
+                    evacuated,
+                    hold_out,
                 },
             );
         }
+        busy |= Self::evacuate_stalled(s, &self.held, now);
         let mut events = Vec::new();
         let mut done = Vec::new();
         for (slot, d) in &mut self.draining {
@@ -727,6 +860,72 @@ impl SlotSockets {
         events
     }
 
+    /// Moves the queues of workers that stay stalled out of rotation to the workers in it
+    /// (see [`Evacuation`]): freezes a worker due, and once its processes are stopped, moves
+    /// its queue and continues them. Whether one is under way (sample again soon).
+    fn evacuate_stalled(s: &mut Steering, held: &BTreeMap<usize, Held>, now: Instant) -> bool {
+        for (slot, load) in &s.load {
+            let Some(out) = load.out_since else {
+                continue;
+            };
+            let quiet_since = load.took.map_or(out, |t| t.max(out));
+            // Only out of the program's rotation, to a rotation that takes the queue: a
+            // worker back in it because every worker is behind keeps its own.
+            let due = s.evacuate
+                && load.queue > 0
+                && !s.rotation.contains(slot)
+                && !s.rotation.is_empty()
+                && now.saturating_duration_since(quiet_since) >= EVACUATE_AFTER
+                && load.hold_out.is_none_or(|t| now >= t)
+                && !s.evacuating.contains_key(slot);
+            if let (true, Some(pid)) = (due, s.serving.get(slot)) {
+                s.evacuating.insert(*slot, Evacuation::freeze(*pid, now));
+            }
+        }
+        let slots: Vec<usize> = s.evacuating.keys().copied().collect();
+        for slot in slots {
+            let e = &s.evacuating[&slot];
+            let frozen = e.frozen();
+            if !frozen && now.saturating_duration_since(e.since) < FREEZE_WAIT {
+                continue;
+            }
+            let e = s.evacuating.remove(&slot).expect("listed above");
+            let load = s.load.entry(slot).or_default();
+            let moved = match held.get(&slot) {
+                Some(h) if frozen => evacuate(&s.groups, slot, &h.fds),
+                Some(_) => Err(std::io::Error::other(format!(
+                    "its processes did not stop within {}",
+                    crate::master::worker::ms(FREEZE_WAIT)
+                ))),
+                None => Ok(0),
+            };
+            e.thaw();
+            match moved {
+                Ok(moved) => {
+                    s.evacuations.0 += 1;
+                    s.evacuations.1 += moved as u64;
+                    crate::debug!(
+                        "worker {slot}: accepts nothing; moved its queue ({moved}) to the others"
+                    );
+                    // Counted as taken by the program: nothing is outstanding any more.
+                    load.accepted = load.sent;
+                    load.queue = 0;
+                    for g in &s.groups {
+                        let _ = g.set_accepted(slot, load.sent);
+                    }
+                }
+                Err(e) => crate::warn!("worker {slot}: moving its queue: {e}"),
+            }
+            load.evacuated = load.evacuated.saturating_add(1);
+            let hold = HOLD_OUT
+                .saturating_mul(1 << load.evacuated.min(5).saturating_sub(1))
+                .min(HOLD_OUT_MAX);
+            load.hold_out = Some(now + hold);
+            load.took = Some(now);
+        }
+        !s.evacuating.is_empty()
+    }
+
     /// Writes the rotation to the program when it changed: the serving, held slots that
     /// accept; when none does, those with the shortest queue.
     fn update_rotation(&mut self) {
@@ -735,7 +934,7 @@ impl SlotSockets {
         };
         let candidates: Vec<usize> = s
             .serving
-            .iter()
+            .keys()
             .copied()
             .filter(|slot| self.held.contains_key(slot))
             .collect();
@@ -783,13 +982,25 @@ impl SlotSockets {
             Some(Load {
                 out_since: Some(t),
                 queue,
+                evacuated: 0,
                 ..
             }) => format!(
                 "not accepting (queue {queue} for {})",
                 crate::master::worker::ms(now.saturating_duration_since(*t))
             ),
+            Some(Load {
+                out_since: Some(t),
+                queue,
+                evacuated,
+                ..
+            }) => format!(
+                "not accepting for {} (queue {queue}; its queue was moved to the others \
+                 {evacuated} time{})",
+                crate::master::worker::ms(now.saturating_duration_since(*t)),
+                if *evacuated == 1 { "" } else { "s" }
+            ),
             _ if !self.held.contains_key(&slot) => "its socket is not held".into(),
-            _ if !s.serving.contains(&slot) => "not ready".into(),
+            _ if !s.serving.contains_key(&slot) => "not ready".into(),
             _ => "out".into(),
         };
         Some(Rotation::Out(why))

@@ -2,6 +2,7 @@
 //! the kernel's hash, drain before stop, and load-aware rotation. Each behaviour is checked
 //! against `--steer hash` as the control case.
 
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -198,10 +199,29 @@ fn steering_round_robin_and_a_crashed_worker_leaves_no_lost_or_stale_map_entry()
     }
 }
 
-/// 32 closed-loop clients (a new connection per request) on 4 workers of the demo app;
-/// worker 0 is SIGSTOPped.
-fn stall(steer: &str) -> Stall {
-    let mut c = Cluster::start(&["--workers", "4", "--bind", "127.0.0.1:0", "--steer", steer]);
+/// How [`stall`] stalls a worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stalled {
+    /// Worker 0 of the demo app is SIGSTOPped.
+    Stopped,
+    /// A worker of the eager app blocks in a 3 s synchronous handler (GET /sleep/3000).
+    Sleeping,
+}
+
+/// 32 closed-loop clients (a new connection per request) on 4 workers, one of them stalled
+/// as `how` says. `evacuate: false`: with REUSEPORT_CLUSTER_EVACUATE=0.
+fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    if !evacuate {
+        env.push(("REUSEPORT_CLUSTER_EVACUATE", "0"));
+    }
+    let mut args = vec!["--workers", "4", "--bind", "127.0.0.1:0", "--steer", steer];
+    let app = script("eager_app.py", PYTHON_EAGER_APP);
+    if how == Stalled::Sleeping {
+        args.extend(["--ready", "listening", "--", app.to_str().unwrap()]);
+    }
+    let mut c = Cluster::spawn(&args, &env);
+    c.expect_log("workers ready");
     let addr = c.addr();
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -223,8 +243,31 @@ fn stall(steer: &str) -> Stall {
         })
         .collect();
     assert!(wait_until(TIMEOUT, || ok.load(Ordering::Relaxed) > 500));
-    let stalled = c.workers()[&0];
-    signal(stalled, Signal::SIGSTOP);
+    let (slot, stalled) = match how {
+        Stalled::Stopped => {
+            let pid = c.workers()[&0];
+            signal(pid, Signal::SIGSTOP);
+            (0, pid)
+        }
+        Stalled::Sleeping => {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                let _ = s.write_all(b"GET /sleep/3000 HTTP/1.1\r\nHost: x\r\n\r\n");
+                let _ = s.read(&mut [0u8; 512]);
+            });
+            // The sleeping worker is the one in nanosleep.
+            let mut sleeping = None;
+            wait_until(TIMEOUT, || {
+                sleeping = c.workers().into_iter().find(|(_, pid)| {
+                    std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                        .is_ok_and(|w| w.contains("nanosleep"))
+                });
+                sleeping.is_some()
+            });
+            let (slot, pid) = sleeping.expect("a worker sleeps");
+            (slot as u64, pid)
+        }
+    };
     let stopped_at = Instant::now();
     let at_stop = ok.load(Ordering::Relaxed);
     // Until a second and a half has passed and either 1000 more requests were answered or
@@ -250,12 +293,16 @@ fn stall(steer: &str) -> Stall {
         .as_array()
         .unwrap()
         .iter()
-        .find(|w| w["slot"] == 0)
+        .find(|w| w["slot"] == slot)
         .unwrap()
         .clone();
     let rotation = w0["rotation"].as_str().unwrap_or("-").to_string();
     let queued = w0["queues"][0]["depth"].as_u64().unwrap();
-    signal(stalled, Signal::SIGCONT);
+    // Still stopped: the freeze of an evacuation never continues a worker it found stopped.
+    let still_stopped = proc_state(stalled) == Some('T');
+    if how == Stalled::Stopped {
+        signal(stalled, Signal::SIGCONT);
+    }
     if steer == "bpf" {
         assert!(
             wait_until(TIMEOUT, || workers_rotation(&c)
@@ -269,13 +316,20 @@ fn stall(steer: &str) -> Stall {
     for t in clients {
         t.join().unwrap();
     }
+    // The stalled worker serves on: it was neither killed nor replaced.
+    let same_worker = c.workers().get(&(slot as usize)) == Some(&stalled)
+        && wait_until(TIMEOUT, || {
+            get(addr).is_ok_and(|r| r.status == 200) && proc_state(stalled) != Some('T')
+        });
     c.signal(Signal::SIGTERM);
     c.wait_exit(TIMEOUT);
     Stall {
+        same_worker,
         stuck,
         queued,
         answered,
         rotation,
+        still_stopped,
     }
 }
 
@@ -291,28 +345,70 @@ struct Stall {
     answered: u64,
     /// The stopped worker's rotation, from `status`.
     rotation: String,
+    /// Whether it was still stopped at the end (nothing continued it).
+    still_stopped: bool,
+    /// Whether the same process still served the slot afterwards.
+    same_worker: bool,
 }
 
 #[test]
-fn load_steering_a_stalled_worker_leaves_the_rotation_and_only_a_few_requests_wait() {
+fn load_steering_a_stalled_worker_leaves_the_rotation_and_its_queue_moves_to_the_others() {
     if !bpf_possible() {
         return;
     }
     let _load = load_lock();
-    let bpf = stall("bpf");
-    let hash = stall("hash");
-    println!("one of 4 workers SIGSTOPped, 32 clients: bpf {bpf:?}; hash {hash:?}");
-    assert!(bpf.rotation.starts_with("out: not accepting"), "{bpf:?}");
-    assert!(bpf.answered >= 1000, "the others serve on: {bpf:?}");
-    assert!(
-        bpf.queued <= 24,
-        "only what came before it was noticed waits in its queue: {bpf:?}"
+    let bpf = stall("bpf", true, Stalled::Stopped);
+    let kept = stall("bpf", false, Stalled::Stopped);
+    let hash = stall("hash", true, Stalled::Stopped);
+    println!(
+        "one of 4 workers SIGSTOPped, 32 clients: bpf {bpf:?}; bpf without evacuation \
+         {kept:?}; hash {hash:?}"
     );
+    assert!(bpf.rotation.starts_with("out: not accepting"), "{bpf:?}");
+    assert!(bpf.rotation.contains("moved to the others"), "{bpf:?}");
+    assert!(bpf.answered >= 1000, "the others serve on: {bpf:?}");
+    assert!(bpf.still_stopped, "the evacuation left it stopped: {bpf:?}");
+    // Its queue moved: only what it had accepted before it stopped still waits (and what
+    // reached it in the few ms before it was noticed again, after each hold-out).
+    assert!(bpf.queued <= 2, "{bpf:?}");
+    assert!(bpf.stuck <= 6, "{bpf:?}");
+    assert!(
+        kept.queued >= 4 && kept.stuck > bpf.stuck,
+        "control: without evacuation its queue waits for it ({kept:?})"
+    );
+    assert!(kept.rotation.starts_with("out: not accepting"), "{kept:?}");
     assert!(
         hash.stuck >= 28 && hash.answered < bpf.answered / 10,
         "control: with the hash every client ends up waiting on it ({hash:?})"
     );
     assert!(hash.queued > bpf.queued, "control: {hash:?}");
+    assert!(bpf.same_worker && kept.same_worker, "{bpf:?} {kept:?}");
+}
+
+/// A worker blocked in a synchronous handler is running, not stopped: moving its queue
+/// stops it for a moment (an accept(2) between the master's shutdown and listen would
+/// fail, and Python, like Node, treats that as fatal) and continues it. The queue moves,
+/// the sleep goes on, and the same worker serves again afterwards, neither killed nor
+/// left stopped.
+#[test]
+fn load_steering_the_queue_of_a_worker_blocked_in_a_handler_moves_and_the_worker_lives_on() {
+    if !bpf_possible() {
+        return;
+    }
+    let _load = load_lock();
+    let bpf = stall("bpf", true, Stalled::Sleeping);
+    let kept = stall("bpf", false, Stalled::Sleeping);
+    println!(
+        "one of 4 eager workers sleeps 3 s, 32 clients: bpf {bpf:?}; without evacuation {kept:?}"
+    );
+    assert!(bpf.rotation.contains("moved to the others"), "{bpf:?}");
+    assert!(!bpf.still_stopped, "an evacuation left it stopped: {bpf:?}");
+    assert!(bpf.same_worker, "it serves on: {bpf:?}");
+    assert!(bpf.queued <= 2 && bpf.answered >= 1000, "{bpf:?}");
+    assert!(
+        kept.queued >= 4 && kept.stuck > bpf.stuck,
+        "control: without evacuation its queue waits for it ({kept:?})"
+    );
 }
 
 /// 16 closed-loop new-connection clients on `workers` workers of the eager app while

@@ -628,6 +628,12 @@ fn lossy_lines(r: impl std::io::Read) -> impl Iterator<Item = String> {
     })
 }
 
+/// The state letter of `pid` in /proc/PID/stat (`T`: stopped), if it exists.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 /// CPU seconds (user + system) of `pid` so far (benchmarks compare launchers' masters).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

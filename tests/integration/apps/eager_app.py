@@ -6,7 +6,7 @@
 # takes that long per request (inline, like a blocking handler); MAX_OPEN=N stops accepting
 # while N connections are open (like Puma with every thread held by a keep-alive client);
 # LINGER_MS=N keeps the listener open that long after SIGTERM before it closes (Puma keeps it
-# until its threads are done).
+# until its threads are done). GET /sleep/MS blocks the process MS ms (a synchronous handler).
 import os, selectors, signal, socket, time
 
 assert int(os.environ["LISTEN_PID"]) == os.getpid()
@@ -47,6 +47,8 @@ def serve(conn):
         return
     if delay:
         time.sleep(delay)
+    if data.startswith(b"GET /sleep/"):  # GET /sleep/MS blocks the whole process MS ms
+        time.sleep(int(data.split(b" ")[1].split(b"/")[2]) / 1000)
     try:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Worker: %s\r\n"
                      b"Connection: close\r\n\r\n%s" % (len(body), worker.encode(), body))
