@@ -3,7 +3,7 @@
 //! (benches/node/steer_app.js):
 //! - `hash`: reuseport-cluster `--steer hash` (each worker its own socket, the kernel hashes);
 //! - `bpf`: reuseport-cluster `--steer bpf` (the SK_REUSEPORT program: round robin over the
-//!   workers that accept);
+//!   workers that accept; a stalled worker's queue moves to the others after 50 ms);
 //! - `cluster rr`: Node's cluster module, round robin (the primary accepts every connection);
 //! - `cluster shared`: Node's cluster module, SCHED_NONE (every worker accepts from one
 //!   shared socket).

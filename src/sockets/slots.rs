@@ -47,6 +47,10 @@
 //! each sample tells it what every slot had accepted, and of the slot whose turn it is and
 //! the next two it picks the one with the fewest connections outstanding (sent since then,
 //! counted live, plus what was queued then), so a worker that stalls soon gets nothing.
+//! What it had queued moves: a worker out of rotation that takes nothing for
+//! [`EVACUATE_AFTER`] has its socket stopped and started again (shutdown(2), listen(2)) while
+//! its processes are frozen, which makes the program place the queue on the rotation and
+//! leaves the worker its socket ([`Evacuation`]).
 //!
 //! *Drain before stop.* In a rolling restart the new worker of a slot opens a fresh socket
 //! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
