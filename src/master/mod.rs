@@ -329,7 +329,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         for (slot, inode) in sockets.lost() {
             events.push_back(Event::SocketLost { slot, inode });
         }
-        look_for_recycles(&mut recycler, &supervisor, &mut events);
+        look_for_recycles(&mut recycler, &supervisor, &sockets, &mut events);
         if let Some(m) = metrics.as_mut() {
             let wanted = m.service(Instant::now(), metrics_ready);
             if !wanted.is_empty() {
@@ -517,6 +517,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
 fn look_for_recycles(
     recycler: &mut Recycler,
     supervisor: &Supervisor,
+    sockets: &crate::sockets::slots::SlotSockets,
     events: &mut VecDeque<Event>,
 ) {
     let now = Instant::now();
@@ -535,7 +536,9 @@ fn look_for_recycles(
             .filter_map(|inode| queues.get(inode))
             .map(|(depth, _)| *depth)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            // What steering moved off it while it stalled still counts: that queue was its.
+            .saturating_add(sockets.moved_while_stalled(w.slot));
         let look = recycle::observe_tree(w.pid, read_memory, queued);
         if let Some(reason) = recycler.observe(w.pid, w.started, look, now) {
             events.push_back(Event::Recycle { pid: w.pid, reason });

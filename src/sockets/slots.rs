@@ -278,6 +278,8 @@ struct Load {
     took: Option<Instant>,
     /// Its queue was moved this many times in a row (while it accepted nothing).
     evacuated: u32,
+    /// The connections those moves took off it.
+    moved: u32,
     /// Out of rotation until then at least, after its queue was moved.
     hold_out: Option<Instant>,
 }
@@ -721,6 +723,7 @@ impl SlotSockets {
             let mut out_since = prev.and_then(|p| p.out_since);
             let mut took = prev.and_then(|p| p.took);
             let mut evacuated = prev.map_or(0, |p| p.evacuated);
+            let mut moved = prev.map_or(0, |p| p.moved);
             let mut hold_out = prev.and_then(|p| p.hold_out);
             if let Some(p) = prev {
                 // Accepted since the last sample: what was queued plus what arrived, minus
@@ -735,6 +738,7 @@ impl SlotSockets {
                 }
                 if accepted > 0 {
                     evacuated = 0;
+                    moved = 0;
                 }
                 if in_rotation && out_since.is_none() && stalled {
                     out_since = Some(now);
@@ -767,6 +771,7 @@ impl SlotSockets {
                     out_since,
                     took,
                     evacuated,
+                    moved,
                     hold_out,
                 },
             );
@@ -914,6 +919,7 @@ impl SlotSockets {
                     // Counted as taken by the program: nothing is outstanding any more.
                     load.accepted = load.sent;
                     load.queue = 0;
+                    load.moved = load.moved.saturating_add(moved);
                     for g in &s.groups {
                         let _ = g.set_accepted(slot, load.sent);
                     }
@@ -948,10 +954,18 @@ impl SlotSockets {
             .filter(|slot| s.load.get(slot).is_none_or(|l| l.out_since.is_none()))
             .collect();
         if rotation.is_empty() {
-            // Everyone is behind: the shortest queues take what comes.
+            // Everyone is behind: the shortest queues take what comes, of the workers whose
+            // queue was not just moved for stalling if there are any (an emptied queue is
+            // not a short one).
             let queue = |slot: &usize| s.load.get(slot).map_or(0, |l| l.queue);
-            let least = candidates.iter().map(queue).min().unwrap_or(0);
-            rotation = candidates
+            let fresh: Vec<usize> = candidates
+                .iter()
+                .copied()
+                .filter(|slot| s.load.get(slot).is_none_or(|l| l.evacuated == 0))
+                .collect();
+            let pool = if fresh.is_empty() { candidates } else { fresh };
+            let least = pool.iter().map(queue).min().unwrap_or(0);
+            rotation = pool
                 .into_iter()
                 .filter(|slot| queue(slot) == least)
                 .collect();
@@ -1008,6 +1022,16 @@ impl SlotSockets {
             _ => "out".into(),
         };
         Some(Rotation::Out(why))
+    }
+
+    /// Connections moved off `slot`'s queue while its worker has accepted nothing since: for
+    /// `--hung-after`, which watches a queue that does not move.
+    pub fn moved_while_stalled(&self, slot: usize) -> u32 {
+        self.steering
+            .as_ref()
+            .ok()
+            .and_then(|s| s.load.get(&slot))
+            .map_or(0, |l| l.moved)
     }
 
     /// The program map's socket cookie at `slot` and the cookie of the socket held for it,

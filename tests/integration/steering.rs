@@ -368,9 +368,9 @@ fn load_steering_a_stalled_worker_leaves_the_rotation_and_its_queue_moves_to_the
     assert!(bpf.rotation.contains("moved to the others"), "{bpf:?}");
     assert!(bpf.answered >= 1000, "the others serve on: {bpf:?}");
     assert!(bpf.still_stopped, "the evacuation left it stopped: {bpf:?}");
-    // Its queue moved: only what it had accepted before it stopped still waits (and what
-    // reached it in the few ms before it was noticed again, after each hold-out).
-    assert!(bpf.queued <= 2, "{bpf:?}");
+    // Its queue moved: only what it had accepted before it stopped still waits over a
+    // second (what reaches it in the few ms before it is noticed again after each hold-out
+    // is moved 50 ms later; `queued` is whatever status caught of that).
     assert!(bpf.stuck <= 6, "{bpf:?}");
     assert!(
         kept.queued >= 4 && kept.stuck > bpf.stuck,
@@ -404,7 +404,7 @@ fn load_steering_the_queue_of_a_worker_blocked_in_a_handler_moves_and_the_worker
     assert!(bpf.rotation.contains("moved to the others"), "{bpf:?}");
     assert!(!bpf.still_stopped, "an evacuation left it stopped: {bpf:?}");
     assert!(bpf.same_worker, "it serves on: {bpf:?}");
-    assert!(bpf.queued <= 2 && bpf.answered >= 1000, "{bpf:?}");
+    assert!(bpf.stuck <= 6 && bpf.answered >= 1000, "{bpf:?}");
     assert!(
         kept.queued >= 4 && kept.stuck > bpf.stuck,
         "control: without evacuation its queue waits for it ({kept:?})"
