@@ -304,6 +304,10 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         };
         let control_ready = readable(Some(control.listener_fd()));
         let metrics_ready = readable(metrics.as_ref().map(|m| m.listener_fd()));
+        // A held socket that stopped listening reports POLLHUP, asked for or not.
+        let held_woke = fds[fds.len() - held.len()..]
+            .iter()
+            .any(|p| p.revents().is_some_and(|r| !r.is_empty()));
         drop(fds);
         drop(held);
 
@@ -325,9 +329,12 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         }
         events.extend(sockets.service(Instant::now()));
         // A socket an app shut down is dead for every holder: it wakes the poll (POLLHUP),
-        // and every wake checks, one getsockopt per held socket.
-        for (slot, inode) in sockets.lost() {
-            events.push_back(Event::SocketLost { slot, inode });
+        // and that wake checks, one getsockopt per held socket (not every wake: under load
+        // the master wakes every few ms to sample).
+        if held_woke {
+            for (slot, inode) in sockets.lost() {
+                events.push_back(Event::SocketLost { slot, inode });
+            }
         }
         look_for_recycles(&mut recycler, &supervisor, &sockets, &mut events);
         if let Some(m) = metrics.as_mut() {

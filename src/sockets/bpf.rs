@@ -10,6 +10,9 @@
 //! - `accepted` (ARRAY, key: slot): how many of those the slot had accepted at the
 //!   master's last sample; `sent - accepted` is what the program compares.
 //!
+//! `sent` and `accepted` are mmap-able (Linux 5.5+) and mapped into the master, which reads
+//! and writes them as memory: a sample makes no bpf(2) call.
+//!
 //! The program is attached with BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, so it also places the
 //! connections still queued on a socket that closes (Linux 5.14+, whatever
 //! net.ipv4.tcp_migrate_req says). Its source is [`program`], written with the instruction
@@ -50,8 +53,83 @@ pub struct Steer {
     prog: OwnedFd,
     socks: OwnedFd,
     rotation: OwnedFd,
-    sent: OwnedFd,
-    limits: OwnedFd,
+    sent: SharedArray,
+    limits: SharedArray,
+}
+
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// An ARRAY map of u64 values created mmap-able (Linux 5.5+) and mapped into the master:
+/// the master reads and writes it as memory, with no bpf(2) call, which is most of what a
+/// sample costs under load (the program updates `sent` with atomic adds; the master's loads
+/// and stores are atomic too).
+#[derive(Debug)]
+struct SharedArray {
+    fd: OwnedFd,
+    base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    entries: usize,
+    bytes: usize,
+}
+
+impl SharedArray {
+    fn create(entries: u32, name: &str) -> io::Result<SharedArray> {
+        let fd = map_create_flags(BPF_MAP_TYPE_ARRAY, 4, 8, entries, BPF_F_MMAPABLE, name)?;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (entries as usize * 8).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's whole value area (the kernel lays an
+        // mmap-able array's u64 values out back to back from offset 0); it is unmapped in
+        // Drop and never handed out beyond `&self`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(ptr as *mut std::sync::atomic::AtomicU64)
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SharedArray {
+            fd,
+            base,
+            entries: entries as usize,
+            bytes,
+        })
+    }
+
+    fn at(&self, index: usize) -> io::Result<&std::sync::atomic::AtomicU64> {
+        if index >= self.entries {
+            return Err(io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        // SAFETY: `index` is within the mapping, which lives as long as `self`; the values
+        // are 8-byte aligned (page-aligned base, 8-byte elements), and every access, the
+        // kernel's included, is atomic.
+        Ok(unsafe { &*self.base.as_ptr().add(index) })
+    }
+
+    fn get(&self, index: usize) -> io::Result<u64> {
+        Ok(self.at(index)?.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn set(&self, index: usize, value: u64) -> io::Result<()> {
+        self.at(index)?
+            .store(value, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for SharedArray {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `create`, of that length; no reference into it
+        // outlives `self`.
+        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.bytes) };
+    }
 }
 
 impl Steer {
@@ -68,15 +146,15 @@ impl Steer {
         .map_err(|e| format!("creating a REUSEPORT_SOCKARRAY map: {e}"))?;
         let rotation = map_create(BPF_MAP_TYPE_ARRAY, 4, ROTATION_SIZE, 1, "rc_rotation")
             .map_err(|e| format!("creating an array map: {e}"))?;
-        let sent = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, MAX_SLOTS, "rc_sent")
-            .map_err(|e| format!("creating an array map: {e}"))?;
-        let limits = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, MAX_SLOTS, "rc_accepted")
-            .map_err(|e| format!("creating an array map: {e}"))?;
+        let sent = SharedArray::create(MAX_SLOTS, "rc_sent")
+            .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
+        let limits = SharedArray::create(MAX_SLOTS, "rc_accepted")
+            .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
         let insns = program(
             rotation.as_raw_fd(),
             socks.as_raw_fd(),
-            sent.as_raw_fd(),
-            limits.as_raw_fd(),
+            sent.fd.as_raw_fd(),
+            limits.fd.as_raw_fd(),
         );
         let prog =
             prog_load(&insns).map_err(|e| format!("loading the SK_REUSEPORT program: {e}"))?;
@@ -141,18 +219,12 @@ impl Steer {
     /// Tells the program how many of the connections sent to `slot` it had accepted at
     /// the last sample (0: as many as were sent, when unknown).
     pub fn set_accepted(&self, slot: usize, accepted: u64) -> io::Result<()> {
-        map_update(
-            &self.limits,
-            &(slot as u32).to_ne_bytes(),
-            &accepted.to_ne_bytes(),
-        )
+        self.limits.set(slot, accepted)
     }
 
     /// Connections the program has sent to `slot` so far.
     pub fn sent(&self, slot: usize) -> io::Result<u64> {
-        let mut value = [0u8; 8];
-        map_lookup(&self.sent, &(slot as u32).to_ne_bytes(), &mut value)?;
-        Ok(u64::from_ne_bytes(value))
+        self.sent.get(slot)
     }
 }
 
@@ -475,11 +547,23 @@ fn owned(fd: libc::c_long) -> OwnedFd {
 }
 
 fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &str) -> io::Result<OwnedFd> {
+    map_create_flags(kind, key, value, entries, 0, name)
+}
+
+fn map_create_flags(
+    kind: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+    flags: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
     let mut attr = [0u8; 72];
     put_u32(&mut attr, 0, kind);
     put_u32(&mut attr, 4, key);
     put_u32(&mut attr, 8, value);
     put_u32(&mut attr, 12, entries);
+    put_u32(&mut attr, 16, flags);
     let n = name.len().min(15);
     attr[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)

@@ -75,7 +75,7 @@ use crate::master::supervisor::Event;
 use crate::sockets::bpf;
 
 /// How often the master samples the accept queues while something is queued.
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(2);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 
 /// How long a draining socket's queue must stay empty before its worker is stopped: time
 /// for the worker to read what it accepted last.
@@ -257,8 +257,17 @@ fn evacuate(groups: &[bpf::Steer], slot: usize, fds: &[OwnedFd]) -> std::io::Res
         let queue = bpf::accept_queue(fd.as_fd())?;
         let backlog = bpf::backlog(fd.as_fd())?;
         let sock = socket2::SockRef::from(fd);
+        let addr = sock.local_addr()?;
         sock.shutdown(std::net::Shutdown::Read)?;
         sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+        if sock.local_addr()?.as_socket() != addr.as_socket() {
+            // Bound to port 0 by whoever opened it, it gave its port back when it stopped
+            // and now listens elsewhere: end it (the supervisor replaces its worker).
+            let _ = sock.shutdown(std::net::Shutdown::Read);
+            return Err(std::io::Error::other(
+                "its socket lost its port when it stopped",
+            ));
+        }
         group.set_socket(slot, fd.as_fd())?;
         moved += queue;
     }
@@ -1229,5 +1238,103 @@ mod tests {
         assert_eq!(s.grant(1, "worker 1", false).inherit, Some(raws));
         s.release_all();
         assert_eq!(s.fd_count(), 0);
+    }
+
+    /// Two SO_REUSEPORT listeners on one port with the program attached, at slots 0 and 1.
+    fn steered_pair() -> (bpf::Steer, Vec<OwnedFd>, std::net::SocketAddr) {
+        let steer = bpf::Steer::load().unwrap();
+        let open = |addr: std::net::SocketAddr| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_port(true).unwrap();
+            s.bind(&addr.into()).unwrap();
+            s.listen(64).unwrap();
+            OwnedFd::from(s)
+        };
+        // Slot 1 picks the port; slot 0, the one evacuated, binds it explicitly, as every
+        // worker does (a socket bound to port 0 gives its port back when it stops listening).
+        let first = open(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let addr = socket2::SockRef::from(&first)
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .unwrap();
+        let fds = vec![open(addr), first];
+        for (slot, fd) in fds.iter().enumerate() {
+            steer.attach(fd.as_fd()).unwrap();
+            steer.set_socket(slot, fd.as_fd()).unwrap();
+        }
+        (steer, fds, addr)
+    }
+
+    #[test]
+    fn an_evacuation_moves_the_queue_to_the_rotation_and_leaves_the_socket_listening() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("skipped: loading BPF programs needs root here");
+        }
+        let (steer, fds, addr) = steered_pair();
+        let cookie = bpf::socket_cookie(fds[0].as_fd()).unwrap();
+        steer.set_rotation(&[0]).unwrap();
+        let _queued: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(bpf::accept_queue(fds[0].as_fd()).unwrap(), 5);
+        // Slot 0 stalls: out of rotation; its queue moves to slot 1.
+        steer.set_rotation(&[1]).unwrap();
+        let groups = [steer];
+        let moved = evacuate(&groups, 0, &fds[..1]).unwrap();
+        let steer = &groups[0];
+        assert_eq!(moved, 5);
+        assert_eq!(bpf::accept_queue(fds[0].as_fd()).unwrap(), 0);
+        assert_eq!(
+            bpf::accept_queue(fds[1].as_fd()).unwrap(),
+            5,
+            "moved to slot 1"
+        );
+        // The very same socket listens again, with its backlog, back in the map and the group.
+        assert!(getsockopt(&fds[0], sockopt::AcceptConn).unwrap());
+        assert_eq!(bpf::backlog(fds[0].as_fd()).unwrap(), 64);
+        assert_eq!(steer.socket_at(0).unwrap(), Some(cookie));
+        steer.set_rotation(&[0]).unwrap();
+        let _next: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(
+            (
+                bpf::accept_queue(fds[0].as_fd()).unwrap(),
+                bpf::accept_queue(fds[1].as_fd()).unwrap(),
+                steer.sent(0).unwrap(),
+            ),
+            (4, 5, 9),
+            "it takes connections again"
+        );
+        let l = TcpListener::from(fds[0].try_clone().unwrap());
+        l.set_nonblocking(true).unwrap();
+        assert!(l.accept().is_ok(), "and its holder accepts them");
+    }
+
+    #[test]
+    fn an_evacuation_control_shutdown_alone_kills_the_socket_for_every_holder() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("skipped: loading BPF programs needs root here");
+        }
+        let (steer, fds, addr) = steered_pair();
+        steer.set_rotation(&[0]).unwrap();
+        let _queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        steer.set_rotation(&[1]).unwrap();
+        socket2::SockRef::from(&fds[0])
+            .shutdown(std::net::Shutdown::Read)
+            .unwrap();
+        assert_eq!(
+            bpf::accept_queue(fds[1].as_fd()).unwrap(),
+            3,
+            "the queue moved"
+        );
+        assert!(!getsockopt(&fds[0], sockopt::AcceptConn).unwrap());
+        assert_eq!(steer.socket_at(0).unwrap(), None, "and left the map");
+        let l = TcpListener::from(fds[0].try_clone().unwrap());
+        l.set_nonblocking(true).unwrap();
+        let e = l.accept().unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(nix::libc::EINVAL),
+            "the worker's accept fails"
+        );
     }
 }
