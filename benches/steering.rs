@@ -16,8 +16,10 @@
 //! 3. spread: 8 keep-alive clients (wrk -t2 -c8, 4 s) on 4 workers, 3 runs: requests
 //!    max/min per worker (∞: a worker got nothing);
 //! 4. uniform: wrk -c64 `Connection: close`, 10 s: req/s; and the master's CPU time over
-//!    3 idle seconds. Then hash and bpf alone, alternately, 3 rounds each: the median ratio
-//!    bpf / hash (a single pair swings with the machine's other load).
+//!    3 idle seconds. Then hash and bpf alone, alternately, 5 rounds each: the median ratio
+//!    bpf / hash (a single pair swings with the machine's other load); and what steering
+//!    costs, measured directly: the program's run time per connection (kernel.bpf_stats_enabled,
+//!    bpftool) and the master's CPU time, as a share of the machine's.
 //!
 //! One run; the figures also go to docs/steering.png. Run: `scripts/install-load-tools.sh --no-oha && cargo bench --bench steering`
 //! (as root, for bpf).
@@ -262,6 +264,64 @@ fn spread(launcher: &str) -> (f64, Vec<u64>) {
     (ratio, counts)
 }
 
+/// Alternating hash/bpf rounds of the uniform scenario.
+const ROUNDS: usize = 5;
+
+/// What steering costs, measured rather than read off throughput that swings ±15 % on a
+/// 2-CPU machine: with kernel.bpf_stats_enabled, the program's run time per new connection
+/// (bpftool), and the master's CPU time, during 10 s of the uniform load under bpf; as a
+/// share of the machine's CPU time over those 10 s.
+fn steering_cost() -> Result<String, String> {
+    let bpftool = ["/usr/sbin/bpftool", "/usr/bin/bpftool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or("no bpftool: scripts/install-load-tools.sh installs it")?;
+    let stats = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(stats).map_err(|e| format!("{stats}: {e}"))?;
+    std::fs::write(stats, "1").map_err(|e| format!("enabling {stats}: {e}"))?;
+    let prog = || -> Result<(u64, u64), String> {
+        let out = Command::new(bpftool)
+            .args(["prog", "show", "-j"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let all: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let mut sum = (0, 0);
+        for p in all.as_array().into_iter().flatten() {
+            if p["name"] == "rc_steer" {
+                sum.0 += p["run_time_ns"].as_u64().unwrap_or(0);
+                sum.1 += p["run_cnt"].as_u64().unwrap_or(0);
+            }
+        }
+        Ok(sum)
+    };
+    let r = start("bpf", &[]);
+    let master = r.child.id();
+    let (t0, n0) = prog()?;
+    let c0 = support::cpu_seconds(master);
+    let [h, v] = close();
+    let w = wrk(r.port, &["-t2", "-c64", "-d10s", h, v]);
+    let c1 = support::cpu_seconds(master);
+    let (t1, n1) = prog()?;
+    stop(r);
+    let _ = std::fs::write(stats, before.trim());
+    let runs = n1.saturating_sub(n0);
+    if runs == 0 {
+        return Err("the program did not run".into());
+    }
+    let prog_s = t1.saturating_sub(t0) as f64 / 1e9;
+    let master_s = c1 - c0;
+    let machine_s = 10.0 * num_cpus() as f64;
+    Ok(format!(
+        "steering cost under uniform load ({:.0} req/s): the program {:.0} ns per new \
+         connection ({runs} runs, {prog_s:.3} s), the master {master_s:.2} s of CPU; together \
+         {:.2} % of the machine's {machine_s:.0} CPU-seconds",
+        w.rps,
+        prog_s * 1e9 / runs as f64,
+        (prog_s + master_s) / machine_s * 100.0
+    ))
+}
+
 /// req/s with uniform load, the master's CPU seconds during it, and over 3 idle seconds.
 fn uniform(launcher: &str) -> (Wrk, f64, f64) {
     let r = start(launcher, &[]);
@@ -360,7 +420,7 @@ fn main() {
 
     // hash and bpf alone, alternately: one pair's ratio is mostly the machine's noise.
     let mut ratios = Vec::new();
-    for round in 1..=3 {
+    for round in 1..=ROUNDS {
         let hash = uniform("hash").0.rps;
         let bpf = uniform("bpf").0.rps;
         println!(
@@ -371,9 +431,15 @@ fn main() {
     }
     ratios.sort_by(f64::total_cmp);
     println!(
-        "\nuniform load, bpf / hash, median of 3 alternating rounds: {:.3}",
-        ratios[1]
+        "\nuniform load, bpf / hash, median of {ROUNDS} alternating rounds: {:.3} (range {:.3}-{:.3})",
+        ratios[ROUNDS / 2],
+        ratios[0],
+        ratios[ROUNDS - 1]
     );
+    match steering_cost() {
+        Ok(line) => println!("{line}"),
+        Err(why) => println!("steering cost: not measured ({why})"),
+    }
 
     chart(
         &[

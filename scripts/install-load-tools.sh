@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the load tools and what the comparison benchmark runs: wrk and fonts-dejavu-core
-# (Debian packages), oha (crates.io), node and PM2 (npm, into target/bench-node, private).
+# Installs the load tools and what the comparison benchmark runs: wrk, fonts-dejavu-core and
+# bpftool (Debian packages), oha (crates.io), node and PM2 (npm, into target/bench-node, private).
 # Idempotent: installs nothing that is already there.
 #   scripts/install-load-tools.sh [--no-oha]
 set -euo pipefail
@@ -9,6 +9,8 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v node >/dev/null || need+=(nodejs npm)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+# The steering bench reads the program's run time with it.
+[ -x /usr/sbin/bpftool ] || command -v bpftool >/dev/null || need+=(bpftool)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo=sudo; else sudo=; fi
     echo "installing ${need[*]} (apt-get)" >&2
