@@ -190,6 +190,18 @@ pub fn render(status: &ClusterStatus) -> String {
         vec![(String::new(), status.rolling_restarts_failed as f64)],
     );
     family(
+        "queues_moved_total",
+        "counter",
+        "Stalled workers' accept queues moved to the workers in rotation (bpf steering).",
+        vec![(String::new(), status.queues_moved as f64)],
+    );
+    family(
+        "connections_moved_total",
+        "counter",
+        "Connections those moves took off stalled workers.",
+        vec![(String::new(), status.connections_moved as f64)],
+    );
+    family(
         "recycles_total",
         "counter",
         "Workers recycled (--max-memory, --max-lifetime, --hung-after), by reason.",

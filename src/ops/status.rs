@@ -60,6 +60,10 @@ pub struct ClusterStatus {
     /// Under bpf steering, every entry of the program's socket map (first bind), with the
     /// cookie of the socket the master holds for that slot: equal when the map is right.
     pub steering_map: Vec<MapEntryStatus>,
+    /// Under bpf steering: stalled workers' accept queues moved to the others so far.
+    pub queues_moved: u64,
+    /// The connections those moves took.
+    pub connections_moved: u64,
 }
 
 /// One entry of the steering program's socket map.
@@ -297,6 +301,8 @@ impl ClusterStatus {
             workers,
             socket_takeover: sockets.enabled(),
             steering: sockets.mode(),
+            queues_moved: sockets.evacuations().0,
+            connections_moved: sockets.evacuations().1,
             steering_map: {
                 let size = supervisor.slots().len();
                 let max = sockets.slots().last().map_or(0, |s| s + 1).max(size) + 8;
@@ -358,7 +364,15 @@ impl ClusterStatus {
         );
         let _ = writeln!(out, "sockets: {}", binds.join(", "));
         let _ = writeln!(out, "ready: {}; migrate: {}", self.ready_mode, self.migrate);
-        let _ = writeln!(out, "steering: {}", self.steering);
+        if self.queues_moved > 0 {
+            let _ = writeln!(
+                out,
+                "steering: {}; stalled workers' queues moved: {} ({} connections)",
+                self.steering, self.queues_moved, self.connections_moved
+            );
+        } else {
+            let _ = writeln!(out, "steering: {}", self.steering);
+        }
         let held: Vec<String> = self
             .held_sockets
             .iter()

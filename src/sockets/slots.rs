@@ -1033,6 +1033,12 @@ impl SlotSockets {
         Some(Rotation::Out(why))
     }
 
+    /// Stalled workers' queues moved so far, and the connections they held (0, 0 without
+    /// steering).
+    pub fn evacuations(&self) -> (u64, u64) {
+        self.steering.as_ref().map_or((0, 0), |s| s.evacuations)
+    }
+
     /// Connections moved off `slot`'s queue while its worker has accepted nothing since: for
     /// `--hung-after`, which watches a queue that does not move.
     pub fn moved_while_stalled(&self, slot: usize) -> u32 {

@@ -590,6 +590,11 @@ fn metrics_parse_as_prometheus_text_and_follow_the_cluster() {
         sample(&m, "reuseport_cluster_generation", &cluster),
         Some(2.0)
     );
+    // Nothing stalled: no queue was moved (the counter is there under every steering).
+    assert_eq!(
+        sample(&m, "reuseport_cluster_queues_moved_total", &cluster),
+        Some(0.0)
+    );
     // Anything but GET /metrics gets a plain refusal.
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(&addr).unwrap();

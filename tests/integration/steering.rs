@@ -297,6 +297,10 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
         .unwrap()
         .clone();
     let rotation = w0["rotation"].as_str().unwrap_or("-").to_string();
+    let moved = (
+        status["queues_moved"].as_u64().unwrap(),
+        status["connections_moved"].as_u64().unwrap(),
+    );
     let queued = w0["queues"][0]["depth"].as_u64().unwrap();
     // Still stopped: the freeze of an evacuation never continues a worker it found stopped.
     let still_stopped = proc_state(stalled) == Some('T');
@@ -330,6 +334,7 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
         answered,
         rotation,
         still_stopped,
+        moved,
     }
 }
 
@@ -349,6 +354,8 @@ struct Stall {
     still_stopped: bool,
     /// Whether the same process still served the slot afterwards.
     same_worker: bool,
+    /// `status`'s queues moved and connections moved.
+    moved: (u64, u64),
 }
 
 #[test]
@@ -383,6 +390,11 @@ fn load_steering_a_stalled_worker_leaves_the_rotation_and_its_queue_moves_to_the
     );
     assert!(hash.queued > bpf.queued, "control: {hash:?}");
     assert!(bpf.same_worker && kept.same_worker, "{bpf:?} {kept:?}");
+    assert!(
+        bpf.moved.0 >= 1 && bpf.moved.1 >= 1,
+        "status counts the moves: {bpf:?}"
+    );
+    assert_eq!(kept.moved, (0, 0), "{kept:?}");
 }
 
 /// A worker blocked in a synchronous handler is running, not stopped: moving its queue
