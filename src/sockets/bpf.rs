@@ -55,6 +55,7 @@ pub struct Steer {
     rotation: OwnedFd,
     sent: SharedArray,
     limits: SharedArray,
+    caps: SharedArray,
 }
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -150,12 +151,15 @@ impl Steer {
             .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
         let limits = SharedArray::create(MAX_SLOTS, "rc_accepted")
             .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
-        let insns = program(
-            rotation.as_raw_fd(),
-            socks.as_raw_fd(),
-            sent.fd.as_raw_fd(),
-            limits.fd.as_raw_fd(),
-        );
+        let caps = SharedArray::create(MAX_SLOTS, "rc_caps")
+            .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
+        let insns = program(Maps {
+            rotation: rotation.as_raw_fd(),
+            socks: socks.as_raw_fd(),
+            sent: sent.fd.as_raw_fd(),
+            accepted: limits.fd.as_raw_fd(),
+            caps: caps.fd.as_raw_fd(),
+        });
         let prog =
             prog_load(&insns).map_err(|e| format!("loading the SK_REUSEPORT program: {e}"))?;
         Ok(Steer {
@@ -164,6 +168,7 @@ impl Steer {
             rotation,
             sent,
             limits,
+            caps,
         })
     }
 
@@ -220,6 +225,12 @@ impl Steer {
     /// the last sample (0: as many as were sent, when unknown).
     pub fn set_accepted(&self, slot: usize, accepted: u64) -> io::Result<()> {
         self.limits.set(slot, accepted)
+    }
+
+    /// Limits what `slot` is sent while it has `cap` or more connections outstanding (0: no
+    /// limit): the program then takes it only when every candidate is at its limit.
+    pub fn set_cap(&self, slot: usize, cap: u64) -> io::Result<()> {
+        self.caps.set(slot, cap)
     }
 
     /// Connections the program has sent to `slot` so far.
@@ -371,14 +382,30 @@ fn jmp_imm(op: u8, dst: u8, imm: i32, off: i16) -> Insn {
 /// Slots the program compares per connection: the one whose turn it is and the next ones.
 pub const CHOICES: i32 = 3;
 
+/// What a slot at its cap ([`Steer::set_cap`]) counts as on top of its outstanding
+/// connections: more than any slot has outstanding, so it is taken only when all are capped.
+const CAPPED: i32 = 1 << 20;
+
+/// The map fds the program is built with.
+#[derive(Debug, Clone, Copy)]
+pub struct Maps {
+    pub rotation: RawFd,
+    pub socks: RawFd,
+    pub sent: RawFd,
+    pub accepted: RawFd,
+    pub caps: RawFd,
+}
+
 /// The steering program: of the slot whose turn it is (round robin) and the next
 /// [`CHOICES`]` - 1` in rotation, take the one with the fewest connections outstanding (sent
 /// to it since the master's last sample, plus what it had not accepted then: `sent -
 /// accepted`, where the master writes `accepted[slot]` at each sample), the first on a tie;
 /// select its socket; count it. A worker that stops accepting sees its count grow with
 /// every connection it is sent, so the program itself stops sending it any long before the
-/// master takes it out of rotation. Anything missing: SK_PASS without a selection, i.e. the
-/// kernel's hash.
+/// master takes it out of rotation. A slot with a cap (`caps[slot]`, 0: none) counts
+/// [`CAPPED`] more once it has that many outstanding: the master caps a worker that comes back
+/// after its queue was moved, until it is seen accepting. Anything missing: SK_PASS without a
+/// selection, i.e. the kernel's hash.
 ///
 /// ```c
 /// __u32 zero = 0;
@@ -394,6 +421,8 @@ pub const CHOICES: i32 = 3;
 ///     __u64 *sent = bpf_map_lookup_elem(&sent, &key);
 ///     if (!acc || !sent) continue;
 ///     __u64 out = *sent > *acc ? *sent - *acc : 0;
+///     __u64 *cap = bpf_map_lookup_elem(&caps, &key);
+///     if (cap && *cap && out >= *cap) out += CAPPED;
 ///     if (out < best) { best = out; best_key = key; }
 /// }
 /// if (best == ~0ULL) return SK_PASS;
@@ -402,9 +431,16 @@ pub const CHOICES: i32 = 3;
 /// if (c) __sync_fetch_and_add(c, 1);
 /// return SK_PASS;
 /// ```
-pub fn program(rotation: RawFd, socks: RawFd, sent: RawFd, accepted: RawFd) -> Vec<Insn> {
+pub fn program(maps: Maps) -> Vec<Insn> {
+    let Maps {
+        rotation,
+        socks,
+        sent,
+        accepted,
+        caps,
+    } = maps;
     let max = MAX_SLOTS as i32;
-    // Stack: -4 zero, -8 key, -16 best key, -24 best, -32 accepted.
+    // Stack: -4 zero, -8 key, -16 best key, -24 best, -32 accepted, -40 out.
     let mut a = Asm::default();
     a.emit(mov64_reg(R6, R1)); // ctx
     a.emit(insn(ST | MEM | W, R10, 0, -4, 0)); // zero
@@ -448,10 +484,24 @@ pub fn program(rotation: RawFd, socks: RawFd, sent: RawFd, accepted: RawFd) -> V
         a.emit(insn(LDX | MEM | DW, R2, R10, -32, 0)); // accepted
         a.jump(insn(JMP | JGT | X, R1, R2, 0, 0), &format!("sub{t}"));
         a.emit(mov64_imm(R1, 0));
-        a.jump(insn(JMP | JA, 0, 0, 0, 0), &format!("cmp{t}"));
+        a.jump(insn(JMP | JA, 0, 0, 0, 0), &format!("cap{t}"));
         a.label(&format!("sub{t}"));
         a.emit(insn(ALU64 | SUB | X, R1, R2, 0, 0)); // out = sent - accepted
+        a.label(&format!("cap{t}"));
+        a.emit(insn(STX | MEM | DW, R10, R1, -40, 0));
+        a.emit(mov64_reg(R2, R10));
+        a.emit(add64_imm(R2, -8));
+        a.emit_all(ld_map_fd(R1, caps));
+        a.emit(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+        a.jump(jmp_imm(JEQ, R0, 0, 0), &format!("cmp{t}"));
+        a.emit(insn(LDX | MEM | DW, R3, R0, 0, 0)); // cap
+        a.jump(jmp_imm(JEQ, R3, 0, 0), &format!("cmp{t}"));
+        a.emit(insn(LDX | MEM | DW, R1, R10, -40, 0));
+        a.jump(insn(JMP | JGT | X, R3, R1, 0, 0), &format!("cmp{t}")); // cap > out
+        a.emit(add64_imm(R1, CAPPED));
+        a.emit(insn(STX | MEM | DW, R10, R1, -40, 0));
         a.label(&format!("cmp{t}"));
+        a.emit(insn(LDX | MEM | DW, R1, R10, -40, 0)); // out
         a.emit(insn(LDX | MEM | DW, R3, R10, -24, 0)); // best
         a.jump(insn(JMP | JGE | X, R1, R3, 0, 0), &next);
         a.emit(insn(STX | MEM | DW, R10, R1, -24, 0));
@@ -789,6 +839,43 @@ mod tests {
         );
         steer.remove_socket(0).unwrap();
         assert_eq!(steer.socket_at(0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_capped_slot_gets_nothing_past_its_cap_while_another_is_below_it() {
+        if !root() {
+            return;
+        }
+        let queues = |cap: u64, all_capped: bool| -> Vec<u32> {
+            let steer = Steer::load().unwrap();
+            let (socks, addr) = group(2);
+            for (i, s) in socks.iter().enumerate() {
+                steer.attach(s.as_fd()).unwrap();
+                steer.set_socket(i, s.as_fd()).unwrap();
+            }
+            steer.set_rotation(&[0, 1]).unwrap();
+            steer.set_cap(0, cap).unwrap();
+            if all_capped {
+                steer.set_cap(1, cap).unwrap();
+            }
+            let _clients: Vec<TcpStream> =
+                (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            socks
+                .iter()
+                .map(|s| accept_queue(s.as_fd()).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            queues(1, false),
+            vec![1, 5],
+            "slot 0 takes 1, then is capped"
+        );
+        assert_eq!(queues(0, false), vec![3, 3], "control: no cap, round robin");
+        assert_eq!(
+            queues(1, true),
+            vec![3, 3],
+            "all capped: still round robin among them, never the hash"
+        );
     }
 
     #[test]

@@ -113,6 +113,11 @@ pub const HOLD_OUT: Duration = EVACUATE_AFTER;
 /// The longest a worker is held out of rotation after its queue moved.
 pub const HOLD_OUT_MAX: Duration = Duration::from_millis(800);
 
+/// A worker back in rotation after its queue was moved is sent at most this many
+/// connections (the program's cap, [`bpf::Steer::set_cap`]) until a sample sees it accept:
+/// one still stalled then holds two, not a 5 ms share of all new connections.
+pub const PROBATION_CAP: u64 = 2;
+
 /// A draining socket whose queue never empties (its worker stalls) is given up after this;
 /// its worker is stopped and the program moves the queue when the socket closes.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -291,6 +296,9 @@ struct Load {
     moved: u32,
     /// Out of rotation until then at least, after its queue was moved.
     hold_out: Option<Instant>,
+    /// Back in rotation after its queue was moved, and not seen accepting since: capped at
+    /// [`PROBATION_CAP`].
+    probation: bool,
 }
 
 /// An old socket on its way out.
@@ -520,6 +528,7 @@ impl SlotSockets {
             if let Err(e) = group
                 .attach(fd.as_fd())
                 .and_then(|()| group.set_accepted(slot, sent))
+                .and_then(|()| group.set_cap(slot, 0))
                 .and_then(|()| group.set_socket(slot, fd.as_fd()))
             {
                 return Some(format!(
@@ -634,6 +643,7 @@ impl SlotSockets {
         for group in &s.groups {
             let _ = group.remove_socket(slot);
             let _ = group.set_accepted(slot, 0);
+            let _ = group.set_cap(slot, 0);
         }
         self.update_rotation();
     }
@@ -734,6 +744,7 @@ impl SlotSockets {
             let mut evacuated = prev.map_or(0, |p| p.evacuated);
             let mut moved = prev.map_or(0, |p| p.moved);
             let mut hold_out = prev.and_then(|p| p.hold_out);
+            let mut probation = prev.is_some_and(|p| p.probation);
             if let Some(p) = prev {
                 // Accepted since the last sample: what was queued plus what arrived, minus
                 // what is queued now.
@@ -748,6 +759,7 @@ impl SlotSockets {
                 if accepted > 0 {
                     evacuated = 0;
                     moved = 0;
+                    probation = false;
                 }
                 if in_rotation && out_since.is_none() && stalled {
                     out_since = Some(now);
@@ -759,6 +771,7 @@ impl SlotSockets {
                 } else if out_since.is_some() && queue == 0 && hold_out.is_none_or(|t| now >= t) {
                     out_since = None;
                     hold_out = None;
+                    probation = evacuated > 0;
                     crate::debug!("worker {slot}: back in rotation: its queue drained");
                 }
             }
@@ -766,10 +779,10 @@ impl SlotSockets {
             // What it accepted so far: the program compares what it sent since. (Per bind
             // the program counts per group; with several binds the sums are looser.)
             let accepted = sent.saturating_sub(queue as u64);
-            if prev.is_none_or(|p| p.accepted != accepted) {
-                for g in &s.groups {
-                    let _ = g.set_accepted(slot, accepted);
-                }
+            // Both are stores into the maps' memory: written at every sample.
+            for g in &s.groups {
+                let _ = g.set_accepted(slot, accepted);
+                let _ = g.set_cap(slot, if probation { PROBATION_CAP } else { 0 });
             }
             s.load.insert(
                 slot,
@@ -782,6 +795,7 @@ impl SlotSockets {
                     evacuated,
                     moved,
                     hold_out,
+                    probation,
                 },
             );
         }

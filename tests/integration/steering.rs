@@ -394,6 +394,13 @@ fn load_steering_a_stalled_worker_leaves_the_rotation_and_its_queue_moves_to_the
         bpf.moved.0 >= 1 && bpf.moved.1 >= 1,
         "status counts the moves: {bpf:?}"
     );
+    // Back in rotation after a move, the stopped worker is capped at 2 connections until it
+    // accepts: the first move takes at most the 32 clients, each later one at most 2 (before
+    // the cap a 5 ms share came back each time: 126 moved in 5 moves).
+    assert!(
+        bpf.moved.1 <= 32 + 2 * (bpf.moved.0 - 1),
+        "a worker back after a move gets only the probation's 2: {bpf:?}"
+    );
     assert_eq!(kept.moved, (0, 0), "{kept:?}");
 }
 
