@@ -10,8 +10,11 @@
 //! - `accepted` (ARRAY, key: slot): how many of those the slot had accepted at the
 //!   master's last sample; `sent - accepted` is what the program compares.
 //!
-//! `sent` and `accepted` are mmap-able (Linux 5.5+) and mapped into the master, which reads
-//! and writes them as memory: a sample makes no bpf(2) call.
+//! - `caps` (ARRAY, key: slot): a slot's cap on outstanding connections (0: none), which the
+//!   master sets for a worker on probation (see sockets/slots.rs).
+//!
+//! `sent`, `accepted` and `caps` are mmap-able (Linux 5.5+) and mapped into the master, which
+//! reads and writes them as memory: a sample makes no bpf(2) call.
 //!
 //! The program is attached with BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, so it also places the
 //! connections still queued on a socket that closes (Linux 5.14+, whatever
