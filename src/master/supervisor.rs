@@ -427,7 +427,7 @@ impl Supervisor {
         self.serving_generation
     }
 
-    /// Slots whose current worker is ready, with that worker.
+    /// Slots whose current worker is ready.
     pub fn ready_count(&self) -> usize {
         self.slots
             .iter()

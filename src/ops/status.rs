@@ -250,6 +250,7 @@ impl ClusterStatus {
         workers.sort_by_key(|w| (w.slot, w.generation, w.pid));
         let workers_ready = supervisor.ready_count();
         let (rolling_restarts_total, rolling_restarts_failed) = supervisor.rolling_counts();
+        let evacuations = sockets.evacuations();
         ClusterStatus {
             name: name.to_string(),
             master_pid: std::process::id(),
@@ -301,8 +302,8 @@ impl ClusterStatus {
             workers,
             socket_takeover: sockets.enabled(),
             steering: sockets.mode(),
-            queues_moved: sockets.evacuations().0,
-            connections_moved: sockets.evacuations().1,
+            queues_moved: evacuations.0,
+            connections_moved: evacuations.1,
             steering_map: {
                 let size = supervisor.slots().len();
                 let max = sockets.slots().last().map_or(0, |s| s + 1).max(size) + 8;

@@ -275,17 +275,13 @@ pub fn socket_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
 /// Connections waiting in a listening socket's accept queue (TCP_INFO's tcpi_unacked,
 /// which is sk_ack_backlog for a listener): one getsockopt, no netlink dump.
 pub fn accept_queue(sock: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(listener_info(sock)?.0)
+    Ok(queue_and_backlog(sock)?.0)
 }
 
-/// A listening socket's backlog, as given to listen(2) and capped by somaxconn
-/// (TCP_INFO's tcpi_sacked, which is sk_max_ack_backlog for a listener).
-pub fn backlog(sock: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(listener_info(sock)?.1)
-}
-
-/// (accept queue, backlog) of a listener.
-fn listener_info(sock: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+/// A listening socket's accept queue and its backlog, as given to listen(2) and capped by
+/// somaxconn (TCP_INFO's tcpi_sacked, which is sk_max_ack_backlog for a listener): one
+/// getsockopt for both.
+pub fn queue_and_backlog(sock: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     // struct tcp_info: 8 bytes of u8 fields, then rto, ato, snd_mss, rcv_mss, unacked, sacked.
     let mut info = [0u8; 32];
     getsockopt_bytes(

@@ -241,7 +241,7 @@ impl Evacuation {
     }
 
     /// Whether nothing of the worker can run now.
-    fn frozen(&self) -> bool {
+    fn all_stopped(&self) -> bool {
         self.frozen
             .iter()
             .all(|p| crate::master::procs::stopped(p.as_raw() as u32))
@@ -259,8 +259,7 @@ impl Evacuation {
 fn evacuate(groups: &[bpf::Steer], slot: usize, fds: &[OwnedFd]) -> std::io::Result<u32> {
     let mut moved = 0;
     for (group, fd) in groups.iter().zip(fds) {
-        let queue = bpf::accept_queue(fd.as_fd())?;
-        let backlog = bpf::backlog(fd.as_fd())?;
+        let (queue, backlog) = bpf::queue_and_backlog(fd.as_fd())?;
         let sock = socket2::SockRef::from(fd);
         let addr = sock.local_addr()?;
         sock.shutdown(std::net::Shutdown::Read)?;
@@ -296,9 +295,6 @@ struct Load {
     moved: u32,
     /// Out of rotation until then at least, after its queue was moved.
     hold_out: Option<Instant>,
-    /// Back in rotation after its queue was moved, and not seen accepting since: capped at
-    /// [`PROBATION_CAP`].
-    probation: bool,
 }
 
 /// An old socket on its way out.
@@ -744,7 +740,6 @@ impl SlotSockets {
             let mut evacuated = prev.map_or(0, |p| p.evacuated);
             let mut moved = prev.map_or(0, |p| p.moved);
             let mut hold_out = prev.and_then(|p| p.hold_out);
-            let mut probation = prev.is_some_and(|p| p.probation);
             if let Some(p) = prev {
                 // Accepted since the last sample: what was queued plus what arrived, minus
                 // what is queued now.
@@ -759,7 +754,6 @@ impl SlotSockets {
                 if accepted > 0 {
                     evacuated = 0;
                     moved = 0;
-                    probation = false;
                 }
                 if in_rotation && out_since.is_none() && stalled {
                     out_since = Some(now);
@@ -771,7 +765,6 @@ impl SlotSockets {
                 } else if out_since.is_some() && queue == 0 && hold_out.is_none_or(|t| now >= t) {
                     out_since = None;
                     hold_out = None;
-                    probation = evacuated > 0;
                     crate::debug!("worker {slot}: back in rotation: its queue drained");
                 }
             }
@@ -779,10 +772,13 @@ impl SlotSockets {
             // What it accepted so far: the program compares what it sent since. (Per bind
             // the program counts per group; with several binds the sums are looser.)
             let accepted = sent.saturating_sub(queue as u64);
-            // Both are stores into the maps' memory: written at every sample.
+            // Both are stores into the maps' memory: written at every sample. A worker whose
+            // queue was moved and that has accepted nothing since is on probation (out of
+            // rotation the cap only matters when every worker is behind).
+            let cap = if evacuated > 0 { PROBATION_CAP } else { 0 };
             for g in &s.groups {
                 let _ = g.set_accepted(slot, accepted);
-                let _ = g.set_cap(slot, if probation { PROBATION_CAP } else { 0 });
+                let _ = g.set_cap(slot, cap);
             }
             s.load.insert(
                 slot,
@@ -795,7 +791,6 @@ impl SlotSockets {
                     evacuated,
                     moved,
                     hold_out,
-                    probation,
                 },
             );
         }
@@ -917,7 +912,7 @@ impl SlotSockets {
         let slots: Vec<usize> = s.evacuating.keys().copied().collect();
         for slot in slots {
             let e = &s.evacuating[&slot];
-            let frozen = e.frozen();
+            let frozen = e.all_stopped();
             if !frozen && now.saturating_duration_since(e.since) < FREEZE_WAIT {
                 continue;
             }
@@ -1311,7 +1306,7 @@ mod tests {
         );
         // The very same socket listens again, with its backlog, back in the map and the group.
         assert!(getsockopt(&fds[0], sockopt::AcceptConn).unwrap());
-        assert_eq!(bpf::backlog(fds[0].as_fd()).unwrap(), 64);
+        assert_eq!(bpf::queue_and_backlog(fds[0].as_fd()).unwrap().1, 64);
         assert_eq!(steer.socket_at(0).unwrap(), Some(cookie));
         steer.set_rotation(&[0]).unwrap();
         let _next: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();

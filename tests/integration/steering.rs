@@ -216,8 +216,8 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
         env.push(("REUSEPORT_CLUSTER_EVACUATE", "0"));
     }
     let mut args = vec!["--workers", "4", "--bind", "127.0.0.1:0", "--steer", steer];
-    let app = script("eager_app.py", PYTHON_EAGER_APP);
-    if how == Stalled::Sleeping {
+    let app = (how == Stalled::Sleeping).then(|| script("eager_app.py", PYTHON_EAGER_APP));
+    if let Some(app) = &app {
         args.extend(["--ready", "listening", "--", app.to_str().unwrap()]);
     }
     let mut c = Cluster::spawn(&args, &env);
