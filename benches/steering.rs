@@ -4,6 +4,8 @@
 //! - `hash`: reuseport-cluster `--steer hash` (each worker its own socket, the kernel hashes);
 //! - `bpf`: reuseport-cluster `--steer bpf` (the SK_REUSEPORT program: round robin over the
 //!   workers that accept; a stalled worker's queue moves to the others after 50 ms);
+//! - `bpf park`: the same with `REUSEPORT_CLUSTER_PARK=1` (caps per worker, what finds every
+//!   worker at its cap waits in the master's parking socket; queues move after 10 ms);
 //! - `cluster rr`: Node's cluster module, round robin (the primary accepts every connection);
 //! - `cluster shared`: Node's cluster module, SCHED_NONE (every worker accepts from one
 //!   shared socket).
@@ -35,7 +37,7 @@ use std::time::Duration;
 
 use support::{children, free_port, get, wait_until, Signal};
 
-const LAUNCHERS: [&str; 4] = ["hash", "bpf", "cluster rr", "cluster shared"];
+const LAUNCHERS: [&str; 5] = ["hash", "bpf", "bpf park", "cluster rr", "cluster shared"];
 const WORKERS: usize = 4;
 
 fn root() -> PathBuf {
@@ -61,8 +63,11 @@ fn start(launcher: &str, env: &[(&str, String)]) -> Running {
     let app = root().join("benches/node/steer_app.js");
     let bin = env!("CARGO_BIN_EXE_reuseport-cluster");
     let mut cmd = match launcher {
-        "hash" | "bpf" => {
+        "hash" | "bpf" | "bpf park" => {
             let mut c = Command::new(bin);
+            if launcher == "bpf park" {
+                c.env("REUSEPORT_CLUSTER_PARK", "1");
+            }
             let control = std::env::temp_dir().join(format!("steering-{port}.sock"));
             c.args([
                 "--bind",
@@ -70,7 +75,7 @@ fn start(launcher: &str, env: &[(&str, String)]) -> Running {
                 "--workers",
                 &WORKERS.to_string(),
                 "--steer",
-                launcher,
+                launcher.split(' ').next().unwrap(),
                 "--grace",
                 "2s",
             ])
@@ -108,7 +113,7 @@ fn start(launcher: &str, env: &[(&str, String)]) -> Running {
             && children(pid).len() >= WORKERS),
         "{launcher} did not answer"
     );
-    if let "hash" | "bpf" = launcher {
+    if let "hash" | "bpf" | "bpf park" = launcher {
         // Every worker ready (under bpf only ready workers are in the rotation).
         let control = std::env::temp_dir().join(format!("steering-{port}.sock"));
         let ready = format!("{WORKERS}/{WORKERS} workers ready");
@@ -474,6 +479,7 @@ fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
         BLUE.mix(0.7),
         GREEN.mix(0.7),
         MAGENTA.mix(0.7),
+        CYAN.mix(0.7),
     ];
     for (area, (title, values)) in areas.iter().zip(panels) {
         let finite = values

@@ -149,6 +149,11 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         SlotSockets::enabled_by_env(),
         config.binds.len(),
         config.steer,
+        &config
+            .binds
+            .iter()
+            .map(|b| listen::ListenSpec::new(b.addr).with_options(config.listen))
+            .collect::<Vec<_>>(),
     )
     .map_err(anyhow::Error::msg)?;
     if let Some(line) = fallback {

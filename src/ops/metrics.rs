@@ -202,6 +202,18 @@ pub fn render(status: &ClusterStatus) -> String {
         vec![(String::new(), status.connections_moved as f64)],
     );
     family(
+        "parked_connections",
+        "gauge",
+        "Connections waiting in the master's parking socket for a worker with room (bpf steering).",
+        vec![(String::new(), status.parked as f64)],
+    );
+    family(
+        "parked_connections_handed_on_total",
+        "counter",
+        "Parked connections handed on to workers with room.",
+        vec![(String::new(), status.parked_connections_handed_on as f64)],
+    );
+    family(
         "recycles_total",
         "counter",
         "Workers recycled (--max-memory, --max-lifetime, --hung-after), by reason.",

@@ -64,6 +64,14 @@ pub struct ClusterStatus {
     pub queues_moved: u64,
     /// The connections those moves took.
     pub connections_moved: u64,
+    /// Under bpf steering: whether the master keeps a parking socket, where new connections
+    /// wait while every worker is behind or at its cap.
+    pub parking: bool,
+    /// Connections waiting in it now.
+    pub parked: u32,
+    /// Times parked connections were handed on to workers with room, and how many.
+    pub parked_handed_on: u64,
+    pub parked_connections_handed_on: u64,
 }
 
 /// One entry of the steering program's socket map.
@@ -251,6 +259,7 @@ impl ClusterStatus {
         let workers_ready = supervisor.ready_count();
         let (rolling_restarts_total, rolling_restarts_failed) = supervisor.rolling_counts();
         let evacuations = sockets.evacuations();
+        let parking = sockets.parking();
         ClusterStatus {
             name: name.to_string(),
             master_pid: std::process::id(),
@@ -304,6 +313,10 @@ impl ClusterStatus {
             steering: sockets.mode(),
             queues_moved: evacuations.0,
             connections_moved: evacuations.1,
+            parking: parking.0,
+            parked: parking.1,
+            parked_handed_on: parking.2,
+            parked_connections_handed_on: parking.3,
             steering_map: {
                 let size = supervisor.slots().len();
                 let max = sockets.slots().last().map_or(0, |s| s + 1).max(size) + 8;
@@ -365,15 +378,22 @@ impl ClusterStatus {
         );
         let _ = writeln!(out, "sockets: {}", binds.join(", "));
         let _ = writeln!(out, "ready: {}; migrate: {}", self.ready_mode, self.migrate);
+        let mut steering = self.steering.clone();
         if self.queues_moved > 0 {
-            let _ = writeln!(
-                out,
-                "steering: {}; stalled workers' queues moved: {} ({} connections)",
-                self.steering, self.queues_moved, self.connections_moved
+            let _ = write!(
+                steering,
+                "; stalled workers' queues moved: {} ({} connections)",
+                self.queues_moved, self.connections_moved
             );
-        } else {
-            let _ = writeln!(out, "steering: {}", self.steering);
         }
+        if self.parking {
+            let _ = write!(
+                steering,
+                "; parked now: {}, handed on: {} ({} connections)",
+                self.parked, self.parked_handed_on, self.parked_connections_handed_on
+            );
+        }
+        let _ = writeln!(out, "steering: {steering}");
         let held: Vec<String> = self
             .held_sockets
             .iter()

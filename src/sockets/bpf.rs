@@ -33,6 +33,13 @@ use nix::libc;
 /// Slots a map can hold: the launcher's limit on workers.
 pub const MAX_SLOTS: u32 = crate::config::MAX_WORKERS as u32;
 
+/// The keys of the master's two parking sockets in the maps, `PARK` and `PARK + 1`, past
+/// every slot's (see `sockets::slots::Parking`).
+pub const PARK: usize = MAX_SLOTS as usize;
+
+/// Keys of the per-socket maps: every slot's and the parking sockets'.
+const KEYS: u32 = MAX_SLOTS + 2;
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -48,7 +55,11 @@ const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 const SO_COOKIE: libc::c_int = 57;
 
 /// The rotation value: `n`, `rr`, then `MAX_SLOTS` slot numbers.
-const ROTATION_SIZE: u32 = 8 + 4 * MAX_SLOTS;
+const ROTATION_SIZE: u32 = OVERFLOW_AT as u32 + 8;
+
+/// Where the rotation value holds its overflow: the key + 1 of the socket that takes a
+/// connection when every candidate is at its cap (0: none).
+const OVERFLOW_AT: i16 = 8 + 4 * MAX_SLOTS as i16;
 
 /// One reuseport group's program and maps.
 #[derive(Debug)]
@@ -140,21 +151,15 @@ impl Steer {
     /// Creates the maps and loads the program. The error says which step failed (EPERM:
     /// no CAP_BPF/CAP_NET_ADMIN; EINVAL: a kernel without SK_REUSEPORT or its migration).
     pub fn load() -> Result<Steer, String> {
-        let socks = map_create(
-            BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
-            4,
-            8,
-            MAX_SLOTS,
-            "rc_socks",
-        )
-        .map_err(|e| format!("creating a REUSEPORT_SOCKARRAY map: {e}"))?;
+        let socks = map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, KEYS, "rc_socks")
+            .map_err(|e| format!("creating a REUSEPORT_SOCKARRAY map: {e}"))?;
         let rotation = map_create(BPF_MAP_TYPE_ARRAY, 4, ROTATION_SIZE, 1, "rc_rotation")
             .map_err(|e| format!("creating an array map: {e}"))?;
-        let sent = SharedArray::create(MAX_SLOTS, "rc_sent")
+        let sent = SharedArray::create(KEYS, "rc_sent")
             .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
-        let limits = SharedArray::create(MAX_SLOTS, "rc_accepted")
+        let limits = SharedArray::create(KEYS, "rc_accepted")
             .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
-        let caps = SharedArray::create(MAX_SLOTS, "rc_caps")
+        let caps = SharedArray::create(KEYS, "rc_caps")
             .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
         let insns = program(Maps {
             rotation: rotation.as_raw_fd(),
@@ -213,14 +218,18 @@ impl Steer {
         }
     }
 
-    /// Makes `slots` the ones that take new connections (none: the kernel's hash).
-    pub fn set_rotation(&self, slots: &[usize]) -> io::Result<()> {
+    /// Makes `slots` the ones that take new connections (none: the kernel's hash), and
+    /// `overflow` the socket that takes a connection when each slot compared is at its cap.
+    pub fn set_rotation(&self, slots: &[usize], overflow: Option<usize>) -> io::Result<()> {
         let mut value = vec![0u8; ROTATION_SIZE as usize];
         let n = slots.len().min(MAX_SLOTS as usize);
         value[0..4].copy_from_slice(&(n as u32).to_ne_bytes());
         for (i, slot) in slots.iter().take(n).enumerate() {
             value[8 + 4 * i..12 + 4 * i].copy_from_slice(&(*slot as u32).to_ne_bytes());
         }
+        let at = OVERFLOW_AT as usize;
+        let overflow = overflow.map_or(0, |k| k as u32 + 1);
+        value[at..at + 4].copy_from_slice(&overflow.to_ne_bytes());
         map_update(&self.rotation, &0u32.to_ne_bytes(), &value)
     }
 
@@ -510,6 +519,9 @@ pub fn program(maps: Maps) -> Vec<Insn> {
     a.label(&format!("choice{CHOICES}"));
     a.emit(insn(LDX | MEM | DW, R1, R10, -24, 0));
     a.jump(jmp_imm(JEQ, R1, -1, 0), "pass"); // no candidate (imm sign-extends to ~0)
+                                             // Every candidate at its cap: the overflow socket, if there is one.
+    a.jump(jmp_imm(JGT, R1, CAPPED - 1, 0), "overflow");
+    a.label("select");
     a.emit(mov64_reg(R1, R6));
     a.emit_all(ld_map_fd(R2, socks));
     a.emit(mov64_reg(R3, R10));
@@ -524,6 +536,13 @@ pub fn program(maps: Maps) -> Vec<Insn> {
     a.jump(jmp_imm(JEQ, R0, 0, 0), "pass");
     a.emit(mov64_imm(R1, 1));
     a.emit(insn(STX | ATOMIC | DW, R0, R1, 0, ADD as i32)); // lock *c += 1
+    a.jump(insn(JMP | JA, 0, 0, 0, 0), "pass");
+    a.label("overflow");
+    a.emit(insn(LDX | MEM | W, R1, R7, OVERFLOW_AT, 0));
+    a.jump(jmp_imm(JEQ, R1, 0, 0), "select");
+    a.emit(insn(ALU | SUB | K, R1, 0, 0, 1));
+    a.emit(insn(STX | MEM | W, R10, R1, -16, 0));
+    a.jump(insn(JMP | JA, 0, 0, 0, 0), "select");
     a.label("pass");
     a.emit(mov64_imm(R0, SK_PASS));
     a.emit(insn(JMP | EXIT, 0, 0, 0, 0));
@@ -776,7 +795,7 @@ mod tests {
             steer.attach(s.as_fd()).unwrap();
             steer.set_socket(i, s.as_fd()).unwrap();
         }
-        steer.set_rotation(&[0, 2]).unwrap();
+        steer.set_rotation(&[0, 2], None).unwrap();
         let clients: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
         let queues: Vec<u32> = socks
             .iter()
@@ -798,7 +817,7 @@ mod tests {
             steer.attach(s.as_fd()).unwrap();
             steer.set_socket(i, s.as_fd()).unwrap();
         }
-        steer.set_rotation(&[0, 1, 2]).unwrap();
+        steer.set_rotation(&[0, 1, 2], None).unwrap();
         // Nobody accepts: every connection stays outstanding, so the counts stay level.
         let mut clients: Vec<TcpStream> =
             (0..9).map(|_| TcpStream::connect(addr).unwrap()).collect();
@@ -852,7 +871,7 @@ mod tests {
                 steer.attach(s.as_fd()).unwrap();
                 steer.set_socket(i, s.as_fd()).unwrap();
             }
-            steer.set_rotation(&[0, 1]).unwrap();
+            steer.set_rotation(&[0, 1], None).unwrap();
             steer.set_cap(0, cap).unwrap();
             if all_capped {
                 steer.set_cap(1, cap).unwrap();
@@ -874,6 +893,41 @@ mod tests {
             queues(1, true),
             vec![3, 3],
             "all capped: still round robin among them, never the hash"
+        );
+    }
+
+    #[test]
+    fn past_every_cap_connections_go_to_the_overflow_socket() {
+        if !root() {
+            return;
+        }
+        // Slots 0 and 1 capped at 1 each; the group's third socket is the overflow.
+        let queues = |overflow: Option<usize>| -> Vec<u32> {
+            let steer = Steer::load().unwrap();
+            let (socks, addr) = group(3);
+            for (key, s) in [0, 1, PARK].into_iter().zip(&socks) {
+                steer.attach(s.as_fd()).unwrap();
+                steer.set_socket(key, s.as_fd()).unwrap();
+            }
+            steer.set_rotation(&[0, 1], overflow).unwrap();
+            steer.set_cap(0, 1).unwrap();
+            steer.set_cap(1, 1).unwrap();
+            let _clients: Vec<TcpStream> =
+                (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            socks
+                .iter()
+                .map(|s| accept_queue(s.as_fd()).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            queues(Some(PARK)),
+            vec![1, 1, 4],
+            "one each up to the caps, the rest to the overflow"
+        );
+        assert_eq!(
+            queues(None),
+            vec![3, 3, 0],
+            "control: no overflow, the capped slots share everything"
         );
     }
 
@@ -905,10 +959,10 @@ mod tests {
             steer.attach(s.as_fd()).unwrap();
             steer.set_socket(i, s.as_fd()).unwrap();
         }
-        steer.set_rotation(&[1]).unwrap();
+        steer.set_rotation(&[1], None).unwrap();
         let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(accept_queue(socks[1].as_fd()).unwrap(), 4);
-        steer.set_rotation(&[0]).unwrap();
+        steer.set_rotation(&[0], None).unwrap();
         drop(socks.pop());
         assert_eq!(
             accept_queue(socks[0].as_fd()).unwrap(),

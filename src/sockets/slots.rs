@@ -52,6 +52,15 @@
 //! its processes are frozen, which makes the program place the queue on the rotation and
 //! leaves the worker its socket ([`Evacuation`]).
 //!
+//! *Parking.* With two or more workers ready the master also keeps a parking socket in the
+//! group, never accepted from ([`Parking`]): the program caps what each worker has
+//! outstanding at a couple of samples' worth of what it takes, and sends what finds every
+//! candidate at its cap (all of it while every worker is out) to the parking socket; each
+//! sample where a worker in rotation has room, the master stops the parking socket and the
+//! kernel passes its queue through the program again. Binding is then late for exactly the
+//! connections that would otherwise wait on a worker that stalled after it was picked, and
+//! a stalled worker's queue, moved after [`EVACUATE_TO_PARK_AFTER`], waits there too.
+//!
 //! *Drain before stop.* In a rolling restart the new worker of a slot opens a fresh socket
 //! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
 //! the old one in the map and in the hold, the old socket gets no new connections, and
@@ -101,6 +110,10 @@ pub const DRAIN_STUCK: Duration = Duration::from_millis(500);
 /// [`Evacuation`]): they would otherwise wait for as long as it stalls.
 pub const EVACUATE_AFTER: Duration = Duration::from_millis(50);
 
+/// The same with a parking socket (see [`Parking`]): what is moved then waits for the
+/// first worker with room instead of being pushed onto another that may stall in turn.
+pub const EVACUATE_TO_PARK_AFTER: Duration = Duration::from_millis(10);
+
 /// How long an evacuation waits for the stalled worker's processes to stop before it gives
 /// up (and continues them).
 pub const FREEZE_WAIT: Duration = Duration::from_millis(20);
@@ -113,10 +126,29 @@ pub const HOLD_OUT: Duration = EVACUATE_AFTER;
 /// The longest a worker is held out of rotation after its queue moved.
 pub const HOLD_OUT_MAX: Duration = Duration::from_millis(800);
 
+/// While every worker is out and connections are parked, a worker held out this long comes
+/// back (on probation) whatever its hold-out: the master cannot tell whether it is free
+/// again (nothing is queued on it), and the parked connections would wait for as long as
+/// it is held out.
+pub const HOLD_OUT_WHILE_PARKED: Duration = HOLD_OUT;
+
 /// A worker back in rotation after its queue was moved is sent at most this many
 /// connections (the program's cap, [`bpf::Steer::set_cap`]) until a sample sees it accept:
 /// one still stalled then holds two, not a 5 ms share of all new connections.
 pub const PROBATION_CAP: u64 = 2;
+
+/// With a parking socket, every worker is capped at [`CAP_MIN`] plus this many times what
+/// it takes per sample when it takes anything (smoothed, [`RATE_WEIGHT`]): a worker that
+/// keeps up is never near it (the program's count of what it has outstanding includes what
+/// it took since the last sample, about one sample's worth), and one that stops accepting
+/// holds a few connections, not a pile; what no worker has room for waits in the parking
+/// socket for the first that has (see [`Parking`]).
+pub const CAP_PER_TAKEN: f32 = 2.0;
+pub const CAP_MIN: u64 = 2;
+
+/// The weight of a sample in a worker's smoothed accept rate: 1/16, about 80 ms of samples
+/// where it accepted, so that one burst (a parked queue handed on) raises its cap little.
+const RATE_WEIGHT: f32 = 1.0 / 16.0;
 
 /// A draining socket whose queue never empties (its worker stalls) is given up after this;
 /// its worker is stopped and the program moves the queue when the socket closes.
@@ -186,8 +218,11 @@ pub struct SlotSockets {
 struct Steering {
     /// One per bind, in fd order.
     groups: Vec<bpf::Steer>,
-    /// The slots in the program's rotation.
+    /// The slots in the program's rotation (a parking socket's key while every worker is
+    /// behind).
     rotation: Vec<usize>,
+    /// The overflow written with it.
+    overflow: Option<usize>,
     /// Slots whose current worker is ready, with that worker (the supervisor's view).
     serving: BTreeMap<usize, Pid>,
     /// The last sample of each serving slot.
@@ -200,6 +235,103 @@ struct Steering {
     evacuations: (u64, u64),
     /// Whether stalled workers' queues are moved ([`EVACUATE_ENV`]).
     evacuate: bool,
+    /// The master's parking sockets, when it could open them.
+    park: Option<Parking>,
+}
+
+/// Late binding for what no worker has room for, with the master still off the data path.
+///
+/// A connection is bound to a worker's socket when its SYN arrives; a worker that then
+/// blocks (a slow request, a stop) keeps everything queued on its socket until it is back
+/// or its queue is moved, while a shared queue would hand each connection to whichever
+/// worker frees up first. So the program caps each worker's outstanding connections (see
+/// [`CAP_PER_TAKEN`]), and what finds every candidate at its cap goes to a parking socket
+/// the master keeps in the group, bound like the workers' (same address and options) and
+/// never accepted from. While every worker is behind, everything goes there.
+///
+/// At each sample where something is parked and a worker in rotation has room, the master
+/// hands the parked connections on: it makes the other parking socket listen, writes it
+/// as the overflow, and shuts the parked one down, which makes the kernel pass its whole
+/// queue through the program (as for a stalled worker's queue, see [`Evacuation`]): each
+/// connection goes to a worker with room, or, past their caps, to the other parking
+/// socket, for the next sample. No process accepts from a parking socket, so nothing
+/// needs freezing. While fewer than two workers are ready neither listens (as before).
+#[derive(Debug)]
+struct Parking {
+    /// Two sockets per bind (`fds[i][bind]`), bound, listening only while current.
+    fds: [Vec<OwnedFd>; 2],
+    /// The one that listens.
+    current: Option<usize>,
+    /// Times parked connections were handed on, and how many.
+    counts: (u64, u64),
+}
+
+/// The backlog of a parking socket (the kernel caps it at net.core.somaxconn).
+const PARK_BACKLOG: i32 = 65535;
+
+/// Turns parking on with `PARK_ENV=1` (off by default: see [`Parking`]).
+pub const PARK_ENV: &str = "REUSEPORT_CLUSTER_PARK";
+
+impl Parking {
+    /// Binds two parking sockets per bind (not listening yet).
+    fn open(specs: &[crate::sockets::listen::ListenSpec]) -> Result<Parking, String> {
+        let set = || {
+            specs
+                .iter()
+                .map(|spec| {
+                    crate::sockets::listen::open(spec, None)
+                        .map(OwnedFd::from)
+                        .map_err(|(step, e)| format!("{step:?}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Parking {
+            fds: [set()?, set()?],
+            current: None,
+            counts: (0, 0),
+        })
+    }
+
+    /// The key of parking socket `i` in the program's maps.
+    fn key(i: usize) -> usize {
+        bpf::PARK + i
+    }
+
+    /// Makes parking socket `i` listen and puts it in the maps.
+    fn listen(&self, i: usize, groups: &[bpf::Steer]) -> std::io::Result<()> {
+        for (group, fd) in groups.iter().zip(&self.fds[i]) {
+            socket2::SockRef::from(fd).listen(PARK_BACKLOG)?;
+            group.set_cap(Self::key(i), 0)?;
+            group.set_socket(Self::key(i), fd.as_fd())?;
+        }
+        Ok(())
+    }
+
+    /// Connections waiting in the listening one.
+    fn queue(&self) -> u32 {
+        self.current.map_or(0, |i| {
+            self.fds[i]
+                .iter()
+                .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
+                .sum()
+        })
+    }
+
+    /// Stops parking socket `i` listening: the kernel hands its queue to the program, which
+    /// places it as the rotation written before says. The connections handed on.
+    fn stop(&mut self, i: usize, groups: &[bpf::Steer]) -> u32 {
+        let mut moved = 0;
+        for (group, fd) in groups.iter().zip(&self.fds[i]) {
+            moved += bpf::accept_queue(fd.as_fd()).unwrap_or(0);
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+            let _ = group.remove_socket(Self::key(i));
+        }
+        if moved > 0 {
+            self.counts.0 += 1;
+            self.counts.1 += moved as u64;
+        }
+        moved
+    }
 }
 
 impl Drop for Steering {
@@ -295,6 +427,12 @@ struct Load {
     moved: u32,
     /// Out of rotation until then at least, after its queue was moved.
     hold_out: Option<Instant>,
+    /// When its queue was last moved.
+    moved_at: Option<Instant>,
+    /// The program's cap on its outstanding connections (0: none).
+    cap: u64,
+    /// Connections it takes per sample when it takes any, smoothed ([`RATE_WEIGHT`]).
+    rate: f32,
 }
 
 /// An old socket on its way out.
@@ -382,6 +520,7 @@ impl SlotSockets {
         enabled: bool,
         binds: usize,
         steer: Steer,
+        specs: &[crate::sockets::listen::ListenSpec],
     ) -> Result<(SlotSockets, Option<String>), String> {
         let steering = match (steer, enabled) {
             (Steer::Hash, _) => Err("--steer hash".to_string()),
@@ -393,12 +532,21 @@ impl SlotSockets {
                 Ok(Steering {
                     groups,
                     rotation: Vec::new(),
+                    overflow: None,
                     serving: BTreeMap::new(),
                     load: BTreeMap::new(),
                     next_sample: None,
                     evacuating: BTreeMap::new(),
                     evacuations: (0, 0),
                     evacuate: std::env::var(EVACUATE_ENV).map_or(true, |v| v != "0"),
+                    park: match std::env::var(PARK_ENV).is_ok_and(|v| v == "1") {
+                        true => Parking::open(specs)
+                            .inspect_err(|e| {
+                                crate::info!("steering: no parking socket ({e})");
+                            })
+                            .ok(),
+                        false => None,
+                    },
                 })
             }),
         };
@@ -669,6 +817,13 @@ impl SlotSockets {
             .as_ref()
             .ok()
             .filter(|s| s.next_sample.is_none());
+        // The parking socket that listens, too: what parks waits for the next sample.
+        let parking = armed
+            .and_then(|s| s.park.as_ref())
+            .and_then(|p| p.current.map(|c| &p.fds[c]))
+            .into_iter()
+            .flatten()
+            .map(|f| (f.as_fd(), PollFlags::POLLIN));
         self.held
             .iter()
             .flat_map(|(slot, h)| {
@@ -678,6 +833,7 @@ impl SlotSockets {
                 };
                 h.fds.iter().map(move |f| (f.as_fd(), flags))
             })
+            .chain(parking)
             .collect()
     }
 
@@ -721,6 +877,19 @@ impl SlotSockets {
         }
         // Woken while armed (a connection waited) or at the sampling deadline.
         let armed = s.next_sample.is_none();
+        // Caps go with a parking socket to take what finds every worker at its cap.
+        let capping = s.park.as_ref().is_some_and(|p| p.current.is_some());
+        let all_parked = s.rotation.first().is_some_and(|k| *k >= bpf::PARK)
+            && s.park.as_ref().is_some_and(|p| p.queue() > 0);
+        // A worker with no rate yet (new) is capped as the others are on average.
+        let rates: Vec<f32> = s
+            .load
+            .values()
+            .map(|l| l.rate)
+            .filter(|r| *r > 0.0)
+            .collect();
+        let usual_rate = rates.iter().sum::<f32>() / rates.len().max(1) as f32;
+
         let mut busy = false;
         let slots: Vec<usize> = s.serving.keys().copied().collect();
         for slot in slots {
@@ -740,11 +909,18 @@ impl SlotSockets {
             let mut evacuated = prev.map_or(0, |p| p.evacuated);
             let mut moved = prev.map_or(0, |p| p.moved);
             let mut hold_out = prev.and_then(|p| p.hold_out);
+            let moved_at = prev.and_then(|p| p.moved_at);
+            let held_enough =
+                moved_at.is_some_and(|t| now.saturating_duration_since(t) >= HOLD_OUT_WHILE_PARKED);
+            let mut rate = prev.map_or(0.0, |p| p.rate);
             if let Some(p) = prev {
                 // Accepted since the last sample: what was queued plus what arrived, minus
                 // what is queued now.
                 let arrived = sent.saturating_sub(p.sent);
                 let accepted = (p.queue as u64 + arrived).saturating_sub(queue as u64);
+                if accepted > 0 {
+                    rate += (accepted as f32 - rate) * RATE_WEIGHT;
+                }
                 // Nothing accepted while something waited all along, or while several
                 // arrived: a worker that keeps up takes at least one in a sample's time.
                 let stalled = queue > 0 && accepted == 0 && (p.queue > 0 || arrived >= 2);
@@ -762,7 +938,10 @@ impl SlotSockets {
                          then, {arrived} arrived since)",
                         p.queue
                     );
-                } else if out_since.is_some() && queue == 0 && hold_out.is_none_or(|t| now >= t) {
+                } else if out_since.is_some()
+                    && queue == 0
+                    && (hold_out.is_none_or(|t| now >= t) || (all_parked && held_enough))
+                {
                     out_since = None;
                     hold_out = None;
                     crate::debug!("worker {slot}: back in rotation: its queue drained");
@@ -775,7 +954,14 @@ impl SlotSockets {
             // Both are stores into the maps' memory: written at every sample. A worker whose
             // queue was moved and that has accepted nothing since is on probation (out of
             // rotation the cap only matters when every worker is behind).
-            let cap = if evacuated > 0 { PROBATION_CAP } else { 0 };
+            let cap = if evacuated > 0 {
+                PROBATION_CAP
+            } else if capping {
+                let rate = if rate > 0.0 { rate } else { usual_rate };
+                CAP_MIN + (CAP_PER_TAKEN * rate).ceil() as u64
+            } else {
+                0
+            };
             for g in &s.groups {
                 let _ = g.set_accepted(slot, accepted);
                 let _ = g.set_cap(slot, cap);
@@ -791,10 +977,22 @@ impl SlotSockets {
                     evacuated,
                     moved,
                     hold_out,
+                    moved_at,
+                    cap,
+                    rate,
                 },
             );
         }
         busy |= Self::evacuate_stalled(s, &self.held, now);
+        // Parked connections wait for a worker with room: look every sample.
+        let parked = s.park.as_ref().map_or(0, |p| p.queue());
+        busy |= parked > 0;
+        let room = s.rotation.iter().any(|slot| {
+            s.load
+                .get(slot)
+                .is_some_and(|l| l.out_since.is_none() && (l.cap == 0 || (l.queue as u64) < l.cap))
+        });
+        let hand_on = parked > 0 && room;
         let mut events = Vec::new();
         let mut done = Vec::new();
         for (slot, d) in &mut self.draining {
@@ -883,7 +1081,7 @@ impl SlotSockets {
         if let Ok(s) = self.steering.as_mut() {
             s.next_sample = (busy || armed).then(|| now + SAMPLE_EVERY);
         }
-        self.update_rotation();
+        self.write_rotation(hand_on);
         events
     }
 
@@ -891,6 +1089,13 @@ impl SlotSockets {
     /// (see [`Evacuation`]): freezes a worker due, and once its processes are stopped, moves
     /// its queue and continues them. Whether one is under way (sample again soon).
     fn evacuate_stalled(s: &mut Steering, held: &BTreeMap<usize, Held>, now: Instant) -> bool {
+        // With a parking socket a moved queue waits for the first worker with room, not on
+        // another that may stall in turn: moving early costs little.
+        let parking = s.park.as_ref().is_some_and(|p| p.current.is_some());
+        let after = match parking {
+            true => EVACUATE_TO_PARK_AFTER,
+            false => EVACUATE_AFTER,
+        };
         for (slot, load) in &s.load {
             let Some(out) = load.out_since else {
                 continue;
@@ -902,7 +1107,7 @@ impl SlotSockets {
                 && load.queue > 0
                 && !s.rotation.contains(slot)
                 && !s.rotation.is_empty()
-                && now.saturating_duration_since(quiet_since) >= EVACUATE_AFTER
+                && now.saturating_duration_since(quiet_since) >= after
                 && load.hold_out.is_none_or(|t| now >= t)
                 && !s.evacuating.contains_key(slot);
             if let (true, Some(pid)) = (due, s.serving.get(slot)) {
@@ -931,6 +1136,7 @@ impl SlotSockets {
                 Ok(moved) => {
                     s.evacuations.0 += 1;
                     s.evacuations.1 += moved as u64;
+
                     crate::debug!(
                         "worker {slot}: accepts nothing; moved its queue ({moved}) to the others"
                     );
@@ -949,14 +1155,21 @@ impl SlotSockets {
                 .saturating_mul(1 << load.evacuated.min(5).saturating_sub(1))
                 .min(HOLD_OUT_MAX);
             load.hold_out = Some(now + hold);
+            load.moved_at = Some(now);
             load.took = Some(now);
         }
         !s.evacuating.is_empty()
     }
 
-    /// Writes the rotation to the program when it changed: the serving, held slots that
-    /// accept; when none does, those with the shortest queue.
+    /// Writes the rotation to the program when it changed.
     fn update_rotation(&mut self) {
+        self.write_rotation(false);
+    }
+
+    /// Writes the rotation to the program when it changed: the serving, held slots that
+    /// accept; when none does, the parking socket, or without one those with the shortest
+    /// queue. `hand_on`: parked connections are to go to the workers with room now.
+    fn write_rotation(&mut self, hand_on: bool) {
         let Ok(s) = self.steering.as_mut() else {
             return;
         };
@@ -971,6 +1184,44 @@ impl SlotSockets {
             .copied()
             .filter(|slot| s.load.get(slot).is_none_or(|l| l.out_since.is_none()))
             .collect();
+        let mut overflow = None;
+        let mut release = None;
+        let mut broken = None;
+        if let Some(park) = s.park.as_mut() {
+            let parking_all = park
+                .current
+                .is_some_and(|c| s.rotation == [Parking::key(c)]);
+            // Parking needs a second worker to hand on to.
+            match (park.current, candidates.len() < 2) {
+                (None, false) => match park.listen(0, &s.groups) {
+                    Ok(()) => park.current = Some(0),
+                    Err(e) => broken = Some(e),
+                },
+                (Some(c), true) => {
+                    // No second worker: nothing parks (one worker takes all as before; none:
+                    // the kernel's hash).
+                    release = Some(c);
+                    park.current = None;
+                }
+                (Some(c), false) if hand_on || (parking_all && !rotation.is_empty()) => {
+                    match park.listen(1 - c, &s.groups) {
+                        Ok(()) => {
+                            release = Some(c);
+                            park.current = Some(1 - c);
+                        }
+                        Err(e) => broken = Some(e),
+                    }
+                }
+                _ => {}
+            }
+            if let Some(c) = park.current {
+                if rotation.is_empty() {
+                    rotation = vec![Parking::key(c)];
+                } else {
+                    overflow = Some(Parking::key(c));
+                }
+            }
+        }
         if rotation.is_empty() {
             // Everyone is behind: the shortest queues take what comes, of the workers whose
             // queue was not just moved for stalling if there are any (an emptied queue is
@@ -988,13 +1239,28 @@ impl SlotSockets {
                 .filter(|slot| queue(slot) == least)
                 .collect();
         }
-        if rotation != s.rotation {
+        if rotation != s.rotation || overflow != s.overflow {
             for group in &s.groups {
-                if let Err(e) = group.set_rotation(&rotation) {
+                if let Err(e) = group.set_rotation(&rotation, overflow) {
                     crate::warn!("steering: updating the rotation: {e}");
                 }
             }
             s.rotation = rotation;
+            s.overflow = overflow;
+        }
+        if let (Some(c), Some(park)) = (release, s.park.as_mut()) {
+            // After the rotation is written: the program places the parked queue on it.
+            let moved = park.stop(c, &s.groups);
+
+            if moved > 0 {
+                crate::debug!("steering: {moved} parked connections handed on");
+            }
+        }
+        if let Some(e) = broken {
+            crate::warn!("steering: a parking socket cannot listen ({e}); no more parking");
+            s.park = None;
+            // Dropping the parking sockets closes them: what they held moves to the rotation.
+            self.write_rotation(false);
         }
     }
 
@@ -1046,6 +1312,15 @@ impl SlotSockets {
     /// steering).
     pub fn evacuations(&self) -> (u64, u64) {
         self.steering.as_ref().map_or((0, 0), |s| s.evacuations)
+    }
+
+    /// Parking (see [`Parking`]): whether there is a parking socket, the connections parked
+    /// now, and the hand-ons so far with the connections they took.
+    pub fn parking(&self) -> (bool, u32, u64, u64) {
+        let park = self.steering.as_ref().ok().and_then(|s| s.park.as_ref());
+        park.map_or((false, 0, 0, 0), |p| {
+            (true, p.queue(), p.counts.0, p.counts.1)
+        })
     }
 
     /// Connections moved off `slot`'s queue while its worker has accepted nothing since: for
@@ -1289,11 +1564,11 @@ mod tests {
         }
         let (steer, fds, addr) = steered_pair();
         let cookie = bpf::socket_cookie(fds[0].as_fd()).unwrap();
-        steer.set_rotation(&[0]).unwrap();
+        steer.set_rotation(&[0], None).unwrap();
         let _queued: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(bpf::accept_queue(fds[0].as_fd()).unwrap(), 5);
         // Slot 0 stalls: out of rotation; its queue moves to slot 1.
-        steer.set_rotation(&[1]).unwrap();
+        steer.set_rotation(&[1], None).unwrap();
         let groups = [steer];
         let moved = evacuate(&groups, 0, &fds[..1]).unwrap();
         let steer = &groups[0];
@@ -1308,7 +1583,7 @@ mod tests {
         assert!(getsockopt(&fds[0], sockopt::AcceptConn).unwrap());
         assert_eq!(bpf::queue_and_backlog(fds[0].as_fd()).unwrap().1, 64);
         assert_eq!(steer.socket_at(0).unwrap(), Some(cookie));
-        steer.set_rotation(&[0]).unwrap();
+        steer.set_rotation(&[0], None).unwrap();
         let _next: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(
             (
@@ -1325,14 +1600,53 @@ mod tests {
     }
 
     #[test]
+    fn parked_connections_go_to_the_workers_with_room_and_the_rest_to_the_other_socket() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: loading BPF programs needs root here");
+            return;
+        }
+        let (steer, fds, addr) = steered_pair();
+        let groups = vec![steer];
+        let mut park = Parking::open(&[crate::sockets::listen::ListenSpec::new(addr)]).unwrap();
+        let queues = |park: &Parking| {
+            let q = |f: &OwnedFd| bpf::accept_queue(f.as_fd()).unwrap_or(0);
+            let parked: Vec<u32> = park.fds.iter().map(|set| q(&set[0])).collect();
+            (q(&fds[0]), q(&fds[1]), parked)
+        };
+        // Every worker behind: everything parks.
+        park.listen(0, &groups).unwrap();
+        park.current = Some(0);
+        groups[0].set_rotation(&[Parking::key(0)], None).unwrap();
+        let _first: Vec<_> = (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(queues(&park), (0, 0, vec![5, 0]));
+        // Slot 1 is back with room for 2: the hand-on gives it 2 and parks 3 in the other.
+        for g in &groups {
+            g.set_accepted(1, g.sent(1).unwrap()).unwrap();
+            g.set_cap(1, 2).unwrap();
+        }
+        park.listen(1, &groups).unwrap();
+        groups[0].set_rotation(&[1], Some(Parking::key(1))).unwrap();
+        assert_eq!(park.stop(0, &groups), 5);
+        park.current = Some(1);
+        assert_eq!(queues(&park), (0, 2, vec![0, 3]));
+        assert_eq!(park.counts, (1, 5));
+        // The stopped one listens again for the next round, on the same port.
+        park.listen(0, &groups).unwrap();
+        let local = socket2::SockRef::from(&park.fds[0][0])
+            .local_addr()
+            .unwrap();
+        assert_eq!(local.as_socket(), Some(addr));
+    }
+
+    #[test]
     fn an_evacuation_control_shutdown_alone_kills_the_socket_for_every_holder() {
         if !nix::unistd::geteuid().is_root() {
             return eprintln!("skipped: loading BPF programs needs root here");
         }
         let (steer, fds, addr) = steered_pair();
-        steer.set_rotation(&[0]).unwrap();
+        steer.set_rotation(&[0], None).unwrap();
         let _queued: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        steer.set_rotation(&[1]).unwrap();
+        steer.set_rotation(&[1], None).unwrap();
         socket2::SockRef::from(&fds[0])
             .shutdown(std::net::Shutdown::Read)
             .unwrap();

@@ -683,3 +683,144 @@ fn queue_of(c: &Cluster, slot: u64) -> u64 {
         .and_then(|w| w["queues"][0]["depth"].as_u64())
         .unwrap_or(u64::MAX)
 }
+
+/// What [`every_worker_blocked`] saw.
+#[derive(Debug)]
+struct AllBlocked {
+    /// The slot of the worker blocked 4 s.
+    long_sleeper: usize,
+    /// Per connection, the slot that answered and when.
+    answers: Vec<(String, Duration)>,
+    /// The most `status` showed parked, and the workers' queues then.
+    parked: u64,
+    queued: u64,
+}
+
+/// Both workers of the eager app blocked in a handler, one for 4 s and one for 1 s, then 16
+/// new connections. `park`: with the parking socket (`REUSEPORT_CLUSTER_PARK=1`).
+fn every_worker_blocked(park: bool) -> AllBlocked {
+    let app = script("eager_app.py", PYTHON_EAGER_APP);
+    let env: &[(&str, &str)] = match park {
+        true => &[("REUSEPORT_CLUSTER_PARK", "1")],
+        false => &[],
+    };
+    let mut c = Cluster::spawn(
+        &[
+            "--workers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--ready",
+            "listening",
+            "--steer",
+            "bpf",
+            "--",
+            app.to_str().unwrap(),
+        ],
+        env,
+    );
+    c.expect_log("workers ready");
+    let addr = c.addr();
+    let sleep = |ms: u64| {
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let request = format!("GET /sleep/{ms} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = s.write_all(request.as_bytes());
+            let _ = s.read(&mut [0u8; 512]);
+        })
+    };
+    let sleeping = |c: &mut Cluster| -> Vec<usize> {
+        let mut slots: Vec<usize> = c
+            .workers()
+            .into_iter()
+            .filter(|(_, pid)| {
+                std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                    .is_ok_and(|w| w.contains("nanosleep"))
+            })
+            .map(|(slot, _)| slot)
+            .collect();
+        slots.sort_unstable();
+        slots
+    };
+    let long = sleep(4000);
+    let mut first = Vec::new();
+    assert!(wait_until(TIMEOUT, || {
+        first = sleeping(&mut c);
+        first.len() == 1
+    }));
+    let long_sleeper = first[0];
+    let short = sleep(1000);
+    assert!(
+        wait_until(Duration::from_millis(900), || sleeping(&mut c).len() == 2),
+        "the second sleep reaches the other worker"
+    );
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let r = get_within(addr, Duration::from_secs(10)).expect("an answer");
+                let slot = r.headers.get("x-worker").cloned().unwrap_or_default();
+                (slot, t0.elapsed())
+            })
+        })
+        .collect();
+    // While both still sleep: where do the 16 wait?
+    let (mut parked, mut queued) = (0, 0);
+    wait_until(Duration::from_millis(700), || {
+        let status = c.status();
+        let now = status["parked"].as_u64().unwrap();
+        if now >= parked {
+            parked = now;
+            queued = status["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|w| w["queues"][0]["depth"].as_u64())
+                .sum();
+        }
+        parked >= 16
+    });
+    let answers: Vec<(String, Duration)> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    long.join().unwrap();
+    short.join().unwrap();
+    AllBlocked {
+        long_sleeper,
+        answers,
+        parked,
+        queued,
+    }
+}
+
+#[test]
+fn load_steering_while_every_worker_is_blocked_new_connections_wait_for_the_first_one_free() {
+    if !bpf_possible() {
+        return;
+    }
+    let _load = load_lock();
+    let long_waits = |r: &AllBlocked| {
+        r.answers
+            .iter()
+            .filter(|(slot, _)| *slot == r.long_sleeper.to_string())
+            .count()
+    };
+    let parked = every_worker_blocked(true);
+    println!("parking: {parked:?}");
+    assert_eq!(parked.answers.len(), 16);
+    assert_eq!(
+        (parked.parked, parked.queued),
+        (16, 0),
+        "all 16 wait in the parking socket, none on a blocked worker: {parked:?}"
+    );
+    assert_eq!(
+        long_waits(&parked),
+        0,
+        "none waits for the worker blocked longest: {parked:?}"
+    );
+    let unparked = every_worker_blocked(false);
+    println!("no parking: {unparked:?}");
+    assert!(
+        unparked.parked == 0 && unparked.queued > 0,
+        "control: without the parking socket they wait on the blocked workers' sockets \
+         ({unparked:?})"
+    );
+}
