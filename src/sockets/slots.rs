@@ -126,6 +126,13 @@ pub const HOLD_OUT: Duration = EVACUATE_AFTER;
 /// The longest a worker is held out of rotation after its queue moved.
 pub const HOLD_OUT_MAX: Duration = Duration::from_millis(800);
 
+/// With a parking socket a worker's queue moves once it has been quiet this many times its
+/// usual quiet spell (between [`EVACUATE_TO_PARK_AFTER`] and [`EVACUATE_AFTER`]).
+const QUIET_SPELLS: f32 = 2.0;
+
+/// The weight of a quiet spell in a worker's usual one: 1/8.
+const QUIET_WEIGHT: f32 = 1.0 / 8.0;
+
 /// While every worker is out and connections are parked, a worker held out this long comes
 /// back (on probation) whatever its hold-out: the master cannot tell whether it is free
 /// again (nothing is queued on it), and the parked connections would wait for as long as
@@ -269,7 +276,7 @@ struct Parking {
 /// The backlog of a parking socket (the kernel caps it at net.core.somaxconn).
 const PARK_BACKLOG: i32 = 65535;
 
-/// Turns parking on with `PARK_ENV=1` (off by default: see [`Parking`]).
+/// Turns parking off with `PARK_ENV=0`.
 pub const PARK_ENV: &str = "REUSEPORT_CLUSTER_PARK";
 
 impl Parking {
@@ -433,6 +440,9 @@ struct Load {
     cap: u64,
     /// Connections it takes per sample when it takes any, smoothed ([`RATE_WEIGHT`]).
     rate: f32,
+    /// How long it usually goes without taking from a non-empty queue, in ms, smoothed
+    /// ([`QUIET_WEIGHT`]).
+    quiet_ms: f32,
 }
 
 /// An old socket on its way out.
@@ -539,7 +549,7 @@ impl SlotSockets {
                     evacuating: BTreeMap::new(),
                     evacuations: (0, 0),
                     evacuate: std::env::var(EVACUATE_ENV).map_or(true, |v| v != "0"),
-                    park: match std::env::var(PARK_ENV).is_ok_and(|v| v == "1") {
+                    park: match std::env::var(PARK_ENV).map_or(true, |v| v != "0") {
                         true => Parking::open(specs)
                             .inspect_err(|e| {
                                 crate::info!("steering: no parking socket ({e})");
@@ -913,6 +923,7 @@ impl SlotSockets {
             let held_enough =
                 moved_at.is_some_and(|t| now.saturating_duration_since(t) >= HOLD_OUT_WHILE_PARKED);
             let mut rate = prev.map_or(0.0, |p| p.rate);
+            let mut quiet_ms = prev.map_or(0.0, |p| p.quiet_ms);
             if let Some(p) = prev {
                 // Accepted since the last sample: what was queued plus what arrived, minus
                 // what is queued now.
@@ -923,7 +934,23 @@ impl SlotSockets {
                 }
                 // Nothing accepted while something waited all along, or while several
                 // arrived: a worker that keeps up takes at least one in a sample's time.
-                let stalled = queue > 0 && accepted == 0 && (p.queue > 0 || arrived >= 2);
+                let mut stalled = queue > 0 && accepted == 0 && (p.queue > 0 || arrived >= 2);
+                if capping {
+                    // With parking, out means parked connections wait for another worker:
+                    // a worker whose event loop turns slowly (each turn serves many requests)
+                    // is out only once quiet for a few of its usual spells.
+                    let quiet = now.saturating_duration_since(p.took.unwrap_or(now));
+                    stalled &= quiet.as_secs_f32() * 1000.0 >= QUIET_SPELLS * p.quiet_ms;
+                }
+                if accepted > 0 && p.queue > 0 {
+                    // A quiet spell with something queued just ended on its own: how long
+                    // this worker's usual ones are (a stall, moved or not, is no usual one).
+                    let quiet = now.saturating_duration_since(p.took.unwrap_or(now));
+                    if quiet < EVACUATE_AFTER {
+                        let ms = quiet.as_secs_f32() * 1000.0;
+                        quiet_ms += (ms - quiet_ms) * QUIET_WEIGHT;
+                    }
+                }
                 if accepted > 0 || queue == 0 {
                     took = Some(now);
                 }
@@ -980,6 +1007,7 @@ impl SlotSockets {
                     moved_at,
                     cap,
                     rate,
+                    quiet_ms,
                 },
             );
         }
@@ -1092,13 +1120,16 @@ impl SlotSockets {
         // With a parking socket a moved queue waits for the first worker with room, not on
         // another that may stall in turn: moving early costs little.
         let parking = s.park.as_ref().is_some_and(|p| p.current.is_some());
-        let after = match parking {
-            true => EVACUATE_TO_PARK_AFTER,
-            false => EVACUATE_AFTER,
-        };
         for (slot, load) in &s.load {
             let Some(out) = load.out_since else {
                 continue;
+            };
+            // A worker whose event loop turns slowly (each turn serves many requests) is
+            // not stalled by being quiet that long: it waits a few of its usual quiet spells.
+            let after = match parking {
+                true => Duration::from_secs_f32(QUIET_SPELLS * load.quiet_ms / 1000.0)
+                    .clamp(EVACUATE_TO_PARK_AFTER, EVACUATE_AFTER),
+                false => EVACUATE_AFTER,
             };
             let quiet_since = load.took.map_or(out, |t| t.max(out));
             // Only out of the program's rotation, to a rotation that takes the queue: a

@@ -697,12 +697,12 @@ struct AllBlocked {
 }
 
 /// Both workers of the eager app blocked in a handler, one for 4 s and one for 1 s, then 16
-/// new connections. `park`: with the parking socket (`REUSEPORT_CLUSTER_PARK=1`).
+/// new connections. `park: false` turns the parking socket off (`REUSEPORT_CLUSTER_PARK=0`).
 fn every_worker_blocked(park: bool) -> AllBlocked {
     let app = script("eager_app.py", PYTHON_EAGER_APP);
     let env: &[(&str, &str)] = match park {
-        true => &[("REUSEPORT_CLUSTER_PARK", "1")],
-        false => &[],
+        true => &[],
+        false => &[("REUSEPORT_CLUSTER_PARK", "0")],
     };
     let mut c = Cluster::spawn(
         &[
