@@ -3,15 +3,17 @@
 //!
 //! One SK_REUSEPORT program per bind's reuseport group, with three maps:
 //! - `socks` (REUSEPORT_SOCKARRAY, key: slot): the socket of each slot's current worker;
-//! - `rotation` (ARRAY, one value): `n`, a round-robin counter, and the `n` slots that
-//!   take new connections, written by the master (sockets/slots.rs decides who is in);
+//! - `rotation` (ARRAY, one value): `n`, a round-robin counter, the `n` slots that take new
+//!   connections, and an overflow key, written by the master (sockets/slots.rs decides who
+//!   is in); keys [`PARK`] and `PARK + 1` are the master's parking sockets;
 //! - `sent` (ARRAY, key: slot): connections the program sent to each slot, which the
 //!   master compares with the accept queue to see whether a worker still accepts;
 //! - `accepted` (ARRAY, key: slot): how many of those the slot had accepted at the
 //!   master's last sample; `sent - accepted` is what the program compares.
 //!
 //! - `caps` (ARRAY, key: slot): a slot's cap on outstanding connections (0: none), which the
-//!   master sets for a worker on probation (see sockets/slots.rs).
+//!   master sets for a worker on probation, and for every worker while it parks what finds
+//!   every candidate at its cap (see sockets/slots.rs, `Parking`).
 //!
 //! `sent`, `accepted` and `caps` are mmap-able (Linux 5.5+) and mapped into the master, which
 //! reads and writes them as memory: a sample makes no bpf(2) call.
@@ -240,7 +242,8 @@ impl Steer {
     }
 
     /// Limits what `slot` is sent while it has `cap` or more connections outstanding (0: no
-    /// limit): the program then takes it only when every candidate is at its limit.
+    /// limit): the program then takes it only when every candidate is at its limit and no
+    /// overflow is set (with one, the connection goes there).
     pub fn set_cap(&self, slot: usize, cap: u64) -> io::Result<()> {
         self.caps.set(slot, cap)
     }
@@ -434,6 +437,7 @@ pub struct Maps {
 ///     if (out < best) { best = out; best_key = key; }
 /// }
 /// if (best == ~0ULL) return SK_PASS;
+/// if (best >= CAPPED && r->overflow) best_key = r->overflow - 1;  // every one at its cap
 /// if (bpf_sk_select_reuseport(ctx, &socks, &best_key, 0)) return SK_PASS;
 /// __u64 *c = bpf_map_lookup_elem(&sent, &best_key);
 /// if (c) __sync_fetch_and_add(c, 1);

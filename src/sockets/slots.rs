@@ -59,7 +59,8 @@
 //! sample where a worker in rotation has room, the master stops the parking socket and the
 //! kernel passes its queue through the program again. Binding is then late for exactly the
 //! connections that would otherwise wait on a worker that stalled after it was picked, and
-//! a stalled worker's queue, moved after [`EVACUATE_TO_PARK_AFTER`], waits there too.
+//! a stalled worker's queue, moved once it has been quiet for twice its usual quiet spell
+//! (at least [`EVACUATE_TO_PARK_AFTER`]), waits there too.
 //!
 //! *Drain before stop.* In a rolling restart the new worker of a slot opens a fresh socket
 //! (not the held one); once it is ready ([`SlotSockets::begin_drain`]) its socket replaces
@@ -110,8 +111,9 @@ pub const DRAIN_STUCK: Duration = Duration::from_millis(500);
 /// [`Evacuation`]): they would otherwise wait for as long as it stalls.
 pub const EVACUATE_AFTER: Duration = Duration::from_millis(50);
 
-/// The same with a parking socket (see [`Parking`]): what is moved then waits for the
-/// first worker with room instead of being pushed onto another that may stall in turn.
+/// The least of the same with a parking socket (see [`Parking`] and [`QUIET_SPELLS`]): what
+/// is moved then waits for the first worker with room instead of being pushed onto another
+/// that may stall in turn.
 pub const EVACUATE_TO_PARK_AFTER: Duration = Duration::from_millis(10);
 
 /// How long an evacuation waits for the stalled worker's processes to stop before it gives
@@ -254,7 +256,9 @@ struct Steering {
 /// worker frees up first. So the program caps each worker's outstanding connections (see
 /// [`CAP_PER_TAKEN`]), and what finds every candidate at its cap goes to a parking socket
 /// the master keeps in the group, bound like the workers' (same address and options) and
-/// never accepted from. While every worker is behind, everything goes there.
+/// never accepted from ("every candidate": the [`bpf::CHOICES`] the program compares, so with
+/// more workers one not compared may still have room). While every worker is behind,
+/// everything goes there.
 ///
 /// At each sample where something is parked and a worker in rotation has room, the master
 /// hands the parked connections on: it makes the other parking socket listen, writes it
@@ -325,19 +329,27 @@ impl Parking {
     }
 
     /// Stops parking socket `i` listening: the kernel hands its queue to the program, which
-    /// places it as the rotation written before says. The connections handed on.
-    fn stop(&mut self, i: usize, groups: &[bpf::Steer]) -> u32 {
-        let mut moved = 0;
+    /// places it as the rotation written before says. The connections that went to workers
+    /// (not parked again in the other socket).
+    fn stop(&mut self, i: usize, groups: &[bpf::Steer]) -> std::io::Result<u32> {
+        let queue = |set: &[OwnedFd]| -> u32 {
+            set.iter()
+                .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
+                .sum()
+        };
+        let parked = queue(&self.fds[i]);
+        let other_before = queue(&self.fds[1 - i]);
         for (group, fd) in groups.iter().zip(&self.fds[i]) {
-            moved += bpf::accept_queue(fd.as_fd()).unwrap_or(0);
-            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+            nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)?;
             let _ = group.remove_socket(Self::key(i));
         }
-        if moved > 0 {
+        let parked_again = queue(&self.fds[1 - i]).saturating_sub(other_before);
+        let handed = parked.saturating_sub(parked_again);
+        if handed > 0 {
             self.counts.0 += 1;
-            self.counts.1 += moved as u64;
+            self.counts.1 += handed as u64;
         }
-        moved
+        Ok(handed)
     }
 }
 
@@ -899,6 +911,14 @@ impl SlotSockets {
             .filter(|r| *r > 0.0)
             .collect();
         let usual_rate = rates.iter().sum::<f32>() / rates.len().max(1) as f32;
+        // Likewise its usual quiet spell.
+        let spells: Vec<f32> = s
+            .load
+            .values()
+            .map(|l| l.quiet_ms)
+            .filter(|q| *q > 0.0)
+            .collect();
+        let usual_quiet_ms = spells.iter().sum::<f32>() / spells.len().max(1) as f32;
 
         let mut busy = false;
         let slots: Vec<usize> = s.serving.keys().copied().collect();
@@ -924,6 +944,9 @@ impl SlotSockets {
                 moved_at.is_some_and(|t| now.saturating_duration_since(t) >= HOLD_OUT_WHILE_PARKED);
             let mut rate = prev.map_or(0.0, |p| p.rate);
             let mut quiet_ms = prev.map_or(0.0, |p| p.quiet_ms);
+            if quiet_ms == 0.0 {
+                quiet_ms = usual_quiet_ms;
+            }
             if let Some(p) = prev {
                 // Accepted since the last sample: what was queued plus what arrived, minus
                 // what is queued now.
@@ -940,7 +963,8 @@ impl SlotSockets {
                     // a worker whose event loop turns slowly (each turn serves many requests)
                     // is out only once quiet for a few of its usual spells.
                     let quiet = now.saturating_duration_since(p.took.unwrap_or(now));
-                    stalled &= quiet.as_secs_f32() * 1000.0 >= QUIET_SPELLS * p.quiet_ms;
+                    let spells = Duration::from_secs_f32(QUIET_SPELLS * quiet_ms / 1000.0);
+                    stalled &= quiet >= spells.min(EVACUATE_AFTER);
                 }
                 if accepted > 0 && p.queue > 0 {
                     // A quiet spell with something queued just ended on its own: how long
@@ -1281,17 +1305,19 @@ impl SlotSockets {
         }
         if let (Some(c), Some(park)) = (release, s.park.as_mut()) {
             // After the rotation is written: the program places the parked queue on it.
-            let moved = park.stop(c, &s.groups);
-
-            if moved > 0 {
-                crate::debug!("steering: {moved} parked connections handed on");
+            match park.stop(c, &s.groups) {
+                Ok(0) => {}
+                Ok(moved) => crate::debug!("steering: {moved} parked connections handed on"),
+                Err(e) => broken = Some(e),
             }
         }
         if let Some(e) = broken {
-            crate::warn!("steering: a parking socket cannot listen ({e}); no more parking");
-            s.park = None;
-            // Dropping the parking sockets closes them: what they held moves to the rotation.
+            crate::warn!("steering: a parking socket failed ({e}); no more parking");
+            // The rotation without them is written first: closed after that, what they held
+            // moves to it (closed before, the program's choice would fail and the hash place it).
+            let old = s.park.take();
             self.write_rotation(false);
+            drop(old);
         }
     }
 
@@ -1657,10 +1683,10 @@ mod tests {
         }
         park.listen(1, &groups).unwrap();
         groups[0].set_rotation(&[1], Some(Parking::key(1))).unwrap();
-        assert_eq!(park.stop(0, &groups), 5);
+        assert_eq!(park.stop(0, &groups).unwrap(), 2, "handed to workers");
         park.current = Some(1);
         assert_eq!(queues(&park), (0, 2, vec![0, 3]));
-        assert_eq!(park.counts, (1, 5));
+        assert_eq!(park.counts, (1, 2));
         // The stopped one listens again for the next round, on the same port.
         park.listen(0, &groups).unwrap();
         let local = socket2::SockRef::from(&park.fds[0][0])
