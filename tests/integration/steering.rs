@@ -18,6 +18,40 @@ fn bpf_possible() -> bool {
     possible
 }
 
+/// `workers` workers of the eager app (tests/integration/apps/eager_app.py) on 127.0.0.1,
+/// ready when listening, with `extra` options, once all are ready.
+fn eager_cluster(workers: usize, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
+    let app = script("eager_app.py", PYTHON_EAGER_APP);
+    let workers = workers.to_string();
+    let mut args = vec![
+        "--workers",
+        &workers,
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "listening",
+    ];
+    args.extend(extra);
+    args.extend(["--", app.to_str().unwrap()]);
+    let mut c = Cluster::spawn(&args, env);
+    c.expect_log("workers ready");
+    c
+}
+
+/// The workers blocked in a handler's sleep (`GET /sleep/MS`), as (slot, pid) by slot.
+fn sleeping_workers(c: &mut Cluster) -> Vec<(usize, u32)> {
+    let mut found: Vec<(usize, u32)> = c
+        .workers()
+        .into_iter()
+        .filter(|(_, pid)| {
+            std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                .is_ok_and(|w| w.contains("nanosleep"))
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
 fn workers_rotation(c: &Cluster) -> Vec<(u64, String)> {
     c.status()["workers"]
         .as_array()
@@ -258,10 +292,7 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
             // The sleeping worker is the one in nanosleep.
             let mut sleeping = None;
             wait_until(TIMEOUT, || {
-                sleeping = c.workers().into_iter().find(|(_, pid)| {
-                    std::fs::read_to_string(format!("/proc/{pid}/wchan"))
-                        .is_ok_and(|w| w.contains("nanosleep"))
-                });
+                sleeping = sleeping_workers(&mut c).first().copied();
                 sleeping.is_some()
             });
             let (slot, pid) = sleeping.expect("a worker sleeps");
@@ -448,26 +479,11 @@ fn slow_eager_app_under_load(
     delay_ms: u64,
     act: impl FnOnce(&mut Cluster, &AtomicU64),
 ) -> (u64, u64) {
-    let app = script("eager_app.py", PYTHON_EAGER_APP);
-    let workers = workers.to_string();
-    let mut c = Cluster::spawn(
-        &[
-            "--workers",
-            &workers,
-            "--bind",
-            "127.0.0.1:0",
-            "--ready",
-            "listening",
-            "--grace",
-            "10s",
-            "--steer",
-            steer,
-            "--",
-            app.to_str().unwrap(),
-        ],
+    let mut c = eager_cluster(
+        workers,
+        &["--grace", "10s", "--steer", steer],
         &[("DELAY_MS", &delay_ms.to_string())],
     );
-    c.expect_log("workers ready");
     let addr = c.addr();
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
@@ -624,23 +640,7 @@ fn stuck_drain(env: &[(&str, &str)], within: Duration) {
     if !bpf_possible() {
         return;
     }
-    let app = script("eager_app.py", PYTHON_EAGER_APP);
-    let mut c = Cluster::spawn(
-        &[
-            "--workers",
-            "1",
-            "--bind",
-            "127.0.0.1:0",
-            "--ready",
-            "listening",
-            "--steer",
-            "bpf",
-            "--",
-            app.to_str().unwrap(),
-        ],
-        env,
-    );
-    c.expect_log("workers ready");
+    let mut c = eager_cluster(1, &["--steer", "bpf"], env);
     let addr = c.addr();
     // Two idle connections fill the app; the requests after them wait in its queue.
     let idle: Vec<_> = (0..2)
@@ -699,27 +699,11 @@ struct AllBlocked {
 /// Both workers of the eager app blocked in a handler, one for 4 s and one for 1 s, then 16
 /// new connections. `park: false` turns the parking socket off (`REUSEPORT_CLUSTER_PARK=0`).
 fn every_worker_blocked(park: bool) -> AllBlocked {
-    let app = script("eager_app.py", PYTHON_EAGER_APP);
     let env: &[(&str, &str)] = match park {
         true => &[],
         false => &[("REUSEPORT_CLUSTER_PARK", "0")],
     };
-    let mut c = Cluster::spawn(
-        &[
-            "--workers",
-            "2",
-            "--bind",
-            "127.0.0.1:0",
-            "--ready",
-            "listening",
-            "--steer",
-            "bpf",
-            "--",
-            app.to_str().unwrap(),
-        ],
-        env,
-    );
-    c.expect_log("workers ready");
+    let mut c = eager_cluster(2, &["--steer", "bpf"], env);
     let addr = c.addr();
     let sleep = |ms: u64| {
         std::thread::spawn(move || {
@@ -729,29 +713,18 @@ fn every_worker_blocked(park: bool) -> AllBlocked {
             let _ = s.read(&mut [0u8; 512]);
         })
     };
-    let sleeping = |c: &mut Cluster| -> Vec<usize> {
-        let mut slots: Vec<usize> = c
-            .workers()
-            .into_iter()
-            .filter(|(_, pid)| {
-                std::fs::read_to_string(format!("/proc/{pid}/wchan"))
-                    .is_ok_and(|w| w.contains("nanosleep"))
-            })
-            .map(|(slot, _)| slot)
-            .collect();
-        slots.sort_unstable();
-        slots
-    };
     let long = sleep(4000);
     let mut first = Vec::new();
     assert!(wait_until(TIMEOUT, || {
-        first = sleeping(&mut c);
+        first = sleeping_workers(&mut c);
         first.len() == 1
     }));
-    let long_sleeper = first[0];
+    let long_sleeper = first[0].0;
     let short = sleep(1000);
     assert!(
-        wait_until(Duration::from_millis(900), || sleeping(&mut c).len() == 2),
+        wait_until(Duration::from_millis(900), || sleeping_workers(&mut c)
+            .len()
+            == 2),
         "the second sleep reaches the other worker"
     );
     let t0 = Instant::now();
