@@ -1039,10 +1039,12 @@ impl SlotSockets {
         // Parked connections wait for a worker with room: look every sample.
         let parked = s.park.as_ref().map_or(0, |p| p.queue());
         busy |= parked > 0;
-        let room = s.rotation.iter().any(|slot| {
-            s.load
-                .get(slot)
-                .is_some_and(|l| l.out_since.is_none() && (l.cap == 0 || (l.queue as u64) < l.cap))
+        // Of the rotation about to be written (a worker back this sample counts at once).
+        let room = s.serving.keys().any(|slot| {
+            self.held.contains_key(slot)
+                && s.load.get(slot).is_some_and(|l| {
+                    l.out_since.is_none() && (l.cap == 0 || (l.queue as u64) < l.cap)
+                })
         });
         let hand_on = parked > 0 && room;
         let mut events = Vec::new();
