@@ -697,11 +697,11 @@ struct AllBlocked {
 }
 
 /// Both workers of the eager app blocked in a handler, one for 4 s and one for 1 s, then 16
-/// new connections. `park: false` turns the parking socket off (`REUSEPORT_CLUSTER_PARK=0`).
+/// new connections. `park`: with the parking socket (`REUSEPORT_CLUSTER_PARK=1`).
 fn every_worker_blocked(park: bool) -> AllBlocked {
     let env: &[(&str, &str)] = match park {
-        true => &[],
-        false => &[("REUSEPORT_CLUSTER_PARK", "0")],
+        true => &[("REUSEPORT_CLUSTER_PARK", "1")],
+        false => &[],
     };
     let mut c = eager_cluster(2, &["--steer", "bpf"], env);
     let addr = c.addr();
