@@ -541,6 +541,7 @@ fn look_for_recycles(
         Some(_) => crate::ops::status::accept_queues(),
         None => Default::default(),
     };
+    let mut due = Vec::new();
     for w in supervisor.serving() {
         let queued = w
             .sockets
@@ -553,9 +554,15 @@ fn look_for_recycles(
             .saturating_add(sockets.moved_while_stalled(w.slot));
         let look = recycle::observe_tree(w.pid, read_memory, queued);
         if let Some(reason) = recycler.observe(w.pid, w.started, look, now) {
-            events.push_back(Event::Recycle { pid: w.pid, reason });
+            due.push((w.pid, reason));
         }
     }
+    // The supervisor starts the first and ignores the rest while it runs.
+    due.sort_by(|a, b| a.1.precedes(&b.1));
+    events.extend(
+        due.into_iter()
+            .map(|(pid, reason)| Event::Recycle { pid, reason }),
+    );
 }
 
 /// SIGTTIN and SIGTTOU, blocked and read from a signalfd, which tells who sent them. Blocked,

@@ -109,6 +109,23 @@ impl Reason {
     pub fn is_hung(&self) -> bool {
         matches!(self, Reason::Hung { .. })
     }
+
+    /// Which of several due recycles goes first (one runs at a time; the others wait for
+    /// the next look): a hung worker serves nobody, memory threatens the host, and among
+    /// lifetimes the one furthest past its own goes first. Without that, a slot whose
+    /// replacement came due again as the last recycle ended could take every turn, and a
+    /// third slot would never be recycled (slot order decided before).
+    pub fn precedes(&self, other: &Reason) -> std::cmp::Ordering {
+        let rank = |r: &Reason| match r {
+            Reason::Hung { .. } => (0, 0.0),
+            Reason::Memory { .. } => (1, 0.0),
+            Reason::Lifetime { age, limit } => {
+                (2, -(age.as_secs_f64() / limit.as_secs_f64().max(1e-9)))
+            }
+        };
+        let (a, b) = (rank(self), rank(other));
+        a.0.cmp(&b.0).then(a.1.total_cmp(&b.1))
+    }
 }
 
 impl fmt::Display for Reason {
@@ -456,6 +473,40 @@ mod tests {
         let reason = r.observe(p, t0, m(612 * MB), t0).unwrap();
         assert_eq!(reason.to_string(), "memory 612 MiB > 64 MiB");
         assert_eq!((reason.kind(), r.memory_of(p)), ("memory", Some(612 * MB)));
+    }
+
+    #[test]
+    fn of_due_recycles_hung_goes_first_then_memory_then_the_longest_past_its_lifetime() {
+        let secs = Duration::from_secs;
+        let lifetime = |age, limit| Reason::Lifetime {
+            age: secs(age),
+            limit: secs(limit),
+        };
+        // The failure this prevents: slot 0's replacement just past its 3 s lifetime took
+        // the turn from slot 2, up 8 s, because slot 0 came first.
+        let mut due = [
+            (0, lifetime(4, 3)),
+            (1, lifetime(8, 3)),
+            (
+                2,
+                Reason::Memory {
+                    bytes: 2 * MB,
+                    limit: MB,
+                },
+            ),
+            (
+                3,
+                Reason::Hung {
+                    stalled: secs(1),
+                    queued: 4,
+                    stopped: true,
+                },
+            ),
+            (4, lifetime(7, 6)),
+        ];
+        due.sort_by(|a, b| a.1.precedes(&b.1));
+        let order: Vec<i32> = due.iter().map(|d| d.0).collect();
+        assert_eq!(order, [3, 2, 1, 0, 4]);
     }
 
     #[test]
