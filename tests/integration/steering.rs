@@ -335,6 +335,7 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
     let queued = w0["queues"][0]["depth"].as_u64().unwrap();
     // Still stopped: the freeze of an evacuation never continues a worker it found stopped.
     let still_stopped = proc_state(stalled) == Some('T');
+    let held = accepted_connections(stalled);
     if how == Stalled::Stopped {
         signal(stalled, Signal::SIGCONT);
     }
@@ -361,6 +362,7 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
     Stall {
         same_worker,
         stuck,
+        held,
         queued,
         answered,
         rotation,
@@ -369,11 +371,30 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
     }
 }
 
+/// Sockets `pid` has open besides its listener at fd 3: what it accepted.
+fn accepted_connections(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter(|e| e.file_name() != "3")
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:["))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// What [`stall`] saw.
 #[derive(Debug)]
 struct Stall {
     /// Clients whose request has waited for over a second.
     stuck: usize,
+    /// Connections the stalled worker had accepted and not answered (its socket fds but
+    /// the listener at fd 3): no launcher can move those, and a worker of either app may
+    /// hold a dozen of them when it stops.
+    held: usize,
     /// Connections waiting in the stopped worker's accept queue (the rest of the stuck
     /// ones were accepted before it stopped).
     queued: u64,
@@ -409,9 +430,11 @@ fn load_steering_a_stalled_worker_leaves_the_rotation_and_its_queue_moves_to_the
     // Its queue moved: only what it had accepted before it stopped still waits over a
     // second (what reaches it in the few ms before it is noticed again after each hold-out
     // is moved 50 ms later; `queued` is whatever status caught of that).
-    assert!(bpf.stuck <= 6, "{bpf:?}");
+    // (`held` is an upper bound: it also counts answered connections whose close the
+    // stopped worker had not seen; the 2 are the probation's, see below.)
+    assert!(bpf.stuck <= bpf.held + 2, "{bpf:?}");
     assert!(
-        kept.queued >= 4 && kept.stuck > bpf.stuck,
+        kept.queued >= 4 && kept.stuck > kept.held + 2,
         "control: without evacuation its queue waits for it ({kept:?})"
     );
     assert!(kept.rotation.starts_with("out: not accepting"), "{kept:?}");
@@ -454,9 +477,9 @@ fn load_steering_the_queue_of_a_worker_blocked_in_a_handler_moves_and_the_worker
     assert!(bpf.rotation.contains("moved to the others"), "{bpf:?}");
     assert!(!bpf.still_stopped, "an evacuation left it stopped: {bpf:?}");
     assert!(bpf.same_worker, "it serves on: {bpf:?}");
-    assert!(bpf.stuck <= 6 && bpf.answered >= 1000, "{bpf:?}");
+    assert!(bpf.stuck <= bpf.held + 2 && bpf.answered >= 1000, "{bpf:?}");
     assert!(
-        kept.queued >= 4 && kept.stuck > bpf.stuck,
+        kept.queued >= 4 && kept.stuck > kept.held + 2,
         "control: without evacuation its queue waits for it ({kept:?})"
     );
 }

@@ -908,19 +908,54 @@ pub fn rolls_under_load(cmd: &[&str], env: &[(&str, &str)], passes: u64) -> Load
     }
     let mut c = Cluster::spawn(&args, env);
     c.expect_log("workers ready");
-    let load = Load::start_with(c.addr(), 16, Duration::from_secs(60), true);
+    let t0 = Instant::now();
+    let load = Load::start_with(c.addr(), 16, Duration::from_secs(150), true);
     assert!(
         wait_until(TIMEOUT, || load.ok_so_far() > 50),
         "the load runs"
     );
+    let mut passes_took = Vec::new();
     for g in 2..2 + passes {
+        let t = Instant::now();
         c.signal(Signal::SIGHUP);
         c.expect_log(&format!("rolling restart to generation {g} done"));
+        passes_took.push(t.elapsed());
     }
     // Let the last old workers finish what they accepted.
     let ok = load.ok_so_far();
-    assert!(wait_until(TIMEOUT, || load.ok_so_far() > ok + 50));
+    assert!(
+        wait_until(TIMEOUT, || load.ok_so_far() > ok + 50),
+        "the load stalled after the last pass: {} answered since; the load began {:?} ago \
+         (it runs 150 s), passes took {passes_took:?}; listeners (port, inode, queued): \
+         {:?}; held sockets {}; workers {}; log:\n{}",
+        load.ok_so_far() - ok,
+        t0.elapsed(),
+        tcp_listeners(),
+        c.status()["held_sockets"],
+        c.status()["workers"],
+        c.log().join("\n")
+    );
     load.finish()
+}
+
+/// This thread's network namespace's TCP listeners: (port, inode, connections queued).
+pub fn tcp_listeners() -> Vec<(u16, u64, u64)> {
+    // Column 1 is local address:port, 3 the state (0A: listening), 4 tx_queue:rx_queue
+    // (for a listener rx_queue is the accept queue), 9 the inode.
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(3) != Some(&"0A") {
+                return None;
+            }
+            let port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
+            let queued = u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok()?;
+            Some((port, f.get(9)?.parse().ok()?, queued))
+        })
+        .collect()
 }
 
 /// Moves this test thread, and every process and thread it starts from now on, into a new

@@ -128,22 +128,12 @@ fn kill_under_load(env: &[(&str, &str)]) -> (LoadStats, u64) {
     (load.finish(), queued)
 }
 
-/// The accept-queue depth of the listening socket `inode`, from `ss`-like /proc data.
+/// The accept-queue depth of the listening socket `inode`.
 fn accept_queue_depth(inode: u64) -> u64 {
-    // /proc/thread-self/net/tcp (this thread's netns): column 4 is tx_queue:rx_queue, and for a listener rx_queue is the
-    // accept queue; column 9 is the inode.
-    let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(9)? == &inode.to_string()).then(|| {
-                let rx = f[4].split(':').nth(1)?;
-                u64::from_str_radix(rx, 16).ok()
-            })?
-        })
-        .unwrap_or(0)
+    tcp_listeners()
+        .into_iter()
+        .find(|l| l.1 == inode)
+        .map_or(0, |l| l.2)
 }
 
 #[test]
