@@ -13,6 +13,7 @@
 
 pub mod procs;
 pub mod readiness;
+pub mod reaper;
 pub mod recycle;
 pub mod rolling;
 pub mod spawn;
@@ -43,12 +44,13 @@ use signal_hook::iterator::exfiltrator::SignalOnly;
 
 use crate::config::{format_cpu_list, App, Config};
 use crate::master::procs::{Ending, Leftovers};
+use crate::master::reaper::Reaper;
 use crate::master::recycle::Recycler;
 use crate::master::spawn::Spawner;
 use crate::master::supervisor::{
     Action, Event, Outcome, Report, RolloutResult, Settings, Supervisor,
 };
-use crate::master::worker::WorkerState;
+use crate::master::worker::{ExitReason, WorkerState};
 use crate::master::worker_output::WorkerOutput;
 use crate::ops::control::{ControlServer, Request};
 use crate::ops::metrics::MetricsServer;
@@ -186,6 +188,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let mut next_serving_check = Instant::now();
     let mut events = VecDeque::from([Event::Start]);
     let mut leftovers = Leftovers::new(config.grace, config.stop_signal);
+    let mut reaper = Reaper::new().context("creating the reaper's wake-up pipe")?;
     let mut notify_log = RateLimit::default();
     // Leftovers SIGKILLed before the stop began do not make it a forced one.
     let mut killed_before_stop = None;
@@ -239,7 +242,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         if let (Some(outcome), true) = (&exit, leftovers.is_empty()) {
             // Whatever ended since the last reap is a zombie child of the master by now (the
             // kernel reparents at exit, not at reaping): reap it, leave nothing to init.
-            reap(&supervisor, &mut leftovers, &mut events);
+            reap(&supervisor, &mut leftovers, &mut reaper, &mut events);
+            reaper.finish();
             let forced = leftovers.killed() > killed_before_stop.unwrap_or(0);
             let outcome = match outcome {
                 Outcome::Stopped if forced => Outcome::Killed,
@@ -281,6 +285,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         let mut fds = vec![
             PollFd::new(signals.get_read().as_fd(), PollFlags::POLLIN),
             PollFd::new(scale_signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(reaper.poll_fd(), PollFlags::POLLIN),
         ];
         if let Some(n) = &notify {
             fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
@@ -326,7 +331,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         let arrived: Vec<i32> = signals.pending().collect();
         // Exits are queued before the signals: a stop request handled in the same wake as
         // the last worker's exit must find it gone (and not SIGKILL, nor exit 3, for nothing).
-        reap(&supervisor, &mut leftovers, &mut events);
+        reaper.service();
+        reap(&supervisor, &mut leftovers, &mut reaper, &mut events);
         for event in &events {
             if let Event::Exited { pid, .. } = event {
                 sockets.exited(*pid);
@@ -927,51 +933,76 @@ fn wait(fds: &mut [PollFd], deadline: Option<Instant>) {
     }
 }
 
-/// Reaps every exited child: workers become events (what they leave behind is handed to
-/// `leftovers`), adopted orphans are just reaped.
-fn reap(supervisor: &Supervisor, leftovers: &mut Leftovers, events: &mut VecDeque<Event>) {
+/// Finds every exited child: workers become events (what they leave behind is handed to
+/// `leftovers`), adopted orphans are just reaped; the reaps run off the loop (reaper.rs).
+fn reap(
+    supervisor: &Supervisor,
+    leftovers: &mut Leftovers,
+    reaper: &mut Reaper,
+    events: &mut VecDeque<Event>,
+) {
+    // Workers first, one by one: waitid on any child reports one at a time, and the same
+    // one until its reap has begun, so a worker's exit never waits behind a slow reap.
+    let workers: Vec<Pid> = supervisor.workers().map(|w| w.pid).collect();
+    for pid in workers {
+        if reaper.is_reaping(pid) {
+            continue;
+        }
+        match spawn::exited_child(Some(pid)) {
+            Ok(Some((pid, reason))) => exited(supervisor, leftovers, reaper, events, pid, reason),
+            Ok(None) | Err(Errno::ECHILD) | Err(Errno::EINTR) => {}
+            Err(e) => warn!("waitid {pid}: {e}"),
+        }
+    }
     loop {
-        let pid = match spawn::exited_child() {
-            Ok(Some(pid)) => pid,
+        match spawn::exited_child(None) {
+            // Still being handed to its thread: the others wait for the wake its reap sends.
+            Ok(Some((pid, _))) if reaper.is_reaping(pid) => return,
+            Ok(Some((pid, reason))) => exited(supervisor, leftovers, reaper, events, pid, reason),
             Ok(None) | Err(Errno::ECHILD) => return,
             Err(Errno::EINTR) => continue,
             Err(e) => return warn!("waitid: {e}"),
-        };
-        if let Some(w) = supervisor.workers().find(|w| w.pid == pid) {
-            // While the worker is an unreaped zombie its pid (= its group id) cannot be
-            // reused, so its group is exactly what it left behind in it.
-            let ending = match w.state {
-                WorkerState::Stopping {
-                    killed: false,
-                    since,
-                } => Ending::Stopping {
-                    since,
-                    grace: w.stop_grace,
-                },
-                WorkerState::Stopping { killed: true, .. } => Ending::Killed,
-                _ => Ending::Unasked,
-            };
-            let live = supervisor
-                .workers()
-                .filter(|o| o.pid != pid)
-                .map(|o| o.pid.as_raw())
-                .collect();
-            let label = w.to_string();
-            for line in leftovers.worker_ended(label, pid.as_raw(), ending, &live, Instant::now()) {
-                info!("{line}");
-            }
-        }
-        match spawn::reap(pid) {
-            Ok(Some(reason)) => {
-                if !supervisor.is_worker(pid) {
-                    debug!("reaped orphan pid {pid} ({reason})");
-                }
-                events.push_back(Event::Exited { pid, reason });
-            }
-            Ok(None) | Err(Errno::EINTR) => continue,
-            Err(e) => return warn!("waitpid {pid}: {e}"),
         }
     }
+}
+
+/// Child `pid` exited (still a zombie: its pid, its group id, cannot be reused yet).
+fn exited(
+    supervisor: &Supervisor,
+    leftovers: &mut Leftovers,
+    reaper: &mut Reaper,
+    events: &mut VecDeque<Event>,
+    pid: Pid,
+    reason: ExitReason,
+) {
+    if let Some(w) = supervisor.workers().find(|w| w.pid == pid) {
+        // While the worker is an unreaped zombie its pid (= its group id) cannot be
+        // reused, so its group is exactly what it left behind in it.
+        let ending = match w.state {
+            WorkerState::Stopping {
+                killed: false,
+                since,
+            } => Ending::Stopping {
+                since,
+                grace: w.stop_grace,
+            },
+            WorkerState::Stopping { killed: true, .. } => Ending::Killed,
+            _ => Ending::Unasked,
+        };
+        let live = supervisor
+            .workers()
+            .filter(|o| o.pid != pid)
+            .map(|o| o.pid.as_raw())
+            .collect();
+        let label = w.to_string();
+        for line in leftovers.worker_ended(label, pid.as_raw(), ending, &live, Instant::now()) {
+            info!("{line}");
+        }
+    } else {
+        debug!("reaped orphan pid {pid} ({reason})");
+    }
+    reaper.reap(pid);
+    events.push_back(Event::Exited { pid, reason });
 }
 
 /// The start-up lines: what runs where.

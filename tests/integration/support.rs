@@ -271,6 +271,63 @@ impl Cluster {
             let cmd = read(format!("/proc/{child}/cmdline")).replace('\0', " ");
             out.push_str(&format!("\n  child {child} {state:?} {cmd}"));
         }
+        // Every worker the log names that is no longer a child: gone, or where it is.
+        let kids = children(pid);
+        let mut named: Vec<u32> = self
+            .log()
+            .iter()
+            .filter_map(|l| {
+                l.split_once("(pid ")?
+                    .1
+                    .split([',', ')'])
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .filter(|p| !kids.contains(p))
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        for p in named {
+            let stat = read(format!("/proc/{p}/stat"));
+            let wchan = read(format!("/proc/{p}/wchan"));
+            out.push_str(&format!(
+                "\n  logged worker {p}: {}",
+                match stat.is_empty() {
+                    true => "gone".to_string(),
+                    false => format!("stat {stat:?} wchan {wchan:?}"),
+                }
+            ));
+        }
+        let samples: Vec<String> = (0..5)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(7));
+                let stat = read(format!("/proc/{pid}/stat"));
+                let f: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                format!(
+                    "{} cpu {}+{} {}",
+                    f.first().unwrap_or(&"?"),
+                    f.get(11).unwrap_or(&"?"),
+                    f.get(12).unwrap_or(&"?"),
+                    read(format!("/proc/{pid}/syscall"))
+                        .split(' ')
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                        .trim()
+                )
+            })
+            .collect();
+        out.push_str(&format!("\n  master samples: {samples:?}"));
+        if self.control.is_some() {
+            let (code, text, err) = self.ctl(&["status"]);
+            out.push_str(&format!("\n  status ({code:?}): {text}{err}"));
+        }
         out
     }
 
