@@ -8,8 +8,11 @@
 //! `--ready listening|auto` mode the master also looks at /proc every few milliseconds
 //! (there is no event for "a process waits on this socket").
 //!
-//! The master must stay single-threaded: `fork` is only safe without other threads, and
-//! PR_SET_PDEATHSIG fires when the forking *thread* exits.
+//! The master's loop runs on one thread, the process's main thread, which alone forks:
+//! PR_SET_PDEATHSIG fires when the forking *thread* exits. The only other threads are the
+//! reapers of master/reaper.rs (wait4(2) can take seconds), which start with every signal
+//! blocked and take no lock a forked child could need: the child makes async-signal-safe
+//! calls only and never allocates.
 
 pub mod procs;
 pub mod readiness;

@@ -22,6 +22,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 use nix::unistd::Pid;
 
 use crate::master::spawn;
@@ -76,10 +77,19 @@ impl Reaper {
                 let _ = std::io::Write::write(&mut w, &[1]);
             }
         };
-        match std::thread::Builder::new()
+        // The thread starts with every signal blocked (it inherits this mask): the master's
+        // signals are for its loop, whose handlers and signalfd expect them there.
+        let mut old = SigSet::empty();
+        let _ = pthread_sigmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut old),
+        );
+        let spawned = std::thread::Builder::new()
             .name(format!("reap {pid}"))
-            .spawn(reap)
-        {
+            .spawn(reap);
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        match spawned {
             Ok(thread) => {
                 self.under_way.insert(pid, thread);
             }

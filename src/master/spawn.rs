@@ -336,9 +336,9 @@ impl Spawner {
             Some(&SigSet::all()),
             Some(&mut old_mask),
         );
-        // SAFETY: the master is single-threaded (see master/mod.rs), so no other thread can hold
-        // a lock or be inside the allocator at fork; the child runs only `child`, which makes
-        // async-signal-safe calls and never returns.
+        // SAFETY: the child runs only `child`, which makes async-signal-safe calls, never
+        // allocates and never returns, so a lock another thread held at fork (a reaper of
+        // master/reaper.rs, the only other threads) is never needed in the child.
         let forked = unsafe { nix::unistd::fork() };
         if let Ok(ForkResult::Child) = forked {
             child(&mut plan);
