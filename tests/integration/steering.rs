@@ -720,11 +720,12 @@ struct AllBlocked {
 }
 
 /// Both workers of the eager app blocked in a handler, one for 4 s and one for 1 s, then 16
-/// new connections. `park`: with the parking socket (`REUSEPORT_CLUSTER_PARK=1`).
+/// new connections. `park`: with the parking socket (`REUSEPORT_CLUSTER_PARK=1`; `0`
+/// otherwise, whatever the default).
 fn every_worker_blocked(park: bool) -> AllBlocked {
     let env: &[(&str, &str)] = match park {
         true => &[("REUSEPORT_CLUSTER_PARK", "1")],
-        false => &[],
+        false => &[("REUSEPORT_CLUSTER_PARK", "0")],
     };
     let mut c = eager_cluster(2, &["--steer", "bpf"], env);
     let addr = c.addr();
