@@ -246,7 +246,6 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             // Whatever ended since the last reap is a zombie child of the master by now (the
             // kernel reparents at exit, not at reaping): reap it, leave nothing to init.
             reap(&supervisor, &mut leftovers, &mut reaper, &mut events);
-            reaper.finish();
             let forced = leftovers.killed() > killed_before_stop.unwrap_or(0);
             let outcome = match outcome {
                 Outcome::Stopped if forced => Outcome::Killed,
@@ -256,6 +255,15 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             output.flush();
             if let Some(sd) = systemd.as_mut() {
                 sd.update(systemd_view(&supervisor));
+            }
+            // Clients have their answer; now the reaps under way, and the zombies they held
+            // back (waitid reports one child until its reap begins): nothing is left to init.
+            loop {
+                reaper.finish();
+                reap(&supervisor, &mut leftovers, &mut reaper, &mut events);
+                if reaper.is_idle() {
+                    break;
+                }
             }
             return Ok(outcome);
         }
