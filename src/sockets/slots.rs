@@ -52,7 +52,7 @@
 //! its processes are frozen, which makes the program place the queue on the rotation and
 //! leaves the worker its socket ([`Evacuation`]).
 //!
-//! *Parking* (on unless [`PARK_ENV`]`=0`). With two or more workers ready the master also
+//! *Parking* (opt-in, [`PARK_ENV`]`=1`). With two or more workers ready the master also
 //! keeps a parking socket in the group, never accepted from ([`Parking`]): the program caps
 //! what each worker has
 //! outstanding at a couple of samples' worth of what it takes, and sends what finds every
@@ -281,9 +281,12 @@ struct Parking {
 /// The backlog of a parking socket (the kernel caps it at net.core.somaxconn).
 const PARK_BACKLOG: i32 = 65535;
 
-/// Turns parking off with `PARK_ENV=0` (on by default with bpf steering). It was opt-in for
-/// a while because rolling-restart load tests failed with it: the master was stuck in
-/// wait4(2) then (master/reaper.rs), parking or not.
+/// Turns parking on with `PARK_ENV=1`. Off by default until it has more runs behind it: the
+/// rolling-restart test failures first blamed on it were the master stuck in wait4(2)
+/// (master/reaper.rs), with or without parking, and the suite passed with it on; a crash
+/// replacement got 7 of 30 sequential requests once (8 wanted), and the stalled-worker
+/// scenario had 10-15 timeouts in 2 of 16 runs (later runs: as many as the stopped worker
+/// had accepted, 0-4).
 pub const PARK_ENV: &str = "REUSEPORT_CLUSTER_PARK";
 
 impl Parking {
@@ -564,7 +567,7 @@ impl SlotSockets {
                     evacuating: BTreeMap::new(),
                     evacuations: (0, 0),
                     evacuate: std::env::var(EVACUATE_ENV).map_or(true, |v| v != "0"),
-                    park: match std::env::var(PARK_ENV).map_or(true, |v| v != "0") {
+                    park: match std::env::var(PARK_ENV).is_ok_and(|v| v == "1") {
                         true => Parking::open(specs)
                             .inspect_err(|e| {
                                 crate::info!("steering: no parking socket ({e})");
