@@ -281,12 +281,10 @@ struct Parking {
 /// The backlog of a parking socket (the kernel caps it at net.core.somaxconn).
 const PARK_BACKLOG: i32 = 65535;
 
-/// Turns parking on with `PARK_ENV=1`. Off by default until it has more runs behind it: the
-/// rolling-restart test failures first blamed on it were the master stuck in wait4(2)
-/// (master/reaper.rs), with or without parking, and the suite passed with it on; a crash
-/// replacement got 7 of 30 sequential requests once (8 wanted), and the stalled-worker
-/// scenario had 10-15 timeouts in 2 of 16 runs (later runs: as many as the stopped worker
-/// had accepted, 0-4).
+/// Turns parking on with `PARK_ENV=1`. Off by default: the rolling-restart test failures
+/// first blamed on it were the master stuck in wait4(2) (master/reaper.rs), parking or not,
+/// but with it a crash replacement got 7 of 30 sequential requests in the round-robin test
+/// twice in about 12 runs (8 wanted), never without it: not explained yet.
 pub const PARK_ENV: &str = "REUSEPORT_CLUSTER_PARK";
 
 impl Parking {
