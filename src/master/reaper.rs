@@ -163,12 +163,17 @@ impl Reaper {
 mod tests {
     use super::*;
 
+    /// A child running true(1), left for the reaper to reap.
+    fn child_of_true() -> Pid {
+        #[allow(clippy::zombie_processes)] // the reaper is what reaps it
+        let child = std::process::Command::new("true").spawn().unwrap();
+        Pid::from_raw(child.id() as i32)
+    }
+
     #[test]
     fn an_exited_child_is_reaped_on_a_thread_and_no_longer_reported() {
         let mut reaper = Reaper::new().unwrap();
-        #[allow(clippy::zombie_processes)] // the reaper is what reaps it
-        let child = std::process::Command::new("true").spawn().unwrap();
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = child_of_true();
         let t0 = Instant::now();
         let exited = loop {
             if let Some(found) = spawn::exited_child(Some(pid)).unwrap() {
@@ -193,9 +198,7 @@ mod tests {
     #[test]
     fn a_reap_of_a_reused_pid_does_not_take_the_place_of_the_earlier_one() {
         let mut reaper = Reaper::new().unwrap();
-        #[allow(clippy::zombie_processes)] // the reaper is what reaps it
-        let child = std::process::Command::new("true").spawn().unwrap();
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = child_of_true();
         // As if the pid came back and exited again: two reaps of one pid at once (the
         // second finds no child).
         reaper.reap(pid);

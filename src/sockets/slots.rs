@@ -278,6 +278,14 @@ struct Parking {
     counts: (u64, u64),
 }
 
+/// The mean of the values above 0 (0 is "not measured yet"), 0 when there are none.
+fn mean_of_known(values: impl Iterator<Item = f32>) -> f32 {
+    let (sum, n) = values
+        .filter(|v| *v > 0.0)
+        .fold((0.0, 0u32), |(sum, n), v| (sum + v, n + 1));
+    sum / n.max(1) as f32
+}
+
 /// The backlog of a parking socket (the kernel caps it at net.core.somaxconn).
 const PARK_BACKLOG: i32 = 65535;
 
@@ -907,22 +915,10 @@ impl SlotSockets {
         let capping = s.park.as_ref().is_some_and(|p| p.current.is_some());
         let all_parked = s.rotation.first().is_some_and(|k| *k >= bpf::PARK)
             && s.park.as_ref().is_some_and(|p| p.queue() > 0);
-        // A worker with no rate yet (new) is capped as the others are on average.
-        let rates: Vec<f32> = s
-            .load
-            .values()
-            .map(|l| l.rate)
-            .filter(|r| *r > 0.0)
-            .collect();
-        let usual_rate = rates.iter().sum::<f32>() / rates.len().max(1) as f32;
-        // Likewise its usual quiet spell.
-        let spells: Vec<f32> = s
-            .load
-            .values()
-            .map(|l| l.quiet_ms)
-            .filter(|q| *q > 0.0)
-            .collect();
-        let usual_quiet_ms = spells.iter().sum::<f32>() / spells.len().max(1) as f32;
+        // A worker with no rate yet (new) is capped as the others are on average; likewise
+        // its usual quiet spell.
+        let usual_rate = mean_of_known(s.load.values().map(|l| l.rate));
+        let usual_quiet_ms = mean_of_known(s.load.values().map(|l| l.quiet_ms));
 
         let mut busy = false;
         let slots: Vec<usize> = s.serving.keys().copied().collect();

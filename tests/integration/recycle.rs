@@ -6,23 +6,11 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
+/// `workers` workers of the close app, `--migrate off`, then `extra`.
 fn python_cluster(extra: &[&str], env: &[(&str, &str)], workers: &str) -> Cluster {
     let app = script("close_app.py", PYTHON_CLOSE_APP);
-    let mut args = vec![
-        "--workers",
-        workers,
-        "--bind",
-        "127.0.0.1:0",
-        "--ready",
-        "listening",
-        "--migrate",
-        "off",
-    ];
-    args.extend_from_slice(extra);
-    args.extend(["--", app.to_str().unwrap()]);
-    let mut c = Cluster::spawn(&args, env);
-    c.expect_log("workers ready");
-    c
+    let args = [&["--migrate", "off"], extra].concat();
+    app_cluster(&app, workers.parse().unwrap(), &args, env)
 }
 
 #[test]

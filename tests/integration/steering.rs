@@ -21,21 +21,12 @@ fn bpf_possible() -> bool {
 /// `workers` workers of the eager app (tests/integration/apps/eager_app.py) on 127.0.0.1,
 /// ready when listening, with `extra` options, once all are ready.
 fn eager_cluster(workers: usize, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
-    let app = script("eager_app.py", PYTHON_EAGER_APP);
-    let workers = workers.to_string();
-    let mut args = vec![
-        "--workers",
-        &workers,
-        "--bind",
-        "127.0.0.1:0",
-        "--ready",
-        "listening",
-    ];
-    args.extend(extra);
-    args.extend(["--", app.to_str().unwrap()]);
-    let mut c = Cluster::spawn(&args, env);
-    c.expect_log("workers ready");
-    c
+    app_cluster(
+        &script("eager_app.py", PYTHON_EAGER_APP),
+        workers,
+        extra,
+        env,
+    )
 }
 
 /// The workers blocked in a handler's sleep (`GET /sleep/MS`), as (slot, pid) by slot.

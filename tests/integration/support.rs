@@ -48,6 +48,30 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// `workers` workers of `app` on 127.0.0.1, ready when listening, with `extra` options,
+/// once all are ready.
+pub fn app_cluster(
+    app: &std::path::Path,
+    workers: usize,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Cluster {
+    let workers = workers.to_string();
+    let mut args = vec![
+        "--workers",
+        &workers,
+        "--bind",
+        "127.0.0.1:0",
+        "--ready",
+        "listening",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--", app.to_str().unwrap()]);
+    let mut c = Cluster::spawn(&args, env);
+    c.expect_log("workers ready");
+    c
+}
+
 /// A running master, killed with its workers when dropped.
 pub struct Cluster {
     _lock: Option<MachineLock>,
