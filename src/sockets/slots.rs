@@ -53,9 +53,9 @@
 //! leaves the worker its socket ([`Evacuation`]).
 //!
 //! *Parking* (opt-in, [`PARK_ENV`]`=1`). With two or more workers ready the master also
-//! keeps a parking socket in the group, never accepted from ([`Parking`]): the program caps
-//! what each worker has
-//! outstanding at a couple of samples' worth of what it takes, and sends what finds every
+//! keeps a parking socket in the group, never accepted from ([`Parking`]): while something
+//! is queued, parked or out, the program caps what each worker has outstanding at a couple
+//! of samples' worth of what the fastest takes ([`CAP_PER_TAKEN`]), and sends what finds every
 //! candidate at its cap (all of it while every worker is out) to the parking socket; each
 //! sample where a worker in rotation has room, the master stops the parking socket and the
 //! kernel passes its queue through the program again. Binding is then late for exactly the
@@ -147,12 +147,14 @@ pub const HOLD_OUT_WHILE_PARKED: Duration = HOLD_OUT;
 /// one still stalled then holds two, not a 5 ms share of all new connections.
 pub const PROBATION_CAP: u64 = 2;
 
-/// With a parking socket, every worker is capped at [`CAP_MIN`] plus this many times what
-/// it takes per sample when it takes anything (smoothed, [`RATE_WEIGHT`]): a worker that
-/// keeps up is never near it (the program's count of what it has outstanding includes what
-/// it took since the last sample, about one sample's worth), and one that stops accepting
-/// holds a few connections, not a pile; what no worker has room for waits in the parking
-/// socket for the first that has (see [`Parking`]).
+/// With a parking socket, while something is queued, parked or out, every worker is capped
+/// at [`CAP_MIN`] plus this many times what the fastest takes per sample when it takes
+/// anything (smoothed, [`RATE_WEIGHT`]): a worker that keeps up is never near it (the
+/// program's count of what it has outstanding includes what it took since the last sample,
+/// about one sample's worth), and one that stops accepting holds a few connections, not a
+/// pile; what no worker has room for waits in the parking socket for the first that has
+/// (see [`Parking`]). With every queue empty there is no cap: the master may stop sampling
+/// then, and the count would grow with every connection a worker takes.
 pub const CAP_PER_TAKEN: f32 = 2.0;
 pub const CAP_MIN: u64 = 2;
 
@@ -942,7 +944,11 @@ impl SlotSockets {
             let moved_at = prev.and_then(|p| p.moved_at);
             let held_enough =
                 moved_at.is_some_and(|t| now.saturating_duration_since(t) >= HOLD_OUT_WHILE_PARKED);
-            let mut rate = prev.map_or(0.0, |p| p.rate);
+            // A new worker starts from the others' usual rate, and the first worker from its
+            // first measure: smoothed up from nothing, a rate stays a fraction of what the
+            // worker takes for dozens of samples, and with it the cap, which then parked what
+            // a worker keeping up was sent (a replacement got 7 of 30 sequential requests).
+            let mut rate = prev.map_or(usual_rate, |p| p.rate);
             let mut quiet_ms = prev.map_or(0.0, |p| p.quiet_ms);
             if quiet_ms == 0.0 {
                 quiet_ms = usual_quiet_ms;
@@ -953,7 +959,10 @@ impl SlotSockets {
                 let arrived = sent.saturating_sub(p.sent);
                 let accepted = (p.queue as u64 + arrived).saturating_sub(queue as u64);
                 if accepted > 0 {
-                    rate += (accepted as f32 - rate) * RATE_WEIGHT;
+                    rate = match rate > 0.0 {
+                        true => rate + (accepted as f32 - rate) * RATE_WEIGHT,
+                        false => accepted as f32,
+                    };
                 }
                 // Nothing accepted while something waited all along, or while several
                 // arrived: a worker that keeps up takes at least one in a sample's time.
@@ -1002,20 +1011,11 @@ impl SlotSockets {
             // What it accepted so far: the program compares what it sent since. (Per bind
             // the program counts per group; with several binds the sums are looser.)
             let accepted = sent.saturating_sub(queue as u64);
-            // Both are stores into the maps' memory: written at every sample. A worker whose
-            // queue was moved and that has accepted nothing since is on probation (out of
-            // rotation the cap only matters when every worker is behind).
-            let cap = if evacuated > 0 {
-                PROBATION_CAP
-            } else if capping {
-                let rate = if rate > 0.0 { rate } else { usual_rate };
-                CAP_MIN + (CAP_PER_TAKEN * rate).ceil() as u64
-            } else {
-                0
-            };
+            // A store into the map's memory, at every sample; the cap is set below, once the
+            // sample knows whether there is pressure.
+            let cap = prev.map_or(0, |p| p.cap);
             for g in &s.groups {
                 let _ = g.set_accepted(slot, accepted);
-                let _ = g.set_cap(slot, cap);
             }
             s.load.insert(
                 slot,
@@ -1035,9 +1035,32 @@ impl SlotSockets {
                 },
             );
         }
-        busy |= Self::evacuate_stalled(s, &self.held, now);
         // Parked connections wait for a worker with room: look every sample.
         let parked = s.park.as_ref().map_or(0, |p| p.queue());
+        // Caps only under pressure (something queued, parked or out): with every queue
+        // empty the master may stop sampling, and the program's count of what a worker has
+        // outstanding then grows with everything it is sent and accepts, until all of them
+        // were at their caps and light traffic parked every few connections (and the
+        // hand-ons skewed round robin: 12, 7 and 11 of 30 sequential requests).
+        let pressure = busy || parked > 0;
+        // One cap for all, from the fastest worker's rate: copies of one app keep up alike,
+        // and with unequal caps the worker measured fastest took what the others' caps
+        // turned away (16, 7 and 7 of 30 sequential requests).
+        let fastest = s.load.values().map(|l| l.rate).fold(0.0, f32::max);
+        let cap = CAP_MIN + (CAP_PER_TAKEN * fastest).ceil() as u64;
+        // A worker whose queue was moved and that has accepted nothing since is on probation
+        // (out of rotation the cap only matters when every worker is behind).
+        for (slot, load) in s.load.iter_mut() {
+            load.cap = match () {
+                _ if load.evacuated > 0 => PROBATION_CAP,
+                _ if capping && pressure => cap,
+                _ => 0,
+            };
+            for g in &s.groups {
+                let _ = g.set_cap(*slot, load.cap);
+            }
+        }
+        busy |= Self::evacuate_stalled(s, &self.held, now);
         busy |= parked > 0;
         // Of the rotation about to be written (a worker back this sample counts at once).
         let room = s.serving.keys().any(|slot| {
