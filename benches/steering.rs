@@ -3,11 +3,11 @@
 //! (benches/node/steer_app.js):
 //! - `hash`: reuseport-cluster `--steer hash` (each worker its own socket, the kernel hashes);
 //! - `bpf`: reuseport-cluster `--steer bpf` (the SK_REUSEPORT program: round robin over the
-//!   workers that accept; a stalled worker's queue moves to the others after 50 ms);
-//! - `bpf park`: the same with `REUSEPORT_CLUSTER_PARK=1` (each worker capped at a couple of
-//!   samples' worth of what it takes; what finds every worker at its cap waits in the
-//!   master's parking socket for the first with room; a stalled worker's queue moves there
-//!   after 10-50 ms);
+//!   workers that accept, each capped at a couple of samples' worth of what it takes; what
+//!   finds every worker at its cap waits in the master's parking socket for the first with
+//!   room; a stalled worker's queue moves there after 10-50 ms);
+//! - `bpf no park`: the same with `REUSEPORT_CLUSTER_PARK=0` (no caps, no parking socket; a
+//!   stalled worker's queue moves to the others after 50 ms);
 //! - `cluster rr`: Node's cluster module, round robin (the primary accepts every connection);
 //! - `cluster shared`: Node's cluster module, SCHED_NONE (every worker accepts from one
 //!   shared socket).
@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use support::{children, free_port, get, wait_until, Signal};
 
-const LAUNCHERS: [&str; 5] = ["hash", "bpf", "bpf park", "cluster rr", "cluster shared"];
+const LAUNCHERS: [&str; 5] = ["hash", "bpf", "bpf no park", "cluster rr", "cluster shared"];
 const WORKERS: usize = 4;
 
 fn root() -> PathBuf {
@@ -65,10 +65,10 @@ fn start(launcher: &str, env: &[(&str, String)]) -> Running {
     let app = root().join("benches/node/steer_app.js");
     let bin = env!("CARGO_BIN_EXE_reuseport-cluster");
     let mut cmd = match launcher {
-        "hash" | "bpf" | "bpf park" => {
+        "hash" | "bpf" | "bpf no park" => {
             let mut c = Command::new(bin);
-            if launcher == "bpf park" {
-                c.env("REUSEPORT_CLUSTER_PARK", "1");
+            if launcher == "bpf no park" {
+                c.env("REUSEPORT_CLUSTER_PARK", "0");
             }
             let control = std::env::temp_dir().join(format!("steering-{port}.sock"));
             c.args([
@@ -115,7 +115,7 @@ fn start(launcher: &str, env: &[(&str, String)]) -> Running {
             && children(pid).len() >= WORKERS),
         "{launcher} did not answer"
     );
-    if let "hash" | "bpf" | "bpf park" = launcher {
+    if let "hash" | "bpf" | "bpf no park" = launcher {
         // Every worker ready (under bpf only ready workers are in the rotation).
         let control = std::env::temp_dir().join(format!("steering-{port}.sock"));
         let ready = format!("{WORKERS}/{WORKERS} workers ready");

@@ -52,7 +52,7 @@
 //! its processes are frozen, which makes the program place the queue on the rotation and
 //! leaves the worker its socket ([`Evacuation`]).
 //!
-//! *Parking* (opt-in, [`PARK_ENV`]`=1`). With two or more workers ready the master also
+//! *Parking* (on unless [`PARK_ENV`]`=0`). With two or more workers ready the master also
 //! keeps a parking socket in the group, never accepted from ([`Parking`]): while something
 //! is queued, parked or out, the program caps what each worker has outstanding at a couple
 //! of samples' worth of what the fastest takes ([`CAP_PER_TAKEN`]), and sends what finds every
@@ -291,10 +291,10 @@ fn mean_of_known(values: impl Iterator<Item = f32>) -> f32 {
 /// The backlog of a parking socket (the kernel caps it at net.core.somaxconn).
 const PARK_BACKLOG: i32 = 65535;
 
-/// Turns parking on with `PARK_ENV=1`. Off by default: the rolling-restart test failures
-/// first blamed on it were the master stuck in wait4(2) (master/reaper.rs), parking or not,
-/// but with it a crash replacement got 7 of 30 sequential requests in the round-robin test
-/// twice in about 12 runs (8 wanted), never without it: not explained yet.
+/// Turns parking off with `PARK_ENV=0` (on by default with bpf steering). It was opt-in for
+/// a while: rolling-restart load tests failed with it (the master was stuck in wait4(2) then,
+/// master/reaper.rs, parking or not), and its caps turned sequential traffic away from a crash
+/// replacement (fixed in [`SlotSockets::service`]: caps only under pressure, one for all).
 pub const PARK_ENV: &str = "REUSEPORT_CLUSTER_PARK";
 
 impl Parking {
@@ -575,7 +575,7 @@ impl SlotSockets {
                     evacuating: BTreeMap::new(),
                     evacuations: (0, 0),
                     evacuate: std::env::var(EVACUATE_ENV).map_or(true, |v| v != "0"),
-                    park: match std::env::var(PARK_ENV).is_ok_and(|v| v == "1") {
+                    park: match std::env::var(PARK_ENV).map_or(true, |v| v != "0") {
                         true => Parking::open(specs)
                             .inspect_err(|e| {
                                 crate::info!("steering: no parking socket ({e})");
