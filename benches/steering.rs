@@ -469,13 +469,14 @@ fn main() {
 }
 
 /// One panel per scenario, a bar per launcher (lower is better but for requests/s; an
-/// infinite spread, a worker that got nothing, is drawn above the panel's top as "∞").
+/// infinite spread, a worker that got nothing, is drawn above the panel's top as "∞"). The
+/// launchers are named once, in a legend above the panels: under each bar their names ran
+/// into each other.
 fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
     use plotters::prelude::*;
     support::register_chart_font();
-    let root = BitMapBackend::new(path, (1400, 420)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1400, 450)).into_drawing_area();
     root.fill(&WHITE).unwrap();
-    let areas = root.split_evenly((1, panels.len()));
     let colors = [
         RED.mix(0.7),
         BLUE.mix(0.7),
@@ -483,6 +484,24 @@ fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
         MAGENTA.mix(0.7),
         CYAN.mix(0.7),
     ];
+    let (legend, body) = root.split_vertically(36);
+    for (i, name) in LAUNCHERS.iter().enumerate() {
+        let x = 60 + 200 * i as i32;
+        legend
+            .draw(&Rectangle::new(
+                [(x, 12), (x + 16, 28)],
+                colors[i % colors.len()].filled(),
+            ))
+            .unwrap();
+        legend
+            .draw(&Text::new(
+                *name,
+                (x + 24, 12),
+                ("sans-serif", 15).into_font().color(&BLACK),
+            ))
+            .unwrap();
+    }
+    let areas = body.split_evenly((1, panels.len()));
     for (area, (title, values)) in areas.iter().zip(panels) {
         let finite = values
             .iter()
@@ -493,15 +512,14 @@ fn chart(panels: &[(&str, Vec<f64>)], path: &std::path::Path) {
         let mut chart = ChartBuilder::on(area)
             .caption(*title, ("sans-serif", 16))
             .margin(10)
-            .x_label_area_size(40)
+            .x_label_area_size(10)
             .y_label_area_size(55)
             .build_cartesian_2d(0.0..LAUNCHERS.len() as f64, 0.0..top)
             .unwrap();
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(4 * LAUNCHERS.len())
-            .x_label_formatter(&|x| support::bar_group_label(x, &LAUNCHERS))
+            .x_labels(0)
             .y_label_formatter(&|y| match top < 10.0 {
                 true => format!("{y:.1}"),
                 false => format!("{y:.0}"),
