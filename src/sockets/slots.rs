@@ -264,16 +264,25 @@ struct Steering {
 /// everything goes there.
 ///
 /// At each sample where something is parked and a worker in rotation has room, the master
-/// hands the parked connections on: it makes the other parking socket listen, writes it
-/// as the overflow, and shuts the parked one down, which makes the kernel pass its whole
-/// queue through the program (as for a stalled worker's queue, see [`Evacuation`]): each
-/// connection goes to a worker with room, or, past their caps, to the other parking
-/// socket, for the next sample. No process accepts from a parking socket, so nothing
-/// needs freezing. While fewer than two workers are ready neither listens (as before).
+/// hands the parked connections on: it binds a fresh parking socket, makes it listen, writes
+/// it as the overflow, and shuts the parked one down and closes it, which makes the kernel
+/// pass its whole queue through the program (as for a stalled worker's queue, see
+/// [`Evacuation`]): each connection goes to a worker with room, or, past their caps, to the
+/// fresh parking socket, for the next sample. No process accepts from a parking socket, so
+/// nothing needs freezing. While fewer than two workers are ready none listens (as before).
+///
+/// Fresh, because listen(2) on a socket that listened before is slow where connections
+/// churn: the kernel then checks the port for conflicts against every socket bound to it,
+/// TIME_WAIT included (2-9 ms with 13 000 of them, 57 % of the master's CPU under the 1 %
+/// slow bench scenario), while a socket that never listened, in a port whose sockets all
+/// have SO_REUSEPORT, skips that check (bind and listen 3-20 us).
 #[derive(Debug)]
 struct Parking {
-    /// Two sockets per bind (`fds[i][bind]`), bound, listening only while current.
-    fds: [Vec<OwnedFd>; 2],
+    /// How to bind a parking socket, one per bind.
+    specs: Vec<crate::sockets::listen::ListenSpec>,
+    /// The sockets under key `i` (see [`Parking::key`]), one per bind: bound and listening
+    /// while current, then stopped and closed; bound but not listening before the first.
+    sets: [Option<Vec<OwnedFd>>; 2],
     /// The one that listens.
     current: Option<usize>,
     /// Times parked connections were handed on, and how many.
@@ -298,23 +307,26 @@ const PARK_BACKLOG: i32 = 65535;
 pub const PARK_ENV: &str = "REUSEPORT_CLUSTER_PARK";
 
 impl Parking {
-    /// Binds two parking sockets per bind (not listening yet).
+    /// Binds one set of parking sockets (not listening yet): what cannot bind fails here,
+    /// at start-up.
     fn open(specs: &[crate::sockets::listen::ListenSpec]) -> Result<Parking, String> {
-        let set = || {
-            specs
-                .iter()
-                .map(|spec| {
-                    crate::sockets::listen::open(spec, None)
-                        .map(OwnedFd::from)
-                        .map_err(|(step, e)| format!("{step:?}: {e}"))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        };
         Ok(Parking {
-            fds: [set()?, set()?],
+            specs: specs.to_vec(),
+            sets: [Some(Self::bind(specs)?), None],
             current: None,
             counts: (0, 0),
         })
+    }
+
+    fn bind(specs: &[crate::sockets::listen::ListenSpec]) -> Result<Vec<OwnedFd>, String> {
+        specs
+            .iter()
+            .map(|spec| {
+                crate::sockets::listen::open(spec, None)
+                    .map(OwnedFd::from)
+                    .map_err(|(step, e)| format!("{step:?}: {e}"))
+            })
+            .collect()
     }
 
     /// The key of parking socket `i` in the program's maps.
@@ -322,42 +334,47 @@ impl Parking {
         bpf::PARK + i
     }
 
-    /// Makes parking socket `i` listen and puts it in the maps.
-    fn listen(&self, i: usize, groups: &[bpf::Steer]) -> std::io::Result<()> {
-        for (group, fd) in groups.iter().zip(&self.fds[i]) {
+    /// Makes a parking socket that never listened listen under key `i` (binding a fresh one
+    /// unless one waits) and puts it in the maps.
+    fn listen(&mut self, i: usize, groups: &[bpf::Steer]) -> std::io::Result<()> {
+        let set = match self.sets[i].take() {
+            Some(set) => set,
+            None => Self::bind(&self.specs).map_err(std::io::Error::other)?,
+        };
+        for (group, fd) in groups.iter().zip(&set) {
             socket2::SockRef::from(fd).listen(PARK_BACKLOG)?;
             group.set_cap(Self::key(i), 0)?;
             group.set_socket(Self::key(i), fd.as_fd())?;
         }
+        self.sets[i] = Some(set);
         Ok(())
     }
 
     /// Connections waiting in the listening one.
     fn queue(&self) -> u32 {
-        self.current.map_or(0, |i| {
-            self.fds[i]
-                .iter()
-                .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
-                .sum()
-        })
+        self.current.map_or(0, |i| Self::queued(&self.sets[i]))
     }
 
-    /// Stops parking socket `i` listening: the kernel hands its queue to the program, which
-    /// places it as the rotation written before says. The connections that went to workers
-    /// (not parked again in the other socket).
+    fn queued(set: &Option<Vec<OwnedFd>>) -> u32 {
+        set.iter()
+            .flatten()
+            .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Stops parking socket `i` listening and closes it: the kernel hands its queue to the
+    /// program, which places it as the rotation written before says. The connections that
+    /// went to workers (not parked again in the other socket).
     fn stop(&mut self, i: usize, groups: &[bpf::Steer]) -> std::io::Result<u32> {
-        let queue = |set: &[OwnedFd]| -> u32 {
-            set.iter()
-                .map(|f| bpf::accept_queue(f.as_fd()).unwrap_or(0))
-                .sum()
-        };
-        let parked = queue(&self.fds[i]);
-        let other_before = queue(&self.fds[1 - i]);
-        for (group, fd) in groups.iter().zip(&self.fds[i]) {
+        let parked = Self::queued(&self.sets[i]);
+        let other_before = Self::queued(&self.sets[1 - i]);
+        let set = self.sets[i].take().unwrap_or_default();
+        for (group, fd) in groups.iter().zip(&set) {
             nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)?;
             let _ = group.remove_socket(Self::key(i));
         }
-        let parked_again = queue(&self.fds[1 - i]).saturating_sub(other_before);
+        drop(set);
+        let parked_again = Self::queued(&self.sets[1 - i]).saturating_sub(other_before);
         let handed = parked.saturating_sub(parked_again);
         if handed > 0 {
             self.counts.0 += 1;
@@ -856,7 +873,7 @@ impl SlotSockets {
         // The parking socket that listens, too: what parks waits for the next sample.
         let parking = armed
             .and_then(|s| s.park.as_ref())
-            .and_then(|p| p.current.map(|c| &p.fds[c]))
+            .and_then(|p| p.current.and_then(|c| p.sets[c].as_ref()))
             .into_iter()
             .flatten()
             .map(|f| (f.as_fd(), PollFlags::POLLIN));
@@ -1692,7 +1709,7 @@ mod tests {
         let mut park = Parking::open(&[crate::sockets::listen::ListenSpec::new(addr)]).unwrap();
         let queues = |park: &Parking| {
             let q = |f: &OwnedFd| bpf::accept_queue(f.as_fd()).unwrap_or(0);
-            let parked: Vec<u32> = park.fds.iter().map(|set| q(&set[0])).collect();
+            let parked: Vec<u32> = park.sets.iter().map(Parking::queued).collect();
             (q(&fds[0]), q(&fds[1]), parked)
         };
         // Every worker behind: everything parks.
@@ -1712,12 +1729,21 @@ mod tests {
         park.current = Some(1);
         assert_eq!(queues(&park), (0, 2, vec![0, 3]));
         assert_eq!(park.counts, (1, 2));
-        // The stopped one listens again for the next round, on the same port.
+        // The stopped one is closed; the next round binds a fresh one, on the same port, in
+        // the same group: the hand-on after it reaches the workers.
+        assert!(park.sets[0].is_none());
         park.listen(0, &groups).unwrap();
-        let local = socket2::SockRef::from(&park.fds[0][0])
+        let local = socket2::SockRef::from(&park.sets[0].as_ref().unwrap()[0])
             .local_addr()
             .unwrap();
         assert_eq!(local.as_socket(), Some(addr));
+        for g in &groups {
+            g.set_accepted(1, g.sent(1).unwrap()).unwrap();
+        }
+        groups[0].set_rotation(&[1], Some(Parking::key(0))).unwrap();
+        assert_eq!(park.stop(1, &groups).unwrap(), 2, "handed to workers");
+        park.current = Some(0);
+        assert_eq!(queues(&park), (0, 4, vec![1, 0]));
     }
 
     #[test]
