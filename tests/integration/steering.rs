@@ -523,14 +523,24 @@ fn slow_eager_app_under_load(
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
     let clients: Vec<_> = (0..16)
         .map(|_| {
             let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
+                    let sent = t0.elapsed();
                     match get(addr) {
                         Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            // Shown with the cluster's log when a test fails: when, and how.
+                            eprintln!(
+                                "request sent at {sent:?} failed at {:?}: {:?}",
+                                t0.elapsed(),
+                                other.map(|r| r.status)
+                            );
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
                     };
                 }
             })
