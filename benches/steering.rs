@@ -363,15 +363,23 @@ fn main() {
     println!("| scenario | {} |", LAUNCHERS.join(" | "));
     println!("|---|{}", "---|".repeat(LAUNCHERS.len()));
 
-    let stalls: Vec<Wrk> = LAUNCHERS.iter().map(|l| stall(l)).collect();
+    // `cargo bench --bench steering -- slow`: the 1 % slow scenario's rounds alone (3.5 min;
+    // no chart), to compare changes that matter there.
+    let slow_only = std::env::args().skip(1).any(|a| a == "slow");
+    let stalls: Vec<Wrk> = match slow_only {
+        true => Vec::new(),
+        false => LAUNCHERS.iter().map(|l| stall(l)).collect(),
+    };
     let cells: Vec<String> = stalls
         .iter()
         .map(|w| format!("{} ({:.0} req/s)", w.timeouts, w.rps))
         .collect();
-    println!(
-        "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`: timeouts | {} |",
-        cells.join(" | ")
-    );
+    if !slow_only {
+        println!(
+            "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`: timeouts | {} |",
+            cells.join(" | ")
+        );
+    }
 
     // The launchers take turns, round after round: one run's p99 moves by 20-30 ms on this
     // machine, as much as the launchers differ.
@@ -414,6 +422,9 @@ fn main() {
         "| 1 % of requests block their worker 200 ms, `Connection: close`, {SLOW_ROUNDS} alternating rounds: req/s, p99 (each round's), max (medians) | {} |",
         cells.join(" | ")
     );
+    if slow_only {
+        return;
+    }
 
     // Per launcher, the 3 runs' max/min ratios; the chart shows their median.
     let spread_runs: Vec<Vec<f64>> = LAUNCHERS
