@@ -1061,7 +1061,9 @@ impl SlotSockets {
                 },
             );
         }
-        // Parked connections wait for a worker with room: look every sample.
+        busy |= Self::evacuate_stalled(s, &self.held, now);
+        // Parked connections wait for a worker with room: look every sample (after the
+        // evacuations, which may have parked a stalled worker's queue just now).
         let parked = s.park.as_ref().map_or(0, |p| p.queue());
         // Caps only under pressure (something queued, parked or out): with every queue
         // empty the master may stop sampling, and the program's count of what a worker has
@@ -1086,7 +1088,6 @@ impl SlotSockets {
                 let _ = g.set_cap(*slot, load.cap);
             }
         }
-        busy |= Self::evacuate_stalled(s, &self.held, now);
         busy |= parked > 0;
         // Of the rotation about to be written (a worker back this sample counts at once).
         let room = s.serving.keys().any(|slot| {
