@@ -5,7 +5,7 @@
 //! - `socks` (REUSEPORT_SOCKARRAY, key: slot): the socket of each slot's current worker;
 //! - `rotation` (ARRAY, one value): `n`, a round-robin counter, the `n` slots that take new
 //!   connections, and an overflow key, written by the master (sockets/slots.rs decides who
-//!   is in); keys [`PARK`] and `PARK + 1` are the master's parking sockets;
+//!   is in); keys [`PARK`] to `PARK + PARK_KEYS - 1` are the master's parking sockets;
 //! - `sent` (ARRAY, key: slot): connections the program sent to each slot, which the
 //!   master compares with the accept queue to see whether a worker still accepts;
 //! - `accepted` (ARRAY, key: slot): how many of those the slot had accepted at the
@@ -35,12 +35,16 @@ use nix::libc;
 /// Slots a map can hold: the launcher's limit on workers.
 pub const MAX_SLOTS: u32 = crate::config::MAX_WORKERS as u32;
 
-/// The keys of the master's two parking sockets in the maps, `PARK` and `PARK + 1`, past
-/// every slot's (see `sockets::slots::Parking`).
+/// The first key of the master's parking sockets in the maps, past every slot's (see
+/// `sockets::slots::Parking`).
 pub const PARK: usize = MAX_SLOTS as usize;
 
+/// Parking sockets at once: one listening, the others stopped from taking new connections
+/// but not closed yet, until the handshakes sent to them complete.
+pub const PARK_KEYS: usize = 4;
+
 /// Keys of the per-socket maps: every slot's and the parking sockets'.
-const KEYS: u32 = MAX_SLOTS + 2;
+const KEYS: u32 = MAX_SLOTS + PARK_KEYS as u32;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -251,6 +255,12 @@ impl Steer {
     /// Connections the program has sent to `slot` so far.
     pub fn sent(&self, slot: usize) -> io::Result<u64> {
         self.sent.get(slot)
+    }
+
+    /// Sets the program's count, as if it had sent `slot` that many.
+    #[cfg(test)]
+    pub fn set_sent(&self, slot: usize, sent: u64) -> io::Result<()> {
+        self.sent.set(slot, sent)
     }
 }
 
