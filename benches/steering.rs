@@ -2,13 +2,13 @@
 //! against four ways of spreading connections over 4 workers of one Node app
 //! (benches/node/steer_app.js):
 //! - `hash`: reuseport-cluster `--steer hash` (each worker its own socket, the kernel hashes);
-//! - `bpf`: reuseport-cluster `--steer bpf` with `REUSEPORT_CLUSTER_PARK=1` (parking, opt-in;
+//! - `bpf`: reuseport-cluster `--steer bpf` with `REUSEPORT_CLUSTER_PARK=1` (parking, the default;
 //!   the SK_REUSEPORT program: round robin over the
 //!   workers that accept, under pressure each capped at a couple of samples' worth of what
 //!   the fastest takes; what finds every worker at its cap waits in the master's parking
 //!   socket for the first with room, handed on every 1 ms; a stalled worker's queue moves
 //!   there after 10-50 ms);
-//! - `bpf no park`: the same with `REUSEPORT_CLUSTER_PARK=0`, the default (no caps, no parking socket; a
+//! - `bpf no park`: the same with `REUSEPORT_CLUSTER_PARK=0` (no caps, no parking socket; a
 //!   stalled worker's queue moves to the others after 50 ms);
 //! - `cluster rr`: Node's cluster module, round robin (the primary accepts every connection);
 //! - `cluster shared`: Node's cluster module, SCHED_NONE (every worker accepts from one

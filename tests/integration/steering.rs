@@ -160,17 +160,17 @@ fn steering_doctor_and_status_say_which_mode_runs() {
 }
 
 #[test]
-fn steering_round_robin_and_a_crashed_worker_leaves_no_lost_or_stale_map_entry() {
-    crashed_worker_round_robin(&[]);
+fn steering_round_robin_without_parking_and_a_crashed_worker_leaves_no_lost_or_stale_map_entry() {
+    crashed_worker_round_robin(&[("REUSEPORT_CLUSTER_PARK", "0")]);
 }
 
-/// The same with the parking socket (opt-in): its caps must not turn sequential traffic,
+/// The same with the parking socket (the default): its caps must not turn sequential traffic,
 /// which never queues, away from a worker (they did: 12, 7 and 11 of 30 requests, the
 /// replacement getting 7, in 10 of 40 runs; caps grew from each worker's own rate, smoothed up
 /// from 0, and held while the master did not sample).
 #[test]
 fn steering_round_robin_with_parking_and_a_crashed_worker_leaves_no_lost_or_stale_map_entry() {
-    crashed_worker_round_robin(&[("REUSEPORT_CLUSTER_PARK", "1")]);
+    crashed_worker_round_robin(&[]);
 }
 
 /// 3 workers under bpf steering (with `env`): 30 sequential requests spread 10 each, and
