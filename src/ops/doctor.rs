@@ -72,7 +72,14 @@ pub fn run(plan: &Plan) -> bool {
     }
 
     match crate::sockets::bpf::probe() {
-        Ok(()) => say(Verdict::Ok, "steering: bpf: an SK_REUSEPORT program loads and attaches here, so --steer auto uses it (connections go round robin to the workers that accept; a worker's socket drains before it stops)".into()),
+        Ok(()) => {
+            say(Verdict::Ok, "steering: bpf: an SK_REUSEPORT program loads and attaches here, so --steer auto uses it (connections go round robin to the workers that accept; a worker's socket drains before it stops)".into());
+            match crate::sockets::bpf::moved_connections_wake_waiters() {
+                Ok(true) => say(Verdict::Ok, "steering: a connection moved off a stopping socket wakes the worker it moves to, so connections that find every worker busy wait in a parking socket for the first one free".into()),
+                Ok(false) => say(Verdict::Warn, "steering: this kernel does not wake a worker for a connection moved to its socket (fixed in the stable kernels of May 2026: \"tcp: call sk_data_ready() after listener migration\"), so nothing parks, and a queue moved off a stalled or stopping worker waits for the others' next new connection; update the kernel".into()),
+                Err(e) => say(Verdict::Warn, format!("steering: testing whether a moved connection wakes a worker failed ({e}); nothing parks")),
+            }
+        }
         Err(e) => say(Verdict::Warn, format!("steering: hash: --steer auto falls back to the kernel's SO_REUSEPORT hash here ({e}); run the master as root or with CAP_BPF and CAP_NET_ADMIN on Linux 5.14+")),
     }
 

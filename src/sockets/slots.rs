@@ -723,11 +723,7 @@ impl SlotSockets {
                     evacuations: (0, 0),
                     evacuate: std::env::var(EVACUATE_ENV).map_or(true, |v| v != "0"),
                     park: match std::env::var(PARK_ENV).map_or(true, |v| v != "0") {
-                        true => Parking::open(specs)
-                            .inspect_err(|e| {
-                                crate::info!("steering: no parking socket ({e})");
-                            })
-                            .ok(),
+                        true => Self::open_parking(specs),
                         false => None,
                     },
                 })
@@ -750,6 +746,26 @@ impl SlotSockets {
             draining: BTreeMap::new(),
         };
         Ok((sockets, line))
+    }
+
+    /// Parking sockets for `specs`, where this kernel allows them: handed on, a parked
+    /// connection moves to a worker that may be asleep in epoll_wait(2), which a kernel
+    /// without "tcp: call sk_data_ready() after listener migration" (May 2026) does not wake.
+    /// One log line says why not.
+    fn open_parking(specs: &[crate::sockets::listen::ListenSpec]) -> Option<Parking> {
+        let why = match bpf::moved_connections_wake_waiters() {
+            Ok(true) => {
+                return Parking::open(specs)
+                    .inspect_err(|e| crate::info!("steering: no parking socket ({e})"))
+                    .ok()
+            }
+            Ok(false) => "this kernel does not wake a worker for a connection moved to its \
+                          socket (fixed in the stable kernels of May 2026)"
+                .to_string(),
+            Err(e) => format!("testing whether a moved connection wakes a worker: {e}"),
+        };
+        crate::info!("steering: no parking socket: {why}");
+        None
     }
 
     /// `bpf`, or `hash (why)`.
