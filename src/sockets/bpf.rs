@@ -46,6 +46,11 @@ pub const PARK_KEYS: usize = 4;
 /// Keys of the per-socket maps: every slot's and the parking sockets'.
 const KEYS: u32 = MAX_SLOTS + PARK_KEYS as u32;
 
+/// Keys in `sent` past the sockets': the program's runs begun and ended, so the master can
+/// tell when no run is under way (see [`Steer::no_run_under_way`]).
+const BEGUN: u32 = KEYS;
+const ENDED: u32 = KEYS + 1;
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -161,7 +166,7 @@ impl Steer {
             .map_err(|e| format!("creating a REUSEPORT_SOCKARRAY map: {e}"))?;
         let rotation = map_create(BPF_MAP_TYPE_ARRAY, 4, ROTATION_SIZE, 1, "rc_rotation")
             .map_err(|e| format!("creating an array map: {e}"))?;
-        let sent = SharedArray::create(KEYS, "rc_sent")
+        let sent = SharedArray::create(ENDED + 1, "rc_sent")
             .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
         let limits = SharedArray::create(KEYS, "rc_accepted")
             .map_err(|e| format!("creating an mmap-able array map: {e}"))?;
@@ -255,6 +260,28 @@ impl Steer {
     /// Connections the program has sent to `slot` so far.
     pub fn sent(&self, slot: usize) -> io::Result<u64> {
         self.sent.get(slot)
+    }
+
+    /// Whether no run of the program was under way at one moment during this call: every
+    /// run that began before the call has ended. After the rotation is written, a run that
+    /// read the one before has then counted what it sent where.
+    pub fn no_run_under_way(&self) -> bool {
+        // Ended first: begun read later is at least what had begun then, so equal means
+        // that at the first read every run begun had ended.
+        (0..3).any(|_| {
+            let ended = self.sent.get(ENDED as usize).unwrap_or(0);
+            let begun = self.sent.get(BEGUN as usize).unwrap_or(0);
+            begun == ended
+        })
+    }
+
+    /// Counts a run as begun and not ended (`true`), or ended again.
+    #[cfg(test)]
+    pub fn fake_run_under_way(&self, on: bool) {
+        let begun = self.sent.get(BEGUN as usize).unwrap();
+        let _ = self
+            .sent
+            .set(BEGUN as usize, if on { begun + 1 } else { begun - 1 });
     }
 
     /// Sets the program's count, as if it had sent `slot` that many.
@@ -528,6 +555,7 @@ pub struct Maps {
 /// selection, i.e. the kernel's hash.
 ///
 /// ```c
+/// count(BEGUN);                                   // and count(ENDED) before each return
 /// __u32 zero = 0;
 /// struct rotation *r = bpf_map_lookup_elem(&rotation, &zero);
 /// if (!r || r->n == 0 || r->n > MAX_SLOTS) return SK_PASS;
@@ -561,9 +589,10 @@ pub fn program(maps: Maps) -> Vec<Insn> {
         caps,
     } = maps;
     let max = MAX_SLOTS as i32;
-    // Stack: -4 zero, -8 key, -16 best key, -24 best, -32 accepted, -40 out.
+    // Stack: -4 zero, -8 key, -16 best key, -24 best, -32 accepted, -40 out, -44 counter.
     let mut a = Asm::default();
     a.emit(mov64_reg(R6, R1)); // ctx
+    count(&mut a, sent, BEGUN);
     a.emit(insn(ST | MEM | W, R10, 0, -4, 0)); // zero
     a.emit(insn(ST | MEM | W, R10, 0, -16, 0)); // best key
     a.emit(insn(ST | MEM | DW, R10, 0, -24, -1)); // best = ~0
@@ -657,9 +686,24 @@ pub fn program(maps: Maps) -> Vec<Insn> {
     a.emit(insn(STX | MEM | W, R10, R1, -16, 0));
     a.jump(insn(JMP | JA, 0, 0, 0, 0), "select");
     a.label("pass");
+    count(&mut a, sent, ENDED);
     a.emit(mov64_imm(R0, SK_PASS));
     a.emit(insn(JMP | EXIT, 0, 0, 0, 0));
     a.finish()
+}
+
+/// `sent[key] += 1` (atomic), if the lookup succeeds: uses R0-R5 and the stack at -44.
+fn count(a: &mut Asm, sent: RawFd, key: u32) {
+    let label = format!("counted{key}");
+    a.emit(insn(ST | MEM | W, R10, 0, -44, key as i32));
+    a.emit(mov64_reg(R2, R10));
+    a.emit(add64_imm(R2, -44));
+    a.emit_all(ld_map_fd(R1, sent));
+    a.emit(insn(JMP | CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+    a.jump(jmp_imm(JEQ, R0, 0, 0), &label);
+    a.emit(mov64_imm(R1, 1));
+    a.emit(insn(STX | ATOMIC | DW, R0, R1, 0, ADD as i32));
+    a.label(&label);
 }
 
 /// Instructions with forward jumps to named labels.
@@ -1103,5 +1147,38 @@ mod tests {
             return eprintln!("skipped: loading BPF programs needs root here");
         }
         assert_eq!(wake_probe(false), Ok((false, false)));
+    }
+
+    #[test]
+    fn every_run_of_the_program_is_counted_as_begun_and_ended() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("skipped: loading BPF programs needs root here");
+        }
+        let steer = Steer::load().unwrap();
+        let runs = |s: &Steer| {
+            (
+                s.sent.get(BEGUN as usize).unwrap(),
+                s.sent.get(ENDED as usize).unwrap(),
+            )
+        };
+        let (ls, addr) = group(2);
+        for (slot, l) in ls.iter().enumerate() {
+            steer.attach(l.as_fd()).unwrap();
+            steer.set_socket(slot, l.as_fd()).unwrap();
+        }
+        assert_eq!(runs(&steer), (0, 0));
+        assert!(steer.no_run_under_way());
+        // A run that selects, and one that returns early (no rotation: the hash).
+        steer.set_rotation(&[1], None).unwrap();
+        let _a = TcpStream::connect(addr).unwrap();
+        steer.set_rotation(&[], None).unwrap();
+        let _b = TcpStream::connect(addr).unwrap();
+        assert_eq!(runs(&steer), (2, 2));
+        assert!(steer.no_run_under_way());
+        steer.fake_run_under_way(true);
+        assert!(
+            !steer.no_run_under_way(),
+            "the control: one begun, not ended"
+        );
     }
 }

@@ -280,8 +280,8 @@ struct Steering {
 /// sample. No process accepts from a parking socket, so nothing needs freezing. While fewer
 /// than two workers are ready none listens (as before).
 ///
-/// A retired socket is shut down at a later sample ([`RETIRE_MIN`]), once every handshake
-/// the program sent it has completed (see [`ParkSet::in_flight`]): a listener that stops
+/// A retired socket is shut down once every handshake the program sent it has completed
+/// (see [`ParkSet::in_flight`]; at once, usually, or at a later sample): a listener that stops
 /// while the kernel completes a handshake on it resets that connection (the final ACK found
 /// it listening; the new connection then finds it closed, `inet_csk_reqsk_queue_add`, and is
 /// dropped with a RST). The kernel moves a stopped listener's handshakes only when their
@@ -347,12 +347,6 @@ impl ParkSet {
             .sum()
     }
 }
-
-/// How long a retired parking socket stays listening at least: a program run that read the
-/// rotation before has counted what it sent it by then (runs take microseconds), so the
-/// count of handshakes in flight is complete. With samples every
-/// [`SAMPLE_WHILE_PARKED`], it stops at the sample after the one that retired it.
-pub const RETIRE_MIN: Duration = Duration::from_micros(500);
 
 /// How long a retired parking socket waits for its handshakes before it is closed anyway:
 /// a SYN dropped, or a client gone, never completes. Long enough for the round trips of
@@ -453,19 +447,22 @@ impl Parking {
     /// Marks set `i` retired, once the rotation written no longer names it: the program
     /// sends it nothing more. It stays in the map until it stops: a program run that read the
     /// rotation before still selects it, and counts it (out of the map, its choice would
-    /// fail and the kernel's hash place the connection, on any socket of the group, uncounted).
+    /// fail and the kernel's hash place the connection, on any socket of the group, uncounted);
+    /// [`Parking::settle`] waits for such runs to end ([`bpf::Steer::no_run_under_way`]).
     fn retire(&mut self, i: usize, now: Instant) {
         if let Some(set) = self.sets[i].as_mut() {
             set.retired = Some(now);
         }
     }
 
-    /// Stops the retired sets whose handshakes all completed, once retired for
-    /// [`RETIRE_MIN`], or that waited [`RETIRE_MAX`]: the kernel hands their queues to the program, which places them as the
-    /// rotation written before says. The connections that went to workers (not parked again
-    /// in the one that listens).
+    /// Stops the retired sets whose handshakes all completed, or that waited [`RETIRE_MAX`]:
+    /// the kernel hands their queues to the program, which places them as the rotation
+    /// written before says. The connections that went to workers (not parked again in the
+    /// one that listens).
     fn settle(&mut self, groups: &[bpf::Steer], now: Instant) -> std::io::Result<u32> {
         let mut handed = 0;
+        // Read before the counts below: a run that read an older rotation has counted by then.
+        let counted = groups.iter().all(bpf::Steer::no_run_under_way);
         for i in 0..bpf::PARK_KEYS {
             let Some(retired) = self.sets[i].as_ref().and_then(|s| s.retired) else {
                 continue;
@@ -473,9 +470,8 @@ impl Parking {
             let in_flight = self.sets[i]
                 .as_ref()
                 .map_or(0, |s| s.in_flight(Self::key(i), groups));
-            let age = now.saturating_duration_since(retired);
-            let late = age >= RETIRE_MAX;
-            if age < RETIRE_MIN || (in_flight > 0 && !late) {
+            let late = now.saturating_duration_since(retired) >= RETIRE_MAX;
+            if (in_flight > 0 || !counted) && !late {
                 continue;
             }
             if in_flight > 0 {
@@ -1905,17 +1901,15 @@ mod tests {
         groups[0].set_rotation(&[1], Some(Parking::key(1))).unwrap();
         park.retire(0, now);
         park.current = Some(1);
-        assert_eq!(
-            park.settle(&groups, now).unwrap(),
-            0,
-            "not in the sample that retired it"
-        );
         assert!(
             groups[0].socket_at(Parking::key(0)).unwrap().is_some(),
             "still in the map"
         );
-        let later = now + RETIRE_MIN;
-        assert_eq!(park.settle(&groups, later).unwrap(), 2, "handed to workers");
+        // Not while a run of the program is under way: it may have read the old rotation.
+        groups[0].fake_run_under_way(true);
+        assert_eq!(park.settle(&groups, now).unwrap(), 0, "a run under way");
+        groups[0].fake_run_under_way(false);
+        assert_eq!(park.settle(&groups, now).unwrap(), 2, "handed to workers");
         assert_eq!(
             groups[0].socket_at(Parking::key(0)).unwrap(),
             None,
@@ -1938,7 +1932,7 @@ mod tests {
         groups[0].set_rotation(&[1], Some(Parking::key(0))).unwrap();
         park.retire(1, now);
         park.current = Some(0);
-        assert_eq!(park.settle(&groups, later).unwrap(), 2, "handed to workers");
+        assert_eq!(park.settle(&groups, now).unwrap(), 2, "handed to workers");
         assert_eq!(queues(&park), (0, 4, vec![1, 0, 0, 0]));
     }
 
@@ -1969,7 +1963,7 @@ mod tests {
         let t0 = Instant::now();
         park.retire(0, t0);
         park.current = Some(1);
-        assert_eq!(park.settle(&groups, t0 + RETIRE_MIN).unwrap(), 0);
+        assert_eq!(park.settle(&groups, t0).unwrap(), 0);
         assert_eq!(
             park.sets[0].as_ref().map(ParkSet::queued),
             Some(3),
@@ -1980,7 +1974,7 @@ mod tests {
         // The handshake completes: it is stopped at the next sample.
         bump(-1);
         assert_eq!(groups[0].sent(Parking::key(0)).unwrap(), sent);
-        assert_eq!(park.settle(&groups, t0 + RETIRE_MIN).unwrap(), 3);
+        assert_eq!(park.settle(&groups, t0).unwrap(), 3);
         assert!(park.sets[0].is_none() && !park.retiring());
         assert_eq!(bpf::accept_queue(fds[1].as_fd()).unwrap(), 3);
         // One that never completes (a SYN dropped, a client gone) holds it RETIRE_MAX at most.
