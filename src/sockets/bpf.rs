@@ -270,6 +270,8 @@ impl Steer {
         // that at the first read every run begun had ended.
         (0..3).any(|_| {
             let ended = self.sent.get(ENDED as usize).unwrap_or(0);
+            // The two loads must not be reordered (relaxed loads of two places may be).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let begun = self.sent.get(BEGUN as usize).unwrap_or(0);
             begun == ended
         })
