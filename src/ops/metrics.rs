@@ -214,6 +214,12 @@ pub fn render(status: &ClusterStatus) -> String {
         vec![(String::new(), status.parked_connections_handed_on as f64)],
     );
     family(
+        "parking_sockets_closed_unfinished_total",
+        "counter",
+        "Parking sockets closed after waiting 100 ms for handshakes that never completed (SYNs dropped, clients gone).",
+        vec![(String::new(), status.parking_sockets_closed_unfinished as f64)],
+    );
+    family(
         "recycles_total",
         "counter",
         "Workers recycled (--max-memory, --max-lifetime, --hung-after), by reason.",

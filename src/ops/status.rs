@@ -72,6 +72,9 @@ pub struct ClusterStatus {
     /// Times parked connections were handed on to workers with room, and how many.
     pub parked_handed_on: u64,
     pub parked_connections_handed_on: u64,
+    /// Parking sockets closed after waiting 100 ms for handshakes that never completed (SYNs
+    /// dropped, clients gone).
+    pub parking_sockets_closed_unfinished: u64,
 }
 
 /// One entry of the steering program's socket map.
@@ -313,10 +316,11 @@ impl ClusterStatus {
             steering: sockets.mode(),
             queues_moved: evacuations.0,
             connections_moved: evacuations.1,
-            parking: parking.0,
-            parked: parking.1,
-            parked_handed_on: parking.2,
-            parked_connections_handed_on: parking.3,
+            parking: parking.on,
+            parked: parking.parked,
+            parked_handed_on: parking.hand_ons,
+            parked_connections_handed_on: parking.handed_on,
+            parking_sockets_closed_unfinished: parking.closed_unfinished,
             steering_map: {
                 let size = supervisor.slots().len();
                 let max = sockets.slots().last().map_or(0, |s| s + 1).max(size) + 8;
@@ -392,6 +396,13 @@ impl ClusterStatus {
                 "; parked now: {}, handed on: {} ({} connections)",
                 self.parked, self.parked_handed_on, self.parked_connections_handed_on
             );
+            if self.parking_sockets_closed_unfinished > 0 {
+                let _ = write!(
+                    steering,
+                    ", parking sockets closed with handshakes unfinished: {}",
+                    self.parking_sockets_closed_unfinished
+                );
+            }
         }
         let _ = writeln!(out, "steering: {steering}");
         let held: Vec<String> = self

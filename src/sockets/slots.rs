@@ -358,6 +358,21 @@ pub const RUNS_END_WITHIN: Duration = Duration::from_micros(500);
 /// far-away clients.
 pub const RETIRE_MAX: Duration = Duration::from_millis(100);
 
+/// What `status` shows of parking.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParkingView {
+    /// Whether the master keeps parking sockets.
+    pub on: bool,
+    /// Connections parked now.
+    pub parked: u32,
+    /// Times parked connections were handed on, and how many.
+    pub hand_ons: u64,
+    pub handed_on: u64,
+    /// Parking sockets closed after [`RETIRE_MAX`] with handshakes unfinished (SYNs dropped,
+    /// clients gone): 0 where every client completes its handshake.
+    pub closed_unfinished: u64,
+}
+
 /// The mean of the values above 0 (0 is "not measured yet"), 0 when there are none.
 fn mean_of_known(values: impl Iterator<Item = f32>) -> f32 {
     let (sum, n) = values
@@ -1585,10 +1600,14 @@ impl SlotSockets {
 
     /// Parking (see [`Parking`]): whether there is a parking socket, the connections parked
     /// now, and the hand-ons so far with the connections they took.
-    pub fn parking(&self) -> (bool, u32, u64, u64) {
+    pub fn parking(&self) -> ParkingView {
         let park = self.steering.as_ref().ok().and_then(|s| s.park.as_ref());
-        park.map_or((false, 0, 0, 0), |p| {
-            (true, p.queue(), p.counts.0, p.counts.1)
+        park.map_or(ParkingView::default(), |p| ParkingView {
+            on: true,
+            parked: p.queue(),
+            hand_ons: p.counts.0,
+            handed_on: p.counts.1,
+            closed_unfinished: p.forced,
         })
     }
 

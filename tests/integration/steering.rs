@@ -801,6 +801,11 @@ fn every_worker_blocked(park: bool) -> AllBlocked {
     let answers: Vec<(String, Duration)> = clients.into_iter().map(|t| t.join().unwrap()).collect();
     long.join().unwrap();
     short.join().unwrap();
+    // Every handshake here completes: no parking socket waited for one in vain.
+    assert_eq!(
+        c.status()["parking_sockets_closed_unfinished"].as_u64(),
+        Some(0)
+    );
     AllBlocked {
         long_sleeper,
         answers,
