@@ -297,15 +297,8 @@ impl Steer {
 /// throwaway listening socket on 127.0.0.1. For `doctor` and `--steer auto`.
 pub fn probe() -> Result<(), String> {
     let steer = Steer::load()?;
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .and_then(|s| {
-            s.set_reuse_port(true)?;
-            s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-            s.listen(1)?;
-            Ok(s)
-        })
+    let fd = test_socket(([127, 0, 0, 1], 0).into())
         .map_err(|e| format!("opening a test socket: {e}"))?;
-    let fd = OwnedFd::from(sock);
     use std::os::fd::AsFd;
     steer
         .attach(fd.as_fd())
@@ -337,21 +330,14 @@ fn wake_probe(move_it: bool) -> Result<(bool, bool), String> {
     use std::os::fd::AsFd;
     use std::sync::mpsc;
     let steer = Steer::load()?;
-    let open = |addr: std::net::SocketAddr| -> io::Result<OwnedFd> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_reuse_port(true)?;
-        s.bind(&addr.into())?;
-        s.listen(8)?;
-        Ok(OwnedFd::from(s))
-    };
     let err = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
-    let from = open(([127, 0, 0, 1], 0).into()).map_err(err("opening a test socket"))?;
+    let from = test_socket(([127, 0, 0, 1], 0).into()).map_err(err("opening a test socket"))?;
     let addr = socket2::SockRef::from(&from)
         .local_addr()
         .ok()
         .and_then(|a| a.as_socket())
         .ok_or("a test socket has no address")?;
-    let to = open(addr).map_err(err("opening a test socket"))?;
+    let to = test_socket(addr).map_err(err("opening a test socket"))?;
     steer
         .attach(from.as_fd())
         .map_err(err("attaching the program"))?;
@@ -410,6 +396,15 @@ fn wake_probe(move_it: bool) -> Result<(bool, bool), String> {
     let moved = accept_queue(from.as_fd()).unwrap_or(0) == 0;
     let _ = waiter.join();
     Ok((moved, woke))
+}
+
+/// A listening SO_REUSEPORT socket on `addr`, for the probes.
+fn test_socket(addr: std::net::SocketAddr) -> io::Result<OwnedFd> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(8)?;
+    Ok(OwnedFd::from(s))
 }
 
 /// How long [`moved_connections_wake_waiters`] waits for the wake-up.

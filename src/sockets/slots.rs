@@ -447,6 +447,13 @@ impl Parking {
         Ok(())
     }
 
+    /// Makes a parking socket listen under the first free key: the key, or `None` while every
+    /// key waits for its handshakes (the next sample tries again).
+    fn listen_next(&mut self, groups: &[bpf::Steer]) -> Option<std::io::Result<usize>> {
+        let i = self.free()?;
+        Some(self.listen(i, groups).map(|()| i))
+    }
+
     /// Connections waiting in parking sockets, the retired ones' included.
     fn queue(&self) -> u32 {
         self.sets.iter().flatten().map(ParkSet::queued).sum()
@@ -484,12 +491,13 @@ impl Parking {
         // Read before the counts below: a run that read an older rotation has counted by then.
         let counted = groups.iter().all(bpf::Steer::no_run_under_way);
         for i in 0..bpf::PARK_KEYS {
-            let Some(retired) = self.sets[i].as_ref().and_then(|s| s.retired) else {
+            let Some(set) = self.sets[i].as_ref() else {
                 continue;
             };
-            let in_flight = self.sets[i]
-                .as_ref()
-                .map_or(0, |s| s.in_flight(Self::key(i), groups));
+            let Some(retired) = set.retired else {
+                continue;
+            };
+            let in_flight = set.in_flight(Self::key(i), groups);
             let age = now.saturating_duration_since(retired);
             let late = age >= RETIRE_MAX;
             // Where runs never pause (a busy host with many CPUs), a run that read the old
@@ -1467,10 +1475,9 @@ impl SlotSockets {
             // What parked since the last hand-on (the retired sets' queues move as they settle).
             let fresh_parked = park.current_queue() > 0;
             match (park.current, candidates.len() < 2) {
-                (None, false) => match park.free().map(|i| (i, park.listen(i, &s.groups))) {
-                    Some((i, Ok(()))) => park.current = Some(i),
-                    Some((_, Err(e))) => broken = Some(e),
-                    // Every key waits for its handshakes: the next sample.
+                (None, false) => match park.listen_next(&s.groups) {
+                    Some(Ok(i)) => park.current = Some(i),
+                    Some(Err(e)) => broken = Some(e),
                     None => {}
                 },
                 (Some(c), true) => {
@@ -1482,12 +1489,12 @@ impl SlotSockets {
                 (Some(c), false)
                     if fresh_parked && (hand_on || (parking_all && !rotation.is_empty())) =>
                 {
-                    match park.free().map(|i| (i, park.listen(i, &s.groups))) {
-                        Some((i, Ok(()))) => {
+                    match park.listen_next(&s.groups) {
+                        Some(Ok(i)) => {
                             release = Some(c);
                             park.current = Some(i);
                         }
-                        Some((_, Err(e))) => broken = Some(e),
+                        Some(Err(e)) => broken = Some(e),
                         None => {}
                     }
                 }
