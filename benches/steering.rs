@@ -18,7 +18,9 @@
 //! 1. stall: wrk -c64 `Connection: close` `--timeout 2s` for 7 s; one worker SIGSTOPped
 //!    from second 2 to second 5: timeouts;
 //! 2. slow: 1 % of requests block their worker 200 ms, wrk -c64 `Connection: close`, 10 s,
-//!    3 rounds with the launchers taking turns: req/s, p99, max (medians over the rounds);
+//!    3 rounds with the launchers taking turns: req/s, p99, max, and the share of the time
+//!    the workers were free with no connection (medians over the rounds; see `idle_share`);
+//!    `-- slow [ROUNDS] [LAUNCHER...]` runs this scenario alone;
 //! 3. spread: 8 keep-alive clients (wrk -t2 -c8, 4 s) on 4 workers, 3 runs: requests
 //!    max/min per worker (∞: a worker got nothing);
 //! 4. uniform: wrk -c64 `Connection: close`, 10 s: req/s; and the master's CPU time over
@@ -167,6 +169,9 @@ struct Wrk {
     max_ms: f64,
     timeouts: u64,
     errors: u64,
+    /// Slow scenario: the share of samples of the workers' main threads that found them
+    /// waiting for events (an idle event loop, see [`idle_share`]).
+    idle: f64,
 }
 
 fn wrk(port: u16, args: &[&str]) -> Wrk {
@@ -226,10 +231,58 @@ fn slow(launcher: &str) -> Wrk {
         launcher,
         &[("SLOW_PERMILLE", "10".into()), ("SLOW_MS", "200".into())],
     );
+    let workers = children(r.child.id());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || idle_share(&workers, &done))
+    };
     let [h, v] = close();
-    let w = wrk(r.port, &["-t2", "-c64", "-d10s", "--timeout", "5s", h, v]);
+    let mut w = wrk(r.port, &["-t2", "-c64", "-d10s", "--timeout", "5s", h, v]);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    w.idle = sampler.join().unwrap();
     stop(r);
     w
+}
+
+/// Until `done`, every 5 ms: whether each worker's main thread is waiting for events
+/// (epoll_wait, poll, select, accept in /proc/PID/syscall), as opposed to blocked in its slow
+/// handler (futex; restart_syscall after an evacuation's stop) or running. In the slow
+/// scenario every worker is blocked most of the time and there are always clients waiting:
+/// a worker waiting for events then is a free worker not given a connection, the capacity a
+/// launcher loses (requests/s there are bounded by how much of the time workers are blocked).
+fn idle_share(workers: &[u32], done: &std::sync::atomic::AtomicBool) -> f64 {
+    use nix::libc;
+    let waits = [
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_pwait2,
+        libc::SYS_ppoll,
+        libc::SYS_pselect6,
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_epoll_wait,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_poll,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_select,
+    ];
+    let (mut idle, mut all) = (0u64, 0u64);
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        for pid in workers {
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+                continue;
+            };
+            all += 1;
+            let nr = text
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<i64>().ok());
+            idle += u64::from(nr.is_some_and(|n| waits.contains(&n)));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    idle as f64 / all.max(1) as f64
 }
 
 /// max/min requests per worker, and the counts.
@@ -362,12 +415,36 @@ fn main() {
         num_cpus()
     );
 
-    println!("| scenario | {} |", LAUNCHERS.join(" | "));
-    println!("|---|{}", "---|".repeat(LAUNCHERS.len()));
+    // `cargo bench --bench steering -- slow [ROUNDS] [LAUNCHER...]`: the 1 % slow scenario's
+    // rounds alone (3 rounds of the 5 launchers: 3.5 min; no chart), to compare changes that
+    // matter there, e.g. `-- slow 8 bpf "cluster shared"`.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let slow_only = args.first().is_some_and(|a| a == "slow");
+    let rounds = match args.get(1) {
+        Some(n) if slow_only => n.parse().unwrap_or_else(|_| {
+            eprintln!("steering bench: `slow {n}`: the rounds must be a number");
+            std::process::exit(2)
+        }),
+        _ => SLOW_ROUNDS,
+    };
+    let launchers: Vec<&str> = match args.get(2..) {
+        Some(names) if slow_only && !names.is_empty() => names
+            .iter()
+            .map(|n| {
+                LAUNCHERS.into_iter().find(|l| l == n).unwrap_or_else(|| {
+                    eprintln!("steering bench: no launcher {n:?}; one of {LAUNCHERS:?}");
+                    std::process::exit(2)
+                })
+            })
+            .collect(),
+        _ => LAUNCHERS.to_vec(),
+    };
+    println!("| scenario | {} |", launchers.join(" | "));
+    println!("|---|{}", "---|".repeat(launchers.len()));
 
-    // `cargo bench --bench steering -- slow`: the 1 % slow scenario's rounds alone (3.5 min;
-    // no chart), to compare changes that matter there.
-    let slow_only = std::env::args().skip(1).any(|a| a == "slow");
     let stalls: Vec<Wrk> = match slow_only {
         true => Vec::new(),
         false => LAUNCHERS.iter().map(|l| stall(l)).collect(),
@@ -385,16 +462,17 @@ fn main() {
 
     // The launchers take turns, round after round: one run's p99 moves by 20-30 ms on this
     // machine, as much as the launchers differ.
-    let mut slow_runs: Vec<Vec<Wrk>> = LAUNCHERS.iter().map(|_| Vec::new()).collect();
-    for _ in 0..SLOW_ROUNDS {
-        for (runs, l) in slow_runs.iter_mut().zip(LAUNCHERS) {
+    let mut slow_runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (runs, l) in slow_runs.iter_mut().zip(&launchers) {
             runs.push(slow(l));
         }
     }
     let median = |runs: &[Wrk], f: fn(&Wrk) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let n = v.len();
+        (v[(n - 1) / 2] + v[n / 2]) / 2.0
     };
     let slows: Vec<Wrk> = slow_runs
         .iter()
@@ -404,6 +482,7 @@ fn main() {
             max_ms: median(runs, |w| w.max_ms),
             timeouts: 0,
             errors: runs.iter().map(|w| w.errors).sum(),
+            idle: median(runs, |w| w.idle),
         })
         .collect();
     let cells: Vec<String> = slows
@@ -412,16 +491,17 @@ fn main() {
         .map(|(w, runs)| {
             let p99s: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.p99_ms)).collect();
             format!(
-                "{:.0}, **{:.0} ms** ({}), {:.0} ms",
+                "{:.0}, **{:.0} ms** ({}), {:.0} ms, {:.1} %",
                 w.rps,
                 w.p99_ms,
                 p99s.join(", "),
-                w.max_ms
+                w.max_ms,
+                w.idle * 100.0
             )
         })
         .collect();
     println!(
-        "| 1 % of requests block their worker 200 ms, `Connection: close`, {SLOW_ROUNDS} alternating rounds: req/s, p99 (each round's), max (medians) | {} |",
+        "| 1 % of requests block their worker 200 ms, `Connection: close`, {rounds} alternating rounds: req/s, p99 (each round's), max, workers idle (medians) | {} |",
         cells.join(" | ")
     );
     if slow_only {
