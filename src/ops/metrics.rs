@@ -202,6 +202,12 @@ pub fn render(status: &ClusterStatus) -> String {
         vec![(String::new(), status.connections_moved as f64)],
     );
     family(
+        "queue_move_listen_seconds_max",
+        "gauge",
+        "The slowest listen(2) of a queue move: it grows with the sockets bound to the port, and the moves are spaced by it.",
+        vec![(String::new(), status.queue_move_listen_max_ms / 1000.0)],
+    );
+    family(
         "parked_connections",
         "gauge",
         "Connections waiting in the master's parking socket for a worker with room (bpf steering).",

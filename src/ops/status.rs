@@ -64,6 +64,9 @@ pub struct ClusterStatus {
     pub queues_moved: u64,
     /// The connections those moves took.
     pub connections_moved: u64,
+    /// The slowest listen(2) of those moves, in ms: it grows with the sockets bound to the
+    /// port, and the moves are spaced by it (see sockets/slots.rs, EVACUATION_LISTEN_SHARE).
+    pub queue_move_listen_max_ms: f64,
     /// Under bpf steering: whether the master keeps a parking socket, where new connections
     /// wait while every worker is behind or at its cap.
     pub parking: bool,
@@ -316,6 +319,7 @@ impl ClusterStatus {
             steering: sockets.mode(),
             queues_moved: evacuations.0,
             connections_moved: evacuations.1,
+            queue_move_listen_max_ms: sockets.slowest_evacuation_listen().as_secs_f64() * 1000.0,
             parking: parking.on,
             parked: parking.parked,
             parked_handed_on: parking.hand_ons,
@@ -386,8 +390,8 @@ impl ClusterStatus {
         if self.queues_moved > 0 {
             let _ = write!(
                 steering,
-                "; stalled workers' queues moved: {} ({} connections)",
-                self.queues_moved, self.connections_moved
+                "; stalled workers' queues moved: {} ({} connections; slowest listen {:.2} ms)",
+                self.queues_moved, self.connections_moved, self.queue_move_listen_max_ms
             );
         }
         if self.parking {

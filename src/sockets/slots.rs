@@ -125,6 +125,18 @@ pub const EVACUATE_AFTER: Duration = Duration::from_millis(50);
 /// that may stall in turn.
 pub const EVACUATE_TO_PARK_AFTER: Duration = Duration::from_millis(10);
 
+/// The most of the time evacuations may spend in listen(2). A socket that listened before
+/// listens again only after the kernel checks it against every socket bound to its port,
+/// established and TIME_WAIT ones included, with the port's bind-bucket lock held and bottom
+/// halves off: meanwhile no new connection to the port completes on any CPU. That takes
+/// 0.3 ms with 8 000 connections on the port and 0.46 ms with 12 000 TIME_WAIT sockets
+/// (scripts/measure-relisten.py), and grows with them: after each evacuation the next
+/// waits 1 / this times what its listen(2) took (9 ms after 0.45 ms, 100 ms after 5 ms).
+pub const EVACUATION_LISTEN_SHARE: f64 = 0.05;
+
+/// A listen(2) this slow in an evacuation is said in the log (once per master).
+pub const SLOW_RELISTEN: Duration = Duration::from_millis(1);
+
 /// How long an evacuation waits for the stalled worker's processes to stop before it gives
 /// up (and continues them).
 pub const FREEZE_WAIT: Duration = Duration::from_millis(20);
@@ -253,6 +265,8 @@ struct Steering {
     evacuating: BTreeMap<usize, Evacuation>,
     /// Queues moved so far, and the connections they held.
     evacuations: (u64, u64),
+    /// When the next may begin, from what the last ones' listen(2) took.
+    pace: EvacuationPace,
     /// Whether stalled workers' queues are moved ([`EVACUATE_ENV`]).
     evacuate: bool,
     /// The master's parking sockets, when it could open them.
@@ -594,16 +608,54 @@ impl Evacuation {
     }
 }
 
+/// Spaces evacuations so that their listen(2) takes at most [`EVACUATION_LISTEN_SHARE`] of
+/// the time.
+#[derive(Debug, Default)]
+struct EvacuationPace {
+    /// No evacuation begins before this.
+    not_before: Option<Instant>,
+    /// The slowest listen(2) of an evacuation so far.
+    slowest: Duration,
+    /// Whether one took [`SLOW_RELISTEN`] or more.
+    slow_seen: bool,
+}
+
+impl EvacuationPace {
+    fn allows(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|t| now >= t)
+    }
+
+    /// An evacuation that ended at `now` spent `listening` in listen(2). Whether that was
+    /// the first slow one (to be said once).
+    fn spent(&mut self, listening: Duration, now: Instant) -> bool {
+        // Evacuations begun together (two workers stalled at once) add up.
+        let from = self.not_before.map_or(now, |t| t.max(now));
+        self.not_before = Some(from + listening.div_f64(EVACUATION_LISTEN_SHARE));
+        self.slowest = self.slowest.max(listening);
+        let first_slow = listening >= SLOW_RELISTEN && !self.slow_seen;
+        self.slow_seen |= first_slow;
+        first_slow
+    }
+}
+
 /// Stops and restarts `fds`' listening (see [`Evacuation`]) and puts them back in the
-/// program's map at `slot`: what was queued moves to the rotation. The connections moved.
-fn evacuate(groups: &[bpf::Steer], slot: usize, fds: &[OwnedFd]) -> std::io::Result<u32> {
+/// program's map at `slot`: what was queued moves to the rotation. The connections moved,
+/// and the time listen(2) took.
+fn evacuate(
+    groups: &[bpf::Steer],
+    slot: usize,
+    fds: &[OwnedFd],
+) -> std::io::Result<(u32, Duration)> {
     let mut moved = 0;
+    let mut listening = Duration::ZERO;
     for (group, fd) in groups.iter().zip(fds) {
         let (queue, backlog) = bpf::queue_and_backlog(fd.as_fd())?;
         let sock = socket2::SockRef::from(fd);
         let addr = sock.local_addr()?;
         sock.shutdown(std::net::Shutdown::Read)?;
+        let began = Instant::now();
         sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+        listening += began.elapsed();
         if sock.local_addr()?.as_socket() != addr.as_socket() {
             // Bound to port 0 by whoever opened it, it gave its port back when it stopped
             // and now listens elsewhere: end it (the supervisor replaces its worker).
@@ -615,7 +667,7 @@ fn evacuate(groups: &[bpf::Steer], slot: usize, fds: &[OwnedFd]) -> std::io::Res
         group.set_socket(slot, fd.as_fd())?;
         moved += queue;
     }
-    Ok(moved)
+    Ok((moved, listening))
 }
 
 /// One slot's accept queue and the connections sent to it, at the last sample.
@@ -749,6 +801,7 @@ impl SlotSockets {
                     next_sample: None,
                     evacuating: BTreeMap::new(),
                     evacuations: (0, 0),
+                    pace: EvacuationPace::default(),
                     evacuate: std::env::var(EVACUATE_ENV).map_or(true, |v| v != "0"),
                     park: match std::env::var(PARK_ENV).map_or(true, |v| v != "0") {
                         true => Self::open_parking(specs),
@@ -1389,7 +1442,8 @@ impl SlotSockets {
                 && !s.rotation.is_empty()
                 && now.saturating_duration_since(quiet_since) >= after
                 && load.hold_out.is_none_or(|t| now >= t)
-                && !s.evacuating.contains_key(slot);
+                && !s.evacuating.contains_key(slot)
+                && s.pace.allows(now);
             if let (true, Some(pid)) = (due, s.serving.get(slot)) {
                 s.evacuating.insert(*slot, Evacuation::freeze(*pid, now));
             }
@@ -1409,13 +1463,22 @@ impl SlotSockets {
                     "its processes did not stop within {}",
                     crate::master::worker::ms(FREEZE_WAIT)
                 ))),
-                None => Ok(0),
+                None => Ok((0, Duration::ZERO)),
             };
             e.thaw();
             match moved {
-                Ok(moved) => {
+                Ok((moved, listening)) => {
                     s.evacuations.0 += 1;
                     s.evacuations.1 += moved as u64;
+                    if s.pace.spent(listening, Instant::now()) {
+                        crate::info!(
+                            "worker {slot}: moving its queue took {:.1} ms in listen(2) (the \
+                             kernel checks the socket against every socket bound to its port); \
+                             queue moves are spaced to spend at most {} % of the time there",
+                            listening.as_secs_f64() * 1000.0,
+                            EVACUATION_LISTEN_SHARE * 100.0
+                        );
+                    }
 
                     crate::debug!(
                         "worker {slot}: accepts nothing; moved its queue ({moved}) to the others"
@@ -1603,6 +1666,13 @@ impl SlotSockets {
     /// steering).
     pub fn evacuations(&self) -> (u64, u64) {
         self.steering.as_ref().map_or((0, 0), |s| s.evacuations)
+    }
+
+    /// The slowest listen(2) of a queue move so far (see [`EVACUATION_LISTEN_SHARE`]).
+    pub fn slowest_evacuation_listen(&self) -> Duration {
+        self.steering
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.pace.slowest)
     }
 
     /// Parking (see [`Parking`]): whether there is a parking socket, the connections parked
@@ -1853,6 +1923,46 @@ mod tests {
     }
 
     #[test]
+    fn evacuations_are_spaced_by_what_their_listen_took() {
+        let t0 = Instant::now();
+        let mut pace = EvacuationPace::default();
+        assert!(pace.allows(t0));
+        // 0.45 ms (12 000 TIME_WAIT sockets on the port): the next waits 9 ms.
+        assert!(!pace.spent(Duration::from_micros(450), t0));
+        assert!(!pace.allows(t0 + Duration::from_micros(8_999)));
+        assert!(pace.allows(t0 + Duration::from_millis(9)));
+        // 5 ms (a port with about 100 000 sockets): 100 ms, and said once.
+        let t1 = t0 + Duration::from_millis(10);
+        assert!(
+            pace.spent(Duration::from_millis(5), t1),
+            "the first slow one is said"
+        );
+        assert!(!pace.allows(t1 + Duration::from_millis(99)));
+        assert!(pace.allows(t1 + Duration::from_millis(100)));
+        assert!(!pace.spent(Duration::from_millis(5), t1 + Duration::from_millis(100)));
+        assert_eq!(pace.slowest, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn evacuations_begun_together_add_up() {
+        let t0 = Instant::now();
+        let mut pace = EvacuationPace::default();
+        pace.spent(Duration::from_millis(1), t0);
+        pace.spent(Duration::from_millis(1), t0);
+        assert!(!pace.allows(t0 + Duration::from_millis(39)));
+        assert!(pace.allows(t0 + Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn a_cheap_listen_barely_spaces_evacuations() {
+        // 8 us (a port with 1 000 connections): 160 us, well under a sample.
+        let t0 = Instant::now();
+        let mut pace = EvacuationPace::default();
+        assert!(!pace.spent(Duration::from_micros(8), t0));
+        assert!(pace.allows(t0 + Duration::from_micros(160)));
+    }
+
+    #[test]
     fn an_evacuation_moves_the_queue_to_the_rotation_and_leaves_the_socket_listening() {
         if !nix::unistd::geteuid().is_root() {
             return eprintln!("skipped: loading BPF programs needs root here");
@@ -1865,9 +1975,13 @@ mod tests {
         // Slot 0 stalls: out of rotation; its queue moves to slot 1.
         steer.set_rotation(&[1], None).unwrap();
         let groups = [steer];
-        let moved = evacuate(&groups, 0, &fds[..1]).unwrap();
+        let (moved, listening) = evacuate(&groups, 0, &fds[..1]).unwrap();
         let steer = &groups[0];
         assert_eq!(moved, 5);
+        assert!(
+            listening > Duration::ZERO,
+            "what its listen(2) took, for the pace"
+        );
         assert_eq!(bpf::accept_queue(fds[0].as_fd()).unwrap(), 0);
         assert_eq!(
             bpf::accept_queue(fds[1].as_fd()).unwrap(),

@@ -343,6 +343,7 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
         status["queues_moved"].as_u64().unwrap(),
         status["connections_moved"].as_u64().unwrap(),
     );
+    let listen_max_ms = status["queue_move_listen_max_ms"].as_f64().unwrap();
     let queued = w0["queues"][0]["depth"].as_u64().unwrap();
     // Still stopped: the freeze of an evacuation never continues a worker it found stopped.
     let still_stopped = proc_state(stalled) == Some('T');
@@ -379,6 +380,7 @@ fn stall(steer: &str, evacuate: bool, how: Stalled) -> Stall {
         rotation,
         still_stopped,
         moved,
+        listen_max_ms,
     }
 }
 
@@ -419,6 +421,8 @@ struct Stall {
     same_worker: bool,
     /// `status`'s queues moved and connections moved.
     moved: (u64, u64),
+    /// `status`'s slowest listen(2) of those moves.
+    listen_max_ms: f64,
 }
 
 #[test]
@@ -458,6 +462,10 @@ fn load_steering_a_stalled_worker_leaves_the_rotation_and_its_queue_moves_to_the
     assert!(
         bpf.moved.0 >= 1 && bpf.moved.1 >= 1,
         "status counts the moves: {bpf:?}"
+    );
+    assert!(
+        bpf.listen_max_ms > 0.0 && kept.listen_max_ms == 0.0,
+        "status shows what the moves' listen(2) took: {bpf:?} {kept:?}"
     );
     // Back in rotation after a move, the stopped worker is capped at 2 connections until it
     // accepts: the first move takes at most the 32 clients, each later one at most 2 (before
