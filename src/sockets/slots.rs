@@ -129,7 +129,7 @@ pub const EVACUATE_TO_PARK_AFTER: Duration = Duration::from_millis(10);
 /// listens again only after the kernel checks it against every socket bound to its port,
 /// established and TIME_WAIT ones included, with the port's bind-bucket lock held and bottom
 /// halves off: meanwhile no new connection to the port completes on any CPU. That takes
-/// 0.3 ms with 8 000 connections on the port and 0.46 ms with 12 000 TIME_WAIT sockets
+/// 0.33 ms with 8 000 connections on the port and 0.62 ms with 13 500 TIME_WAIT sockets
 /// (scripts/measure-relisten.py), and grows with them: after each evacuation the next
 /// waits 1 / this times what its listen(2) took (9 ms after 0.45 ms, 100 ms after 5 ms).
 pub const EVACUATION_LISTEN_SHARE: f64 = 0.05;
