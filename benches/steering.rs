@@ -35,6 +35,11 @@
 #[path = "../tests/integration/support.rs"]
 mod support;
 
+// Its unit test is compiled here without a test harness to run it.
+#[path = "../src/master/event_waits.rs"]
+#[allow(unused_imports)]
+mod event_waits;
+
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -252,33 +257,14 @@ fn slow(launcher: &str) -> Wrk {
 /// a worker waiting for events then is a free worker not given a connection, the capacity a
 /// launcher loses (requests/s there are bounded by how much of the time workers are blocked).
 fn idle_share(workers: &[u32], done: &std::sync::atomic::AtomicBool) -> f64 {
-    use nix::libc;
-    let waits = [
-        libc::SYS_epoll_pwait,
-        libc::SYS_epoll_pwait2,
-        libc::SYS_ppoll,
-        libc::SYS_pselect6,
-        libc::SYS_accept,
-        libc::SYS_accept4,
-        #[cfg(target_arch = "x86_64")]
-        libc::SYS_epoll_wait,
-        #[cfg(target_arch = "x86_64")]
-        libc::SYS_poll,
-        #[cfg(target_arch = "x86_64")]
-        libc::SYS_select,
-    ];
     let (mut idle, mut all) = (0u64, 0u64);
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         for pid in workers {
-            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
-            };
+            }
             all += 1;
-            let nr = text
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<i64>().ok());
-            idle += u64::from(nr.is_some_and(|n| waits.contains(&n)));
+            idle += u64::from(event_waits::waiting_for_events(*pid));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

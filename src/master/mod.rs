@@ -14,6 +14,7 @@
 //! blocked and take no lock a forked child could need: the child makes async-signal-safe
 //! calls only and never allocates.
 
+pub mod event_waits;
 pub mod procs;
 pub mod readiness;
 pub mod reaper;

@@ -1310,7 +1310,7 @@ impl SlotSockets {
                     let idle = held
                         && hint.trusted()
                         && s.serving.get(&slot).is_some_and(|pid| {
-                            crate::master::procs::waiting_for_events(pid.as_raw() as u32)
+                            crate::master::event_waits::waiting_for_events(pid.as_raw() as u32)
                         });
                     if !held || idle {
                         out_since = None;
