@@ -410,10 +410,14 @@ fn main() {
         .collect();
     let slow_only = args.first().is_some_and(|a| a == "slow");
     let rounds = match args.get(1) {
-        Some(n) if slow_only => n.parse().unwrap_or_else(|_| {
-            eprintln!("steering bench: `slow {n}`: the rounds must be a number");
-            std::process::exit(2)
-        }),
+        Some(n) if slow_only => n
+            .parse()
+            .ok()
+            .filter(|&r: &usize| r > 0)
+            .unwrap_or_else(|| {
+                eprintln!("steering bench: `slow {n}`: the rounds must be a number above 0");
+                std::process::exit(2)
+            }),
         _ => SLOW_ROUNDS,
     };
     let launchers: Vec<&str> = match args.get(2..) {
