@@ -5,7 +5,7 @@
 //! - `bpf`: reuseport-cluster `--steer bpf` with `REUSEPORT_CLUSTER_PARK=1` (parking, the default;
 //!   the SK_REUSEPORT program: round robin over the
 //!   workers that accept, under pressure each capped at a couple of samples' worth of what
-//!   the fastest takes; what finds every worker at its cap waits in the master's parking
+//!   the fastest takes, 3 while workers stall; what finds every worker at its cap waits in the master's parking
 //!   socket for the first with room, handed on every 1 ms; a stalled worker's queue moves
 //!   there after 10-50 ms);
 //! - `bpf no park`: the same with `REUSEPORT_CLUSTER_PARK=0` (no caps, no parking socket; a
@@ -16,7 +16,8 @@
 //!
 //! Scenarios (wrk, workers and wrk share the machine's CPUs):
 //! 1. stall: wrk -c64 `Connection: close` `--timeout 2s` for 7 s; one worker SIGSTOPped
-//!    from second 2 to second 5: timeouts;
+//!    from second 2 to second 5: timeouts (and req/s); `-- stall [ROUNDS] [LAUNCHER...]`
+//!    runs this scenario alone;
 //! 2. slow: 1 % of requests block their worker 200 ms, wrk -c64 `Connection: close`, 10 s,
 //!    3 rounds with the launchers taking turns: req/s, p99, max, and the share of the time
 //!    the workers were free with no connection (medians over the rounds; see `idle_share`);
@@ -401,27 +402,38 @@ fn main() {
         num_cpus()
     );
 
-    // `cargo bench --bench steering -- slow [ROUNDS] [LAUNCHER...]`: the 1 % slow scenario's
-    // rounds alone (3 rounds of the 5 launchers: 3.5 min; no chart), to compare changes that
-    // matter there, e.g. `-- slow 8 bpf "cluster shared"`.
+    // `cargo bench --bench steering -- slow|stall [ROUNDS] [LAUNCHER...]`: one scenario's
+    // rounds alone (no chart), to compare changes that matter there: the 1 % slow scenario
+    // (3 rounds of the 5 launchers: 3.5 min), e.g. `-- slow 8 bpf "cluster shared"`, or the
+    // stalled worker (1 round by default), e.g. `-- stall 3 bpf "bpf no park"`.
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let slow_only = args.first().is_some_and(|a| a == "slow");
+    let only = args.first().map(String::as_str);
+    let slow_only = only == Some("slow");
+    let stall_only = only == Some("stall");
+    if let Some(other) = only.filter(|_| !slow_only && !stall_only) {
+        eprintln!("steering bench: no scenario {other:?}; `slow` or `stall`, or none for all");
+        std::process::exit(2)
+    }
     let rounds = match args.get(1) {
-        Some(n) if slow_only => n
+        Some(n) => n
             .parse()
             .ok()
             .filter(|&r: &usize| r > 0)
             .unwrap_or_else(|| {
-                eprintln!("steering bench: `slow {n}`: the rounds must be a number above 0");
+                eprintln!(
+                    "steering bench: `{} {n}`: the rounds must be a number above 0",
+                    args[0]
+                );
                 std::process::exit(2)
             }),
-        _ => SLOW_ROUNDS,
+        None if stall_only => 1,
+        None => SLOW_ROUNDS,
     };
     let launchers: Vec<&str> = match args.get(2..) {
-        Some(names) if slow_only && !names.is_empty() => names
+        Some(names) if !names.is_empty() => names
             .iter()
             .map(|n| {
                 LAUNCHERS.into_iter().find(|l| l == n).unwrap_or_else(|| {
@@ -435,15 +447,39 @@ fn main() {
     println!("| scenario | {} |", launchers.join(" | "));
     println!("|---|{}", "---|".repeat(launchers.len()));
 
+    if stall_only {
+        // The launchers take turns, round after round, as in the slow scenario.
+        let mut runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (runs, l) in runs.iter_mut().zip(&launchers) {
+                runs.push(stall(l));
+            }
+        }
+        let cells: Vec<String> = runs
+            .iter()
+            .map(|runs| {
+                let each: Vec<String> = runs
+                    .iter()
+                    .map(|w| format!("{} ({:.0} req/s)", w.timeouts, w.rps))
+                    .collect();
+                each.join(", ")
+            })
+            .collect();
+        println!(
+            "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`, {rounds} alternating rounds: timeouts (req/s) | {} |",
+            cells.join(" | ")
+        );
+        return;
+    }
     let stalls: Vec<Wrk> = match slow_only {
         true => Vec::new(),
         false => LAUNCHERS.iter().map(|l| stall(l)).collect(),
     };
-    let cells: Vec<String> = stalls
-        .iter()
-        .map(|w| format!("{} ({:.0} req/s)", w.timeouts, w.rps))
-        .collect();
     if !slow_only {
+        let cells: Vec<String> = stalls
+            .iter()
+            .map(|w| format!("{} ({:.0} req/s)", w.timeouts, w.rps))
+            .collect();
         println!(
             "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`: timeouts | {} |",
             cells.join(" | ")
