@@ -370,9 +370,10 @@ struct Steering {
 ///
 /// Fresh, because listen(2) on a socket that listened before is slow where connections
 /// churn: the kernel then checks the port for conflicts against every socket bound to it,
-/// TIME_WAIT included (2-9 ms with 13 000 of them, 57 % of the master's CPU under the 1 %
-/// slow bench scenario), while a socket that never listened, in a port whose sockets all
-/// have SO_REUSEPORT, skips that check (bind and listen 3-20 us).
+/// TIME_WAIT included (2-9 ms with 13 000 of them, measured under the 1 % slow bench
+/// scenario's churn, where it took 57 % of the master's CPU; 0.33-0.62 ms on a quiet port,
+/// see [`EVACUATION_LISTEN_SHARE`]), while a socket that never listened, in a port whose
+/// sockets all have SO_REUSEPORT, skips that check (bind and listen 3-20 us).
 #[derive(Debug)]
 struct Parking {
     /// How to bind a parking socket, one per bind.
@@ -669,6 +670,17 @@ impl Evacuation {
             let _ = nix::sys::signal::kill(p, nix::sys::signal::SIGCONT);
         }
     }
+}
+
+/// What `status` shows of queue moves.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EvacuationView {
+    /// Stalled workers' queues moved so far.
+    pub moves: u64,
+    /// The connections those moves took.
+    pub moved: u64,
+    /// The slowest listen(2) of a move (see [`EVACUATION_LISTEN_SHARE`]).
+    pub slowest_listen: Duration,
 }
 
 /// Spaces evacuations so that their listen(2) takes at most [`EVACUATION_LISTEN_SHARE`] of
@@ -1771,17 +1783,15 @@ impl SlotSockets {
         Some(Rotation::Out(why))
     }
 
-    /// Stalled workers' queues moved so far, and the connections they held (0, 0 without
-    /// steering).
-    pub fn evacuations(&self) -> (u64, u64) {
-        self.steering.as_ref().map_or((0, 0), |s| s.evacuations)
-    }
-
-    /// The slowest listen(2) of a queue move so far (see [`EVACUATION_LISTEN_SHARE`]).
-    pub fn slowest_evacuation_listen(&self) -> Duration {
+    /// Stalled workers' queues moved so far (see [`Evacuation`]; nothing without steering).
+    pub fn evacuations(&self) -> EvacuationView {
         self.steering
             .as_ref()
-            .map_or(Duration::ZERO, |s| s.pace.slowest)
+            .map_or(EvacuationView::default(), |s| EvacuationView {
+                moves: s.evacuations.0,
+                moved: s.evacuations.1,
+                slowest_listen: s.pace.slowest,
+            })
     }
 
     /// Parking (see [`Parking`]): whether there is a parking socket, the connections parked
