@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{ppoll, PollFd, PollFlags};
 use nix::sys::signal::SigSet;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -926,20 +926,15 @@ fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
     killpg(pgid, signal)
 }
 
-/// Sleeps until one of `fds` is ready or `deadline` passes.
+/// Sleeps until one of `fds` is ready or `deadline` passes. ppoll(2), not poll(2): poll's
+/// timeout is in whole milliseconds, rounded up, so a deadline 0.2 ms away slept 1 ms and the
+/// 1 ms samples while connections are parked came every 1-2 ms (sockets/slots.rs,
+/// `SAMPLE_WHILE_PARKED`).
 fn wait(fds: &mut [PollFd], deadline: Option<Instant>) {
-    let timeout = match deadline {
-        None => PollTimeout::NONE,
-        Some(d) => {
-            // Round up: waking a little early would spin until the deadline.
-            let ms = d
-                .saturating_duration_since(Instant::now())
-                .as_micros()
-                .div_ceil(1000);
-            PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
-        }
-    };
-    match poll(fds, timeout) {
+    let timeout = deadline.map(|d| {
+        nix::sys::time::TimeSpec::from_duration(d.saturating_duration_since(Instant::now()))
+    });
+    match ppoll(fds, timeout, None) {
         Ok(_) | Err(Errno::EINTR) => {}
         Err(e) => warn!("poll: {e}"),
     }
