@@ -6,7 +6,7 @@
 //!   the SK_REUSEPORT program: round robin over the
 //!   workers that accept, under pressure each capped at a couple of samples' worth of what
 //!   the fastest takes, 3 while workers stall; what finds every worker at its cap waits in the master's parking
-//!   socket for the first with room, handed on every 1 ms; a stalled worker's queue moves
+//!   socket for the first with room, handed on every 0.5 ms; a stalled worker's queue moves
 //!   there after 10-50 ms);
 //! - `bpf no park`: the same with `REUSEPORT_CLUSTER_PARK=0` (no caps, no parking socket; a
 //!   stalled worker's queue moves to the others after 50 ms);
@@ -19,7 +19,7 @@
 //!    from second 2 to second 5: timeouts (and req/s); `-- stall [ROUNDS] [LAUNCHER...]`
 //!    runs this scenario alone;
 //! 2. slow: 1 % of requests block their worker 200 ms, wrk -c64 `Connection: close`, 10 s,
-//!    3 rounds with the launchers taking turns: req/s, p99, max, and the share of the time
+//!    5 rounds with the launchers taking turns: req/s, p99, max, and the share of the time
 //!    the workers were free with no connection (medians over the rounds; see `idle_share`);
 //!    `-- slow [ROUNDS] [LAUNCHER...]` runs this scenario alone;
 //! 3. spread: 8 keep-alive clients (wrk -t2 -c8, 4 s) on 4 workers, 3 runs: requests
@@ -317,8 +317,9 @@ fn spread(launcher: &str) -> (f64, Vec<u64>) {
 /// Alternating hash/bpf rounds of the uniform scenario.
 const ROUNDS: usize = 5;
 
-/// Rounds of the 1 % slow scenario, every launcher in turn.
-const SLOW_ROUNDS: usize = 3;
+/// Rounds of the 1 % slow scenario, every launcher in turn: one round's p99 moves by 20-30
+/// ms, as much as the launchers differ, and the median of 3 still moved by 10.
+const SLOW_ROUNDS: usize = 5;
 
 /// What steering costs, measured rather than read off throughput that swings ±15 % on a
 /// 2-CPU machine: with kernel.bpf_stats_enabled, the program's run time per new connection
@@ -404,7 +405,7 @@ fn main() {
 
     // `cargo bench --bench steering -- slow|stall [ROUNDS] [LAUNCHER...]`: one scenario's
     // rounds alone (no chart), to compare changes that matter there: the 1 % slow scenario
-    // (3 rounds of the 5 launchers: 3.5 min), e.g. `-- slow 8 bpf "cluster shared"`, or the
+    // (5 rounds of the 5 launchers: 6 min), e.g. `-- slow 8 bpf "cluster shared"`, or the
     // stalled worker (1 round by default), e.g. `-- stall 3 bpf "bpf no park"`.
     let args: Vec<String> = std::env::args()
         .skip(1)

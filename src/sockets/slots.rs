@@ -93,8 +93,13 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 /// the next sample hands it some. Under the 1 % slow bench scenario (every worker blocked
 /// most of the time), p99 medians of 3 alternating runs: 262 ms sampling every 5 ms, 239 ms
 /// every 2 ms, 222 ms every 1 ms, against 239 ms for Node's round robin; the master's CPU
-/// 0.6, 0.9 and 1.2 s per 10 s (the round robin primary's 1.3 s).
-pub const SAMPLE_WHILE_PARKED: Duration = Duration::from_millis(1);
+/// 0.6, 0.9 and 1.2 s per 10 s (the round robin primary's 1.3 s). With the stall cap and the
+/// hint of [`HINT_MISSES`], and the loop's wait to the microsecond (ppoll), 8 rounds
+/// alternating: 219.5 ms (215-221) every 0.5 ms against 222 (217-252) every 1 ms, the master
+/// at 1.5-1.6 s per 10 s against 1.1-1.3 s; then 5 rounds alternating with Node's cluster
+/// module: 218 ms (215-220) against round robin's 234 and the shared socket's 235. (Every
+/// 250 us, before the stall cap: 267 ms, the master's CPU taken from the workers'.)
+pub const SAMPLE_WHILE_PARKED: Duration = Duration::from_micros(500);
 
 /// How long a draining socket's queue must stay empty before its worker is stopped: time
 /// for the worker to read what it accepted last.
