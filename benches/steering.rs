@@ -16,8 +16,8 @@
 //!
 //! Scenarios (wrk, workers and wrk share the machine's CPUs):
 //! 1. stall: wrk -c64 `Connection: close` `--timeout 2s` for 7 s; one worker SIGSTOPped
-//!    from second 2 to second 5: timeouts (and req/s); `-- stall [ROUNDS] [LAUNCHER...]`
-//!    runs this scenario alone;
+//!    from second 2 to second 5, 3 rounds with the launchers taking turns: timeouts and
+//!    req/s (medians); `-- stall [ROUNDS] [LAUNCHER...]` runs this scenario alone;
 //! 2. slow: 1 % of requests block their worker 200 ms, wrk -c64 `Connection: close`, 10 s,
 //!    5 rounds with the launchers taking turns: req/s, p99, max, and the share of the time
 //!    the workers were free with no connection (medians over the rounds; see `idle_share`);
@@ -314,6 +314,17 @@ fn spread(launcher: &str) -> (f64, Vec<u64>) {
     (ratio, counts)
 }
 
+/// The median of `f` over `runs` (of an even count, the mean of the two in the middle).
+fn median(runs: &[Wrk], f: fn(&Wrk) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
+}
+
+/// Rounds of the stalled-worker scenario, every launcher in turn.
+const STALL_ROUNDS: usize = 3;
+
 /// Alternating hash/bpf rounds of the uniform scenario.
 const ROUNDS: usize = 5;
 
@@ -418,9 +429,8 @@ fn main() {
         eprintln!("steering bench: no scenario {other:?}; `slow` or `stall`, or none for all");
         std::process::exit(2)
     }
-    let rounds = match args.get(1) {
-        Some(n) => n
-            .parse()
+    let rounds = args.get(1).map(|n| {
+        n.parse()
             .ok()
             .filter(|&r: &usize| r > 0)
             .unwrap_or_else(|| {
@@ -429,10 +439,8 @@ fn main() {
                     args[0]
                 );
                 std::process::exit(2)
-            }),
-        None if stall_only => 1,
-        None => SLOW_ROUNDS,
-    };
+            })
+    });
     let launchers: Vec<&str> = match args.get(2..) {
         Some(names) if !names.is_empty() => names
             .iter()
@@ -448,44 +456,42 @@ fn main() {
     println!("| scenario | {} |", launchers.join(" | "));
     println!("|---|{}", "---|".repeat(launchers.len()));
 
-    if stall_only {
-        // The launchers take turns, round after round, as in the slow scenario.
-        let mut runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
+    // The launchers take turns, round after round, in both scenarios below: a single run of
+    // either moves as much as the launchers differ (what the stopped worker had accepted when
+    // it stopped: 0-3 connections; p99 by 20-30 ms).
+    let mut stall_runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
+    if !slow_only {
+        let rounds = rounds.unwrap_or(STALL_ROUNDS);
         for _ in 0..rounds {
-            for (runs, l) in runs.iter_mut().zip(&launchers) {
+            for (runs, l) in stall_runs.iter_mut().zip(&launchers) {
                 runs.push(stall(l));
             }
         }
-        let cells: Vec<String> = runs
+        let cells: Vec<String> = stall_runs
             .iter()
             .map(|runs| {
-                let each: Vec<String> = runs
-                    .iter()
-                    .map(|w| format!("{} ({:.0} req/s)", w.timeouts, w.rps))
-                    .collect();
-                each.join(", ")
+                let each: Vec<String> = runs.iter().map(|w| w.timeouts.to_string()).collect();
+                format!(
+                    "**{}** ({}), {:.0} req/s",
+                    median(runs, |w| w.timeouts as f64),
+                    each.join(", "),
+                    median(runs, |w| w.rps)
+                )
             })
             .collect();
         println!(
-            "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`, {rounds} alternating rounds: timeouts (req/s) | {} |",
+            "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`, {rounds} alternating rounds: timeouts (each round's), req/s (medians) | {} |",
             cells.join(" | ")
         );
+    }
+    if stall_only {
         return;
     }
-    let stalls: Vec<Wrk> = match slow_only {
-        true => Vec::new(),
-        false => LAUNCHERS.iter().map(|l| stall(l)).collect(),
-    };
-    if !slow_only {
-        let cells: Vec<String> = stalls
-            .iter()
-            .map(|w| format!("{} ({:.0} req/s)", w.timeouts, w.rps))
-            .collect();
-        println!(
-            "| 1 worker SIGSTOPped 3 s, `--timeout 2s`, `Connection: close`: timeouts | {} |",
-            cells.join(" | ")
-        );
-    }
+    let stalls: Vec<f64> = stall_runs
+        .iter()
+        .map(|runs| median(runs, |w| w.timeouts as f64))
+        .collect();
+    let rounds = rounds.unwrap_or(SLOW_ROUNDS);
 
     // The launchers take turns, round after round: one run's p99 moves by 20-30 ms on this
     // machine, as much as the launchers differ.
@@ -495,12 +501,6 @@ fn main() {
             runs.push(slow(l));
         }
     }
-    let median = |runs: &[Wrk], f: fn(&Wrk) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        (v[(n - 1) / 2] + v[n / 2]) / 2.0
-    };
     let slows: Vec<Wrk> = slow_runs
         .iter()
         .map(|runs| Wrk {
@@ -606,10 +606,7 @@ fn main() {
 
     chart(
         &[
-            (
-                "1 worker stopped 3 s: timeouts",
-                stalls.iter().map(|w| w.timeouts as f64).collect(),
-            ),
+            ("1 worker stopped 3 s: timeouts", stalls),
             (
                 "1 % slow requests: p99 (ms)",
                 slows.iter().map(|w| w.p99_ms).collect(),
