@@ -97,8 +97,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 /// hint of [`HINT_MISSES`], and the loop's wait to the microsecond (ppoll), 8 rounds
 /// alternating: 219.5 ms (215-221) every 0.5 ms against 222 (217-252) every 1 ms, the master
 /// at 1.5-1.6 s per 10 s against 1.1-1.3 s; then 5 rounds alternating with Node's cluster
-/// module: 218 ms (215-220) against round robin's 234 and the shared socket's 235. (Every
-/// 250 us, before the stall cap: 267 ms, the master's CPU taken from the workers'.)
+/// module: 218 ms (215-220) against round robin's 234 and the shared socket's 235. Every
+/// 250 us: no better (224 against 223 ms, 4 rounds), at 2.0-2.1 s of the master's CPU.
 pub const SAMPLE_WHILE_PARKED: Duration = Duration::from_micros(500);
 
 /// How long a draining socket's queue must stay empty before its worker is stopped: time
@@ -196,9 +196,10 @@ pub const CAP_WHILE_STALLING: u64 = 3;
 
 /// A queue moved this recently off a worker that had been accepting means workers stall (see
 /// [`CAP_WHILE_STALLING`]). Moves of a worker on probation do not count: with them, one worker
-/// SIGSTOPped for 3 s kept every worker at the stall cap for the whole 3 s, and the others
-/// took 17 100-17 500 req/s in the bench's stalled-worker scenario, against 19 100-19 900
-/// counting only the first move (and 19 800 without parking, which has no cap).
+/// SIGSTOPped for 3 s kept every worker at the stall cap for the whole 3 s. The others took
+/// 17 000-17 500 req/s in scratch runs of the bench's stalled-worker scenario, against
+/// 19 100-19 900 counting only the first move (19 800 without parking, which has no cap); in
+/// the bench, 21 318 before and 25 367 after.
 pub const STALLING_WITHIN: Duration = Duration::from_millis(200);
 
 /// The cap on every worker's outstanding connections under pressure, from what the fastest
