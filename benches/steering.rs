@@ -19,8 +19,9 @@
 //!    from second 2 to second 5, 3 rounds with the launchers taking turns: timeouts and
 //!    req/s (medians); `-- stall [ROUNDS] [LAUNCHER...]` runs this scenario alone;
 //! 2. slow: 1 % of requests block their worker 200 ms, wrk -c64 `Connection: close`, 10 s,
-//!    5 rounds with the launchers taking turns: req/s, p99, max, and the share of the time
-//!    the workers were free with no connection (medians over the rounds; see `idle_share`);
+//!    5 rounds with the launchers taking turns: req/s, p99, max, the share of the time
+//!    the workers were free with no connection (see `idle_share`), and the CPU time of the
+//!    launcher's own process (the master, Node's primary) over the 10 s (medians);
 //!    `-- slow [ROUNDS] [LAUNCHER...]` runs this scenario alone;
 //! 3. spread: 8 keep-alive clients (wrk -t2 -c8, 4 s) on 4 workers, 3 runs: requests
 //!    max/min per worker (∞: a worker got nothing);
@@ -178,6 +179,9 @@ struct Wrk {
     /// Slow scenario: the share of samples of the workers' main threads that found them
     /// waiting for events (an idle event loop, see [`idle_share`]).
     idle: f64,
+    /// Slow scenario: the CPU seconds the launcher's own process (the master, Node's primary)
+    /// took during the load.
+    master_cpu: f64,
 }
 
 fn wrk(port: u16, args: &[&str]) -> Wrk {
@@ -244,7 +248,9 @@ fn slow(launcher: &str) -> Wrk {
         std::thread::spawn(move || idle_share(&workers, &done))
     };
     let [h, v] = close();
+    let c0 = support::cpu_seconds(r.child.id());
     let mut w = wrk(r.port, &["-t2", "-c64", "-d10s", "--timeout", "5s", h, v]);
+    w.master_cpu = support::cpu_seconds(r.child.id()) - c0;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     w.idle = sampler.join().unwrap();
     stop(r);
@@ -487,10 +493,6 @@ fn main() {
     if stall_only {
         return;
     }
-    let stalls: Vec<f64> = stall_runs
-        .iter()
-        .map(|runs| median(runs, |w| w.timeouts as f64))
-        .collect();
     let rounds = rounds.unwrap_or(SLOW_ROUNDS);
 
     // The launchers take turns, round after round: one run's p99 moves by 20-30 ms on this
@@ -510,6 +512,7 @@ fn main() {
             timeouts: 0,
             errors: runs.iter().map(|w| w.errors).sum(),
             idle: median(runs, |w| w.idle),
+            master_cpu: median(runs, |w| w.master_cpu),
         })
         .collect();
     let cells: Vec<String> = slows
@@ -518,17 +521,18 @@ fn main() {
         .map(|(w, runs)| {
             let p99s: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.p99_ms)).collect();
             format!(
-                "{:.0}, **{:.0} ms** ({}), {:.0} ms, {:.1} %",
+                "{:.0}, **{:.0} ms** ({}), {:.0} ms, {:.1} %, {:.2} s",
                 w.rps,
                 w.p99_ms,
                 p99s.join(", "),
                 w.max_ms,
-                w.idle * 100.0
+                w.idle * 100.0,
+                w.master_cpu
             )
         })
         .collect();
     println!(
-        "| 1 % of requests block their worker 200 ms, `Connection: close`, {rounds} alternating rounds: req/s, p99 (each round's), max, workers idle (medians) | {} |",
+        "| 1 % of requests block their worker 200 ms, `Connection: close`, {rounds} alternating rounds: req/s, p99 (each round's), max, workers idle, the master's (primary's) CPU over the 10 s (medians) | {} |",
         cells.join(" | ")
     );
     if slow_only {
@@ -606,7 +610,13 @@ fn main() {
 
     chart(
         &[
-            ("1 worker stopped 3 s: timeouts", stalls),
+            (
+                "1 worker stopped 3 s: timeouts",
+                stall_runs
+                    .iter()
+                    .map(|runs| median(runs, |w| w.timeouts as f64))
+                    .collect(),
+            ),
             (
                 "1 % slow requests: p99 (ms)",
                 slows.iter().map(|w| w.p99_ms).collect(),
