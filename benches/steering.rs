@@ -423,7 +423,7 @@ fn main() {
     // `cargo bench --bench steering -- slow|stall [ROUNDS] [LAUNCHER...]`: one scenario's
     // rounds alone (no chart), to compare changes that matter there: the 1 % slow scenario
     // (5 rounds of the 5 launchers: 6 min), e.g. `-- slow 8 bpf "cluster shared"`, or the
-    // stalled worker (1 round by default), e.g. `-- stall 3 bpf "bpf no park"`.
+    // stalled worker (3 rounds of the 5: 3 min), e.g. `-- stall 5 bpf "bpf no park"`.
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -464,7 +464,8 @@ fn main() {
 
     // The launchers take turns, round after round, in both scenarios below: a single run of
     // either moves as much as the launchers differ (what the stopped worker had accepted when
-    // it stopped: 0-3 connections; p99 by 20-30 ms).
+    // it stopped: 0-3 connections under bpf, up to 20 under the shared socket; p99 by 20-30
+    // ms).
     let mut stall_runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
     if !slow_only {
         let rounds = rounds.unwrap_or(STALL_ROUNDS);

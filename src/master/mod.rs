@@ -927,9 +927,9 @@ fn signal_group(pgid: Pid, signal: Signal) -> Result<(), Errno> {
 }
 
 /// Sleeps until one of `fds` is ready or `deadline` passes. ppoll(2), not poll(2): poll's
-/// timeout is in whole milliseconds, rounded up, so a deadline 0.2 ms away slept 1 ms and the
-/// 1 ms samples while connections are parked came every 1-2 ms (sockets/slots.rs,
-/// `SAMPLE_WHILE_PARKED`).
+/// timeout is in whole milliseconds, rounded up, so a deadline 0.2 ms away slept 1 ms, and
+/// samples meant for every 1 ms while connections were parked came every 1-2 ms
+/// (sockets/slots.rs, `SAMPLE_WHILE_PARKED`, now 0.5 ms).
 fn wait(fds: &mut [PollFd], deadline: Option<Instant>) {
     let timeout = deadline.map(|d| {
         nix::sys::time::TimeSpec::from_duration(d.saturating_duration_since(Instant::now()))

@@ -96,7 +96,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 /// 0.6, 0.9 and 1.2 s per 10 s (the round robin primary's 1.3 s). With the stall cap and the
 /// hint of [`HINT_MISSES`], and the loop's wait to the microsecond (ppoll), 8 rounds
 /// alternating: 219.5 ms (215-221) every 0.5 ms against 222 (217-252) every 1 ms, the master
-/// at 1.5-1.6 s per 10 s against 1.1-1.3 s; then 5 rounds alternating with Node's cluster
+/// at 1.5-1.7 s per 10 s against 1.0-1.3 s (the round robin primary's 1.0 s in the same
+/// rounds; the bench's slow row shows it); then 5 rounds alternating with Node's cluster
 /// module: 218 ms (215-220) against round robin's 234 and the shared socket's 235. Every
 /// 250 us: no better (224 against 223 ms, 4 rounds), at 2.0-2.1 s of the master's CPU.
 pub const SAMPLE_WHILE_PARKED: Duration = Duration::from_micros(500);
@@ -376,9 +377,9 @@ struct Steering {
 ///
 /// Fresh, because listen(2) on a socket that listened before is slow where connections
 /// churn: the kernel then checks the port for conflicts against every socket bound to it,
-/// TIME_WAIT included (2-9 ms with 13 000 of them, measured under the 1 % slow bench
-/// scenario's churn, where it took 57 % of the master's CPU; 0.33-0.62 ms on a quiet port,
-/// see [`EVACUATION_LISTEN_SHARE`]), while a socket that never listened, in a port whose
+/// TIME_WAIT included (2-9 ms with 13 000 of them in an earlier profile of the 1 % slow bench
+/// scenario, where it took 57 % of the master's CPU, 0.71 ms median in the latest; 0.33-0.62
+/// ms on a quiet port, see [`EVACUATION_LISTEN_SHARE`]), while a socket that never listened, in a port whose
 /// sockets all have SO_REUSEPORT, skips that check (bind and listen 3-20 us).
 #[derive(Debug)]
 struct Parking {
