@@ -2088,6 +2088,11 @@ mod tests {
         // The hold-out doubles with each move in a row, up to its most.
         assert_eq!(slow.hold_out, Some(t0 + ms(300) + HOLD_OUT));
         assert_eq!(stopped.hold_out, Some(t0 + ms(250) + HOLD_OUT * 4));
+        for _ in 0..3 {
+            stopped.queue_moved(t0 + ms(1000));
+        }
+        assert_eq!(stopped.hold_out, Some(t0 + ms(1000) + HOLD_OUT_MAX));
+        assert_eq!(stopped.stalled_at, Some(t0), "still the first move's");
     }
 
     #[test]
