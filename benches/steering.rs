@@ -328,6 +328,20 @@ fn median(runs: &[Wrk], f: fn(&Wrk) -> f64) -> f64 {
     (v[(n - 1) / 2] + v[n / 2]) / 2.0
 }
 
+/// `rounds` of `scenario`, the launchers taking turns in each: a single run moves as much as
+/// the launchers differ (what the stopped worker had accepted when it stopped: 0-3
+/// connections under bpf, up to 20 under the shared socket; p99 by 20-30 ms). Each
+/// launcher's runs, in `launchers`' order.
+fn take_turns(launchers: &[&str], rounds: usize, scenario: fn(&str) -> Wrk) -> Vec<Vec<Wrk>> {
+    let mut runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (runs, l) in runs.iter_mut().zip(launchers) {
+            runs.push(scenario(l));
+        }
+    }
+    runs
+}
+
 /// Rounds of the stalled-worker scenario, every launcher in turn.
 const STALL_ROUNDS: usize = 3;
 
@@ -462,18 +476,10 @@ fn main() {
     println!("| scenario | {} |", launchers.join(" | "));
     println!("|---|{}", "---|".repeat(launchers.len()));
 
-    // The launchers take turns, round after round, in both scenarios below: a single run of
-    // either moves as much as the launchers differ (what the stopped worker had accepted when
-    // it stopped: 0-3 connections under bpf, up to 20 under the shared socket; p99 by 20-30
-    // ms).
     let mut stall_runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
     if !slow_only {
         let rounds = rounds.unwrap_or(STALL_ROUNDS);
-        for _ in 0..rounds {
-            for (runs, l) in stall_runs.iter_mut().zip(&launchers) {
-                runs.push(stall(l));
-            }
-        }
+        stall_runs = take_turns(&launchers, rounds, stall);
         let cells: Vec<String> = stall_runs
             .iter()
             .map(|runs| {
@@ -496,14 +502,7 @@ fn main() {
     }
     let rounds = rounds.unwrap_or(SLOW_ROUNDS);
 
-    // The launchers take turns, round after round: one run's p99 moves by 20-30 ms on this
-    // machine, as much as the launchers differ.
-    let mut slow_runs: Vec<Vec<Wrk>> = launchers.iter().map(|_| Vec::new()).collect();
-    for _ in 0..rounds {
-        for (runs, l) in slow_runs.iter_mut().zip(&launchers) {
-            runs.push(slow(l));
-        }
-    }
+    let slow_runs = take_turns(&launchers, rounds, slow);
     let slows: Vec<Wrk> = slow_runs
         .iter()
         .map(|runs| Wrk {
