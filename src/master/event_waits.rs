@@ -6,10 +6,17 @@
 /// accept (/proc/PID/syscall). An event loop there is idle and would take a connection now. A
 /// hint, not a fact: in some servers another process or thread does the accepting.
 pub fn waiting_for_events(pid: u32) -> bool {
+    syscall(pid).is_some_and(waits_for_events)
+}
+
+/// The system call `pid`'s main thread is in (None: running, or no such process).
+fn syscall(pid: u32) -> Option<nix::libc::c_long> {
     std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
         .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .is_some_and(waits_for_events)
 }
 
 /// The system calls an idle event loop (or an acceptor) sleeps in.
@@ -49,15 +56,9 @@ mod tests {
         };
         let mut poller = spawn(&["python3", "-c", "import select; select.poll().poll(10000)"]);
         let mut sleeper = spawn(&["sleep", "10"]);
-        // Whether each has reached its system call: /proc/PID/syscall shows a number then.
-        let in_syscall = |pid: u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/syscall"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
-                .is_some()
-        };
+        // Until each has reached its system call.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !(waiting_for_events(poller.id()) && in_syscall(sleeper.id()))
+        while !(waiting_for_events(poller.id()) && syscall(sleeper.id()).is_some())
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(10));
