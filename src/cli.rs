@@ -276,6 +276,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Leave Node apps as they are: no preload mapping listen(PORT) to the worker's socket,
+    /// no cluster-module worker, no drain on the stop signal. The preload is on only when the
+    /// program is Node (node, a #!...node script, npm, npx, yarn, pnpm, tsx)
+    #[arg(long)]
+    pub no_node_preload: bool,
+
     /// The app: "PROGRAM ARGS", split into words like a shell would (no shell is started).
     /// PROGRAM is looked up in PATH once, at start-up. [default: the built-in demo app]
     #[arg(long, value_name = "\"PROGRAM ARGS\"", conflicts_with = "program")]

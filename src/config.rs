@@ -86,6 +86,8 @@ pub struct Config {
     pub recycle: crate::master::recycle::RecyclePolicy,
     /// What each worker runs.
     pub app: App,
+    /// Whether Node workers get the preload (node/mod.rs); the master writes its file.
+    pub node: crate::node::Preload,
 }
 
 /// One listening socket of every worker.
@@ -325,6 +327,15 @@ impl Config {
                 .map(|m| parse_addr(m).map_err(|e| invalid!("--metrics {m}: {e}")))
                 .transpose()?,
             recycle,
+            node: match (args.no_node_preload, crate::node::detect(&app)) {
+                (_, None) => crate::node::Preload::NotNode,
+                (true, Some(_)) => crate::node::Preload::Disabled,
+                (false, Some((launch, program))) => crate::node::Preload::On {
+                    program,
+                    launch,
+                    path: None,
+                },
+            },
             app,
         })
     }

@@ -11,6 +11,7 @@ mod config;
 mod demo;
 mod log;
 mod master;
+mod node;
 mod ops;
 mod sockets;
 

@@ -129,15 +129,22 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let mut control = ControlServer::open(&control_path, &name)?;
     let mut metrics = config.metrics.map(MetricsServer::bind).transpose()?;
     let started = Instant::now();
+    install_node_preload(&mut config);
     let notify = match config.ready.uses_notify() {
-        true => Some(NotifySocket::bind()?),
+        true => Some(match config.node.path().and_then(|p| p.parent()) {
+            None => NotifySocket::bind(None)?,
+            Some(dir) => NotifySocket::bind(Some(dir)).or_else(|e| {
+                warn!("node workers' readiness is read from /proc: {e:#}");
+                NotifySocket::bind(None)
+            })?,
+        }),
         false => None,
     };
     // Before any fork: workers inherit the limit.
     if let Some(line) = open_files_limit(config.nofile)? {
         info!("{line}");
     }
-    let mut spawner = Spawner::new(&config, notify.as_ref().map(|n| n.env_value()).as_deref())?;
+    let mut spawner = Spawner::new(&config, notify.as_ref())?;
     let (read, write) = UnixStream::pair().context("creating the signal pipe")?;
     let mut signals = SignalDelivery::with_pipe(read, write, SignalOnly, HANDLED)
         .context("installing signal handlers")?;
@@ -300,7 +307,9 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             PollFd::new(reaper.poll_fd(), PollFlags::POLLIN),
         ];
         if let Some(n) = &notify {
-            fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
+            for fd in n.poll_fds() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
         }
         let metrics_fds = metrics.as_ref().map(|m| m.poll_fds()).unwrap_or_default();
         for (fd, events) in control
@@ -1013,6 +1022,30 @@ fn exited(
 }
 
 /// The start-up lines: what runs where.
+/// Writes the Node preload where the workers can read it; says so, or why not.
+fn install_node_preload(config: &mut Config) {
+    use crate::node::Preload;
+    let Preload::On { path, .. } = &mut config.node else {
+        if config.node == Preload::Disabled {
+            info!("node preload off (--no-node-preload): a Node app must serve fd 3 itself, e.g. server.listen({{fd: 3}})");
+        }
+        return;
+    };
+    match crate::node::install(&crate::node::dir(), config.credentials.as_ref()) {
+        Ok(p) => *path = Some(p),
+        Err(e) => {
+            let why = format!("{e:#}");
+            warn!(
+                "node preload off: {why}; listen(PORT) in the app will fail with EADDRINUSE: \
+                 make it serve fd 3 (server.listen({{fd: 3}})), or fix the directory"
+            );
+            config.node = Preload::Failed(why);
+            return;
+        }
+    }
+    info!("node preload {}", config.node);
+}
+
 fn announce(config: &Config) {
     let sockets: Vec<String> = config
         .binds

@@ -177,8 +177,33 @@ pub struct Spawned {
 impl Spawner {
     /// Prepares argv, the shared environment and the sockaddrs of `config`; workers get
     /// `notify_socket` as NOTIFY_SOCKET.
-    pub fn new(config: &Config, notify_socket: Option<&str>) -> anyhow::Result<Spawner> {
+    pub fn new(
+        config: &Config,
+        notify: Option<&crate::ops::notify::NotifySocket>,
+    ) -> anyhow::Result<Spawner> {
         let (path, argv) = program_of(&config.app);
+        let notify_socket = notify.map(|n| n.env_value());
+        let ready_socket = notify
+            .and_then(|n| n.ready_path())
+            .map(|p| p.display().to_string());
+        let node_options = std::env::var("NODE_OPTIONS").ok();
+        let port = std::env::var("PORT").ok();
+        let stop_signal = config.stop_signal.as_str();
+        let node: Vec<(String, String)> = match (&config.node, config.node.path()) {
+            (crate::node::Preload::On { launch, .. }, Some(path)) => {
+                crate::node::env(&crate::node::NodeEnv {
+                    path,
+                    launch: *launch,
+                    binds: &config.binds,
+                    stop_signal,
+                    backlog: config.backlog,
+                    ready_socket: ready_socket.as_deref(),
+                    node_options: node_options.as_deref(),
+                    port: port.as_deref(),
+                })
+            }
+            _ => Vec::new(),
+        };
         // `--user`: the user's HOME, USER and LOGNAME, as runuser and systemd's User= set them.
         let identity: Vec<(&str, OsString)> = match &config.credentials {
             Some(c) => vec![
@@ -191,11 +216,21 @@ impl Spawner {
         let base_env = std::env::vars_os()
             .filter(|(k, _)| !MANAGED_ENV.iter().any(|m| k.as_bytes() == m.as_bytes()))
             .filter(|(k, _)| {
+                !crate::node::MANAGED_ENV
+                    .iter()
+                    .any(|m| k.as_bytes() == m.as_bytes())
+            })
+            .filter(|(k, _)| !node.iter().any(|(name, _)| k.as_bytes() == name.as_bytes()))
+            .filter(|(k, _)| {
                 !identity
                     .iter()
                     .any(|(name, _)| k.as_bytes() == name.as_bytes())
             })
             .chain(identity.iter().map(|(k, v)| (OsString::from(k), v.clone())))
+            .chain(
+                node.iter()
+                    .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            )
             .map(|(k, v)| {
                 let mut kv = k.into_vec();
                 kv.push(b'=');

@@ -145,7 +145,7 @@ pub fn socket_path(name: &str, explicit: Option<&Path>) -> PathBuf {
 
 /// /run/reuseport-cluster for root, else $XDG_RUNTIME_DIR/reuseport-cluster, else a
 /// private directory under /tmp.
-fn runtime_dir() -> PathBuf {
+pub fn runtime_dir() -> PathBuf {
     let uid = nix::unistd::geteuid();
     if uid.is_root() {
         return PathBuf::from("/run/reuseport-cluster");
