@@ -8,6 +8,7 @@ mod control;
 mod deploy;
 mod launcher;
 mod master_robustness;
+mod node;
 mod operations;
 mod real_deploy;
 mod recycle;

@@ -234,7 +234,8 @@ fn npm_start_drains_within_grace() {
         dir.join("server.js"),
         "process.on('SIGTERM', () => setTimeout(() => {\n\
          require('fs').writeFileSync(process.env.MARKER, 'drained');\n\
-         process.exit(0);\n}, 1500));\nsetInterval(() => {}, 1000);\n",
+         process.exit(0);\n}, 1500));\nsetInterval(() => {}, 1000);\n\
+         require('fs').writeFileSync(process.env.MARKER + '.up', 'up');\n",
     )
     .unwrap();
     let marker = dir.join("marker");
@@ -255,6 +256,10 @@ fn npm_start_drains_within_grace() {
         &[("MARKER", marker.to_str().unwrap())],
     );
     c.expect_log("workers ready");
+    // Under load npm may take longer than the 1 s delay to start the app: a SIGTERM before
+    // the app's handler is in place kills it at once (Node's default).
+    let up = dir.join("marker.up");
+    assert!(wait_until(TIMEOUT, || up.exists()), "the app started");
     c.signal(Signal::SIGTERM);
     assert_eq!(c.wait_exit(TIMEOUT), Some(0), "a clean stop");
     assert_eq!(

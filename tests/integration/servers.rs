@@ -12,35 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn cache() -> PathBuf {
-    let root = std::env::var("REUSEPORT_CLUSTER_TEST_CACHE")
-        .unwrap_or_else(|_| "/var/cache/reuseport-cluster-test".into());
-    Path::new(&root).join("servers")
-}
-
 fn apps() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/integration/apps/servers")
-}
-
-/// The program, or None after printing why the test skips.
-fn installed(program: &Path) -> Option<String> {
-    if program.is_file() {
-        return Some(program.to_str().unwrap().to_string());
-    }
-    eprintln!(
-        "skipped: {} is not installed (scripts/install-servers.sh could not install it)",
-        program.display()
-    );
-    None
-}
-
-fn which(program: &str) -> Option<String> {
-    let found = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file());
-    installed(&found.unwrap_or_else(|| PathBuf::from(program)))
 }
 
 fn venv(program: &str) -> Option<String> {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1158,4 +1158,33 @@ pub fn bar_group_label(x: &f64, names: &[&str]) -> String {
         true => names.get(i as usize).copied().unwrap_or("").to_string(),
         false => String::new(),
     }
+}
+
+/// Where scripts/install-servers.sh puts the real servers.
+pub fn cache() -> PathBuf {
+    let root = std::env::var("REUSEPORT_CLUSTER_TEST_CACHE")
+        .unwrap_or_else(|_| "/var/cache/reuseport-cluster-test".into());
+    Path::new(&root).join("servers")
+}
+
+/// The program, or None after printing why the test skips.
+pub fn installed(program: &Path) -> Option<String> {
+    if program.is_file() {
+        return Some(program.to_str().unwrap().to_string());
+    }
+    eprintln!(
+        "skipped: {} is not installed (scripts/install-servers.sh could not install it)",
+        program.display()
+    );
+    None
+}
+
+/// `program` from PATH, or None after printing why the test skips.
+pub fn which(program: &str) -> Option<String> {
+    let found = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file());
+    installed(&found.unwrap_or_else(|| PathBuf::from(program)))
 }

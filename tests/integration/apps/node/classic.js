@@ -14,7 +14,7 @@ if (cluster.isMaster) {
 } else {
   http.createServer((req, res) => {
     if (req.url === '/slow') {
-      setTimeout(() => res.end(`slow answer from pid ${process.pid}\n`), 1500);
+      setTimeout(() => res.end(`slow answer from pid ${process.pid}\n`), Number(process.env.SLOW_MS || 1500));
       return;
     }
     res.writeHead(200);

@@ -4,7 +4,7 @@ const http = require('http');
 const port = Number(process.argv[2]);
 http.createServer((req, res) => {
   if (req.url === '/slow') {
-    setTimeout(() => res.end(`slow answer from pid ${process.pid}\n`), 1500);
+    setTimeout(() => res.end(`slow answer from pid ${process.pid}\n`), Number(process.env.SLOW_MS || 1500));
     return;
   }
   res.end(`hello from pid ${process.pid}\n`);
