@@ -123,11 +123,29 @@ pub fn run(plan: &Plan) -> bool {
         }
     }
 
+    node_preload(&mut say);
+
     match std::env::var("NOTIFY_SOCKET") {
         Ok(s) if !s.is_empty() => say(Verdict::Ok, format!("NOTIFY_SOCKET={s}: the master will report READY/RELOADING/STOPPING to its supervisor")),
         _ => say(Verdict::Ok, "NOTIFY_SOCKET not set: fine outside systemd Type=notify units".into()),
     }
     worst != Verdict::Fail
+}
+
+/// Where Node is installed, whether the preload can be written for its workers.
+fn node_preload(say: &mut impl FnMut(Verdict, String)) {
+    let Some(node) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("node"))
+            .find(|p| p.is_file())
+    }) else {
+        return say(Verdict::Ok, "node: not in PATH (a Node app's workers would get the preload that maps listen(PORT) to their socket)".into());
+    };
+    let dir = crate::node::dir();
+    match crate::node::install(&dir, None) {
+        Ok(path) => say(Verdict::Ok, format!("node: {}: a Node app (node, npm start, a #!...node script) needs no change: listen(PORT) serves its worker's socket through the preload {} (--no-node-preload turns it off)", node.display(), path.display())),
+        Err(e) => say(Verdict::Warn, format!("node: {}: the preload cannot be written ({e:#}), so a Node app must serve fd 3 itself (server.listen({{fd: 3}})); make {} writable by this user", node.display(), dir.display())),
+    }
 }
 
 fn check_port(addr: SocketAddr, say: &mut impl FnMut(Verdict, String)) {

@@ -57,6 +57,8 @@ pub struct ClusterStatus {
     pub held_sockets: Vec<HeldSocketsStatus>,
     /// Who picks a new connection's worker: `bpf`, or `hash (why)`.
     pub steering: String,
+    /// Whether Node workers get the preload that maps listen(PORT) to their socket, and why.
+    pub node_preload: String,
     /// Under bpf steering, every entry of the program's socket map (first bind), with the
     /// cookie of the socket the master holds for that slot: equal when the map is right.
     pub steering_map: Vec<MapEntryStatus>,
@@ -317,6 +319,7 @@ impl ClusterStatus {
             workers,
             socket_takeover: sockets.enabled(),
             steering: sockets.mode(),
+            node_preload: config.node.to_string(),
             queues_moved: evacuations.moves,
             connections_moved: evacuations.moved,
             queue_move_listen_max_ms: evacuations.slowest_listen.as_secs_f64() * 1000.0,
@@ -409,6 +412,12 @@ impl ClusterStatus {
             }
         }
         let _ = writeln!(out, "steering: {steering}");
+        if !self
+            .node_preload
+            .starts_with("off (the program is not Node")
+        {
+            let _ = writeln!(out, "node preload: {}", self.node_preload);
+        }
         let held: Vec<String> = self
             .held_sockets
             .iter()

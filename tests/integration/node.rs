@@ -469,3 +469,83 @@ fn an_ambiguous_listen_says_which_binds_it_matches() {
         "{log}"
     );
 }
+
+/// One server per bind in a worker: a second listen on the port fails with an error naming
+/// it (the first keeps serving).
+#[test]
+fn a_second_listen_on_the_port_in_one_process_is_an_error_naming_it() {
+    let Some(node) = node20() else { return };
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut c = Cluster::start(&[
+        "--workers",
+        "1",
+        "--bind",
+        &bind,
+        "--",
+        &node,
+        &app("twice.js"),
+    ]);
+    let line = format!(
+        "second listen: EADDRINUSE reuseport-cluster: port {port} is already served by another \
+         server of this process (fd 3)"
+    );
+    assert!(
+        wait_until(TIMEOUT, || c
+            .stdout_lines()
+            .iter()
+            .any(|l| l.starts_with(&line))),
+        "{:?}",
+        c.stdout_lines()
+    );
+    assert_eq!(get(c.addr()).unwrap().status, 200);
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+}
+
+/// `--user`: the workers' user reads the preload and reaches the ready socket; `status`
+/// says the preload is on.
+#[test]
+fn node_workers_of_another_user_get_the_preload_and_status_says_so() {
+    let Some(node) = node20() else { return };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: --user needs root");
+        return;
+    }
+    let bind = format!("127.0.0.1:{}", free_port());
+    let mut c = Cluster::start(&[
+        "--workers",
+        "2",
+        "--bind",
+        &bind,
+        "--user",
+        "nobody",
+        "--ready",
+        "notify",
+        "--ready-timeout",
+        "20s",
+        "--",
+        &node,
+        &app("plain.js"),
+        &c_port(&bind),
+    ]);
+    assert!(!c.log_contains("not ready after"), "{}", c.log().join("\n"));
+    let worker = *c.workers().values().next().unwrap();
+    assert_eq!(
+        status_field(worker, "Uid")
+            .unwrap()
+            .split_whitespace()
+            .next(),
+        Some("65534")
+    );
+    assert_eq!(get(c.addr()).unwrap().status, 200);
+    let (code, text, _) = c.ctl(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("node preload: on (node; /run/"), "{text}");
+    c.signal(Signal::SIGTERM);
+    assert_eq!(c.wait_exit(TIMEOUT), Some(0));
+}
+
+fn c_port(bind: &str) -> String {
+    bind.rsplit(':').next().unwrap().to_string()
+}
