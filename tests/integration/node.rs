@@ -549,3 +549,91 @@ fn node_workers_of_another_user_get_the_preload_and_status_says_so() {
 fn c_port(bind: &str) -> String {
     bind.rsplit(':').next().unwrap().to_string()
 }
+
+/// The forms of listen() Node accepts: a bind's port (with a host, or as a string in an
+/// options object) gets that bind's fd; port 0, no port, a unix path and a port no bind has
+/// get sockets of their own (the cluster module, told it is a worker, never asks for a
+/// primary), the last with one warning line; dgram binds work too.
+#[test]
+fn every_listen_form_maps_a_binds_port_and_leaves_the_others_to_node() {
+    let Some(node) = node20() else { return };
+    for node in [Some(node), node_current()].into_iter().flatten() {
+        let (p1, p2, other) = (free_port(), free_port(), free_port());
+        let pipe = temp_dir("node-forms").join("app.sock");
+        let (b1, b2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+        let mut c = Cluster::spawn(
+            &[
+                "--workers",
+                "1",
+                "--bind",
+                &b1,
+                "--bind",
+                &b2,
+                "--ready",
+                "notify",
+                "--",
+                &node,
+                &app("forms.js"),
+                &p1.to_string(),
+                &p2.to_string(),
+                &other.to_string(),
+                pipe.to_str().unwrap(),
+            ],
+            &[],
+        );
+        c.expect_log("workers ready");
+        assert!(
+            wait_until(TIMEOUT, || c
+                .stdout_lines()
+                .iter()
+                .any(|l| l == "forms done")),
+            "{:?}\n{}",
+            c.stdout_lines(),
+            c.log().join("\n")
+        );
+        let out = c.stdout_lines();
+        let line = |form: &str| {
+            out.iter()
+                .find(|l| l.starts_with(&format!("form {form}:")))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            line("listen(P1, host, cb)"),
+            format!("form listen(P1, host, cb): fd 3 port {p1}")
+        );
+        assert_eq!(
+            line("listen({port: \"P2\"})"),
+            format!("form listen({{port: \"P2\"}}): fd 4 port {p2}")
+        );
+        for own in ["listen(0, host)", "listen()", "listen(other)"] {
+            let l = line(own);
+            assert!(
+                !l.contains("error") && !l.contains("fd 3 ") && !l.contains("fd 4 "),
+                "{l}"
+            );
+        }
+        assert!(
+            line("listen(other)").ends_with(&format!("port {other}")),
+            "{out:?}"
+        );
+        assert!(
+            line("listen(path)").contains(pipe.to_str().unwrap()),
+            "{out:?}"
+        );
+        assert!(
+            line("dgram.bind(0, host)").starts_with("form dgram.bind(0, host): port"),
+            "{out:?}"
+        );
+        assert!(
+            c.log_contains(&format!("listen on port {other}, which no --bind has")),
+            "{}",
+            c.log().join("\n")
+        );
+        // Both binds serve.
+        assert_eq!(get(c.addrs[0]).unwrap().status, 200);
+        assert_eq!(get(c.addrs[1]).unwrap().status, 200);
+        c.signal(Signal::SIGTERM);
+        assert_eq!(c.wait_exit(TIMEOUT), Some(0), "{}", c.log().join("\n"));
+    }
+}
