@@ -336,6 +336,8 @@ fn parse_opts() -> Opts {
 
 fn main() {
     let o = parse_opts();
+    // No test of the suite (nor another bench) runs a master meanwhile.
+    let _quiet = support::load_lock();
     assert!(
         pm2().exists() && node_bin_dir().join("node").exists(),
         "PM2 or the current Node is missing: run scripts/install-load-tools.sh --no-oha"

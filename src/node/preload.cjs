@@ -11,7 +11,8 @@
 //     the requests in flight finish (each answered with Connection: close) and exits 0;
 //  4. tells the master the moment every socket is listened on (readiness, no /proc scan).
 // Every other process (a wrapper such as npm, a child the app forks) is left untouched.
-// Plain CommonJS for Node 18 to 26; nothing here runs per request before the stop signal.
+// Plain CommonJS for Node 18 to 26. Before the stop signal it costs one listener call per
+// connection (to find the idle ones at the stop) and nothing per request.
 (function reuseportClusterPreload() {
   const env = process.env;
   const spec = env.REUSEPORT_CLUSTER_NODE_FDS;
