@@ -983,9 +983,12 @@ impl Supervisor {
 
     /// Says in the log when the cluster becomes degraded, and when it no longer is.
     fn log_degraded(&mut self, out: &mut Vec<Action>) {
-        // Cheap on every tick: the reasons are only written out when it changes.
-        let degraded = matches!(self.phase, Phase::Running)
-            && self.slots.iter().any(|s| s.backoff.crash_looping());
+        // Cheap on every tick: the reasons are only written out when it changes. A stop
+        // ends the question (and says nothing about it).
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let degraded = self.slots.iter().any(|s| s.backoff.crash_looping());
         match (degraded, self.degraded_logged) {
             (true, false) => {
                 self.degraded_logged = true;
