@@ -96,7 +96,9 @@ pub struct OomWitness {
     kmsg: Option<File>,
     /// Victims named by the kernel's lines read so far and not yet claimed, with the line.
     victims: VecDeque<(i32, String)>,
-    /// /proc/vmstat oom_kill at the last look.
+    /// /proc/vmstat (another file in the tests).
+    vmstat_file: PathBuf,
+    /// Its oom_kill at the last look.
     vmstat: Option<u64>,
     /// Each memory cgroup counter file looked at, with its value at the last look.
     counters: HashMap<PathBuf, u64>,
@@ -117,17 +119,23 @@ impl OomWitness {
             .open("/dev/kmsg")
             .ok()
             .and_then(|mut f| f.seek(SeekFrom::End(0)).ok().map(|_| f));
-        let mut witness = OomWitness {
-            kmsg,
-            victims: VecDeque::new(),
-            vmstat: vmstat_oom_kills(),
-            counters: HashMap::new(),
-            workers: HashMap::new(),
-        };
+        let mut witness = OomWitness::reading(kmsg, PathBuf::from("/proc/vmstat"));
         if let Some(own) = memory_cgroup_counter("self") {
             witness.look(&own);
         }
         witness
+    }
+
+    /// A witness reading `kmsg` and the host's OOM kills from `vmstat_file`.
+    fn reading(kmsg: Option<File>, vmstat_file: PathBuf) -> OomWitness {
+        OomWitness {
+            kmsg,
+            victims: VecDeque::new(),
+            vmstat: oom_kills(&vmstat_file),
+            vmstat_file,
+            counters: HashMap::new(),
+            workers: HashMap::new(),
+        }
     }
 
     /// Whether anything can be read to attribute a SIGKILL.
@@ -170,7 +178,7 @@ impl OomWitness {
         for file in files {
             moved |= self.look(&file);
         }
-        let now = vmstat_oom_kills();
+        let now = oom_kills(&self.vmstat_file);
         moved |= matches!((self.vmstat, now), (Some(before), Some(now)) if now > before);
         if now.is_some() {
             self.vmstat = now;
@@ -185,7 +193,7 @@ impl OomWitness {
 
     /// Reads `file`'s oom_kill count; whether it moved since the last look.
     fn look(&mut self, file: &PathBuf) -> bool {
-        let Some(now) = cgroup_oom_kills(file) else {
+        let Some(now) = oom_kills(file) else {
             return false;
         };
         let before = self.counters.insert(file.clone(), now);
@@ -235,12 +243,6 @@ fn oom_victim(record: &str) -> Option<(i32, String)> {
     Some((pid, short.to_string()))
 }
 
-/// /proc/vmstat's oom_kill: OOM kills on the host since boot (Linux 4.13+).
-fn vmstat_oom_kills() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/vmstat").ok()?;
-    counter(&text, "oom_kill")
-}
-
 /// The file that counts OOM kills in the memory cgroup of `/proc/<who>`: cgroup v2's
 /// memory.events, or v1's memory.oom_control; None when neither can be read.
 fn memory_cgroup_counter(who: &str) -> Option<PathBuf> {
@@ -262,13 +264,12 @@ fn memory_cgroup_counter(who: &str) -> Option<PathBuf> {
             );
         }
     }
-    candidates
-        .into_iter()
-        .find(|f| cgroup_oom_kills(f).is_some())
+    candidates.into_iter().find(|f| oom_kills(f).is_some())
 }
 
-/// The oom_kill count of a memory.events or memory.oom_control file.
-fn cgroup_oom_kills(file: &PathBuf) -> Option<u64> {
+/// The oom_kill count of /proc/vmstat (the host's, Linux 4.13+), of a memory.events or of
+/// a memory.oom_control file.
+fn oom_kills(file: &PathBuf) -> Option<u64> {
     counter(&std::fs::read_to_string(file).ok()?, "oom_kill")
 }
 
@@ -317,6 +318,35 @@ mod tests {
         let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n";
         assert_eq!(counter(v1, "oom_kill"), Some(5));
         assert_eq!(counter("nr_free_pages 1\n", "oom_kill"), None);
+    }
+
+    /// A SIGKILL is the OOM killer's when a counter moved with it, another process's when
+    /// none did, unknown when none can be read; each death is judged against the last.
+    #[test]
+    fn a_counter_moving_with_the_death_makes_it_the_oom_killers() {
+        let dir = std::env::temp_dir().join(format!("rc-deaths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (vmstat, cgroup) = (dir.join("vmstat"), dir.join("memory.events"));
+        std::fs::write(&vmstat, "pgfault 9\noom_kill 3\n").unwrap();
+        std::fs::write(&cgroup, "oom 1\noom_kill 1\n").unwrap();
+        let mut w = OomWitness::reading(None, vmstat.clone());
+        let (a, b, c) = (Pid::from_raw(10), Pid::from_raw(11), Pid::from_raw(12));
+        w.look(&cgroup);
+        w.workers.insert(a, Some(cgroup.clone()));
+        w.workers.insert(b, Some(cgroup.clone()));
+        // Control: nothing moved: someone else's kill -9.
+        assert_eq!(w.sigkill_cause(a), Cause::OtherProcess);
+        // The worker's cgroup counted an OOM kill: the OOM killer's.
+        std::fs::write(&cgroup, "oom 2\noom_kill 2\n").unwrap();
+        assert_eq!(w.sigkill_cause(b), Cause::OomKiller { kernel: None });
+        // The host's count moving is enough too; and the next death starts from there.
+        std::fs::write(&vmstat, "pgfault 9\noom_kill 4\n").unwrap();
+        assert_eq!(w.sigkill_cause(c), Cause::OomKiller { kernel: None });
+        assert_eq!(w.sigkill_cause(c), Cause::OtherProcess);
+        // Nothing readable: unknown.
+        let mut blind = OomWitness::reading(None, dir.join("absent"));
+        assert_eq!(blind.sigkill_cause(a), Cause::Unknown);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
