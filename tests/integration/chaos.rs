@@ -194,7 +194,7 @@ fn chaos(
                     _ => have + 1,
                 };
                 // Refused during a rolling restart: also a request the master must survive.
-                c.ctl(&["scale", &to.to_string()]);
+                c.ctl(&["scale", &to.to_string(), "--no-wait"]);
                 faults.add("scale");
             }
             _ => {
