@@ -209,6 +209,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub ready_timeout: String,
 
+    /// A worker that dies before it is ready, or within DURATION of becoming ready, counts
+    /// toward its slot's crash loop (restart delays 100 ms doubling to 30 s); one that served
+    /// longer is restarted in 100 ms, whatever killed it. 1s, as PM2's min_uptime: an app
+    /// that crashes once it serves does so on its first requests, and a worker killed after
+    /// serving a second (the OOM killer, kill -9) is a death, not a crash loop
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub min_uptime: String,
+
     /// Slots replaced at once in a rolling restart (SIGHUP)
     #[arg(long, value_name = "K", default_value_t = 1)]
     pub rolling_batch: usize,

@@ -66,6 +66,8 @@ pub struct Config {
     pub ready: ReadyMode,
     /// How long a new worker may take to become ready.
     pub ready_timeout: Duration,
+    /// `--min-uptime`: a worker that dies sooner after it became ready is a crash loop's.
+    pub min_uptime: Duration,
     /// Slots replaced at once in a rolling restart.
     pub rolling_batch: usize,
     /// What to do about net.ipv4.tcp_migrate_req.
@@ -245,6 +247,8 @@ impl Config {
             ReadyMode::parse(&args.ready).map_err(|e| invalid!("--ready {}: {e}", args.ready))?;
         let ready_timeout =
             parse_duration(&args.ready_timeout).map_err(|e| invalid!("--ready-timeout {e}"))?;
+        let min_uptime =
+            parse_duration(&args.min_uptime).map_err(|e| invalid!("--min-uptime {e}"))?;
         if let Some(name) = &args.name {
             crate::ops::control::check_name(name).map_err(Invalid)?;
         }
@@ -307,6 +311,7 @@ impl Config {
             stop_signal,
             ready,
             ready_timeout,
+            min_uptime,
             rolling_batch: args.rolling_batch,
             migrate: args.migrate,
             steer: args.steer,

@@ -14,6 +14,7 @@
 //! blocked and take no lock a forked child could need: the child makes async-signal-safe
 //! calls only and never allocates.
 
+pub mod deaths;
 pub mod event_waits;
 pub mod procs;
 pub mod readiness;
@@ -47,6 +48,7 @@ use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 
 use crate::config::{format_cpu_list, App, Config};
+use crate::master::deaths::OomWitness;
 use crate::master::procs::{Ending, Leftovers};
 use crate::master::reaper::Reaper;
 use crate::master::recycle::Recycler;
@@ -181,6 +183,8 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         ready_timeout: config.ready_timeout,
         rolling_batch: config.rolling_batch,
         drain: sockets.steers(),
+        min_uptime: config.min_uptime,
+        max_memory: config.recycle.max_memory.is_some(),
     };
     let mut supervisor = Supervisor::new(settings, Instant::now());
     let mut recycler = Recycler::new(config.recycle, Instant::now());
@@ -200,6 +204,7 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
     let mut events = VecDeque::from([Event::Start]);
     let mut leftovers = Leftovers::new(config.grace, config.stop_signal);
     let mut reaper = Reaper::new().context("creating the reaper's wake-up pipe")?;
+    let mut oom = OomWitness::new();
     let mut notify_log = RateLimit::default();
     // Leftovers SIGKILLed before the stop began do not make it a forced one.
     let mut killed_before_stop = None;
@@ -240,6 +245,12 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
                 events.push_front(answer);
             }
         }
+        oom.note_ready(
+            supervisor
+                .workers()
+                .filter(|w| w.state == WorkerState::Ready)
+                .map(|w| w.pid),
+        );
         if supervisor.is_stopping() && killed_before_stop.is_none() {
             killed_before_stop = Some(leftovers.killed());
             stop_began = Some(Instant::now());
@@ -253,7 +264,13 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         if let (Some(outcome), true) = (&exit, leftovers.is_empty()) {
             // Whatever ended since the last reap is a zombie child of the master by now (the
             // kernel reparents at exit, not at reaping): reap it, leave nothing to init.
-            reap(&supervisor, &mut leftovers, &mut reaper, &mut events);
+            reap(
+                &supervisor,
+                &mut leftovers,
+                &mut reaper,
+                &mut oom,
+                &mut events,
+            );
             let forced = leftovers.killed() > killed_before_stop.unwrap_or(0);
             let outcome = match outcome {
                 Outcome::Stopped if forced => Outcome::Killed,
@@ -268,7 +285,13 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
             // back (waitid reports one child until its reap begins): nothing is left to init.
             loop {
                 reaper.finish();
-                reap(&supervisor, &mut leftovers, &mut reaper, &mut events);
+                reap(
+                    &supervisor,
+                    &mut leftovers,
+                    &mut reaper,
+                    &mut oom,
+                    &mut events,
+                );
                 if reaper.is_idle() {
                     break;
                 }
@@ -353,7 +376,13 @@ pub fn run(mut config: Config) -> anyhow::Result<Outcome> {
         // Exits are queued before the signals: a stop request handled in the same wake as
         // the last worker's exit must find it gone (and not SIGKILL, nor exit 3, for nothing).
         reaper.service();
-        reap(&supervisor, &mut leftovers, &mut reaper, &mut events);
+        reap(
+            &supervisor,
+            &mut leftovers,
+            &mut reaper,
+            &mut oom,
+            &mut events,
+        );
         for event in &events {
             if let Event::Exited { pid, .. } = event {
                 sockets.exited(*pid);
@@ -955,6 +984,7 @@ fn reap(
     supervisor: &Supervisor,
     leftovers: &mut Leftovers,
     reaper: &mut Reaper,
+    oom: &mut OomWitness,
     events: &mut VecDeque<Event>,
 ) {
     // Workers first, one by one: waitid on any child reports one at a time, and the same
@@ -965,7 +995,9 @@ fn reap(
             continue;
         }
         match spawn::exited_child(Some(pid)) {
-            Ok(Some((pid, reason))) => exited(supervisor, leftovers, reaper, events, pid, reason),
+            Ok(Some((pid, reason))) => {
+                exited(supervisor, leftovers, reaper, oom, events, pid, reason)
+            }
             Ok(None) | Err(Errno::ECHILD) | Err(Errno::EINTR) => {}
             Err(e) => warn!("waitid {pid}: {e}"),
         }
@@ -974,7 +1006,9 @@ fn reap(
         match spawn::exited_child(None) {
             // Still being handed to its thread: the others wait for the wake its reap sends.
             Ok(Some((pid, _))) if reaper.is_reaping(pid) => return,
-            Ok(Some((pid, reason))) => exited(supervisor, leftovers, reaper, events, pid, reason),
+            Ok(Some((pid, reason))) => {
+                exited(supervisor, leftovers, reaper, oom, events, pid, reason)
+            }
             Ok(None) | Err(Errno::ECHILD) => return,
             Err(Errno::EINTR) => continue,
             Err(e) => return warn!("waitid: {e}"),
@@ -987,10 +1021,12 @@ fn exited(
     supervisor: &Supervisor,
     leftovers: &mut Leftovers,
     reaper: &mut Reaper,
+    oom: &mut OomWitness,
     events: &mut VecDeque<Event>,
     pid: Pid,
     reason: ExitReason,
 ) {
+    let mut killer = None;
     if let Some(w) = supervisor.workers().find(|w| w.pid == pid) {
         // While the worker is an unreaped zombie its pid (= its group id) cannot be
         // reused, so its group is exactly what it left behind in it.
@@ -1005,6 +1041,14 @@ fn exited(
             WorkerState::Stopping { killed: true, .. } => Ending::Killed,
             _ => Ending::Unasked,
         };
+        // A SIGKILL the master did not send: the kernel's records say whose it was.
+        let ours = matches!(w.state, WorkerState::Stopping { killed: true, .. });
+        match reason {
+            ExitReason::Signal(nix::libc::SIGKILL) if !ours => {
+                killer = Some(oom.sigkill_cause(pid));
+            }
+            _ => oom.forget(pid),
+        }
         let live = supervisor
             .workers()
             .filter(|o| o.pid != pid)
@@ -1018,7 +1062,11 @@ fn exited(
         debug!("reaped orphan pid {pid} ({reason})");
     }
     reaper.reap(pid);
-    events.push_back(Event::Exited { pid, reason });
+    events.push_back(Event::Exited {
+        pid,
+        reason,
+        killer,
+    });
 }
 
 /// The start-up lines: what runs where.

@@ -16,10 +16,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use crate::master::deaths::Cause;
 use crate::master::readiness::ReadyMode;
 use crate::master::recycle::Reason;
 use crate::master::rolling::{Purpose, RollingRestart, SurgeStep};
-use crate::master::worker::{ms, ExitReason, Generation, Slot, SlotState, Worker, WorkerState};
+use crate::master::worker::{
+    ms, ExitReason, Generation, Slot, SlotState, Worker, WorkerState, BACKOFF_MIN,
+};
 
 /// Something that happened to the cluster.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +58,8 @@ pub enum Event {
         pid: Pid,
         /// How it ended.
         reason: ExitReason,
+        /// Who sent the SIGKILL that ended it, when the master did not (master/deaths.rs).
+        killer: Option<Cause>,
     },
     /// The worker `pid` showed it is ready (READY=1, or waiting for connections).
     Ready {
@@ -333,6 +338,10 @@ pub struct Settings {
     /// Drain an old worker's socket before stopping it in a rolling restart (`--steer
     /// bpf`): [`Action::Drain`] first, the stop signal on [`Event::Drained`].
     pub drain: bool,
+    /// A worker that dies sooner after it became ready counts toward its slot's crash loop.
+    pub min_uptime: Duration,
+    /// Whether `--max-memory` recycles workers (else an OOM kill's line suggests it).
+    pub max_memory: bool,
 }
 
 /// The cluster's state and the rules that change it.
@@ -362,6 +371,10 @@ pub struct Supervisor {
     recycles: BTreeMap<&'static str, u64>,
     /// The last rolling restart attempted.
     last_rollout: Option<Rollout>,
+    /// Deaths the master did not ask for, by cause (master/deaths.rs labels).
+    deaths: BTreeMap<&'static str, u64>,
+    /// Whether the log last said the cluster is degraded.
+    degraded_logged: bool,
 }
 
 impl Supervisor {
@@ -386,6 +399,8 @@ impl Supervisor {
             rolling_failed: 0,
             recycles: BTreeMap::new(),
             last_rollout: None,
+            deaths: BTreeMap::new(),
+            degraded_logged: false,
         }
     }
 
@@ -469,6 +484,56 @@ impl Supervisor {
         &self.recycles
     }
 
+    /// Deaths the master did not ask for, by cause.
+    pub fn deaths(&self) -> &BTreeMap<&'static str, u64> {
+        &self.deaths
+    }
+
+    /// Why the cluster is degraded, if it is: its crash-looping slots, and which keeps
+    /// restarting at the base delay so that the port stays served.
+    pub fn degraded(&self) -> Option<String> {
+        if !matches!(self.phase, Phase::Running) {
+            return None;
+        }
+        let looping: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|s| s.backoff.crash_looping())
+            .map(|s| {
+                let last = s.last_exit.map_or(String::new(), |e| {
+                    let when = if s.can_start {
+                        "within --min-uptime of ready"
+                    } else {
+                        "before ready"
+                    };
+                    format!(", last {e} {when}")
+                });
+                format!(
+                    "slot {} crash-loops ({} quick deaths in a row{last})",
+                    s.index,
+                    s.backoff.quick_deaths()
+                )
+            })
+            .collect();
+        if looping.is_empty() {
+            return None;
+        }
+        let kept: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|s| s.kept_up)
+            .map(|s| s.index.to_string())
+            .collect();
+        let kept = match kept.len() {
+            0 => String::new(),
+            _ => format!(
+                "; slot {} keeps restarting at the base delay: every other slot is in backoff",
+                kept.join(", ")
+            ),
+        };
+        Some(format!("{}{kept}", looping.join(", ")))
+    }
+
     /// The slot being recycled, if any.
     pub fn recycling(&self) -> Option<usize> {
         let r = self.rolling.as_ref().filter(|r| !r.is_deploy())?;
@@ -527,6 +592,16 @@ impl Supervisor {
         }
         for w in self.workers.values() {
             match w.state {
+                WorkerState::Ready => {
+                    // A crash-looping slot's worker that lives --min-uptime ends the loop.
+                    let looping = self
+                        .slots
+                        .get(w.slot)
+                        .is_some_and(|s| s.pid() == Some(w.pid) && s.backoff.crash_looping());
+                    if let (true, Some(r)) = (looping, w.ready_at) {
+                        deadlines.push(r + self.settings.min_uptime);
+                    }
+                }
                 WorkerState::Starting => {
                     deadlines.push(w.started + self.settings.ready_timeout);
                     if let ReadyMode::Delay(d) = self.settings.ready {
@@ -570,7 +645,11 @@ impl Supervisor {
                 generation,
                 error,
             } => self.on_spawn_failed(slot, generation, error, now, &mut out),
-            Event::Exited { pid, reason } => self.on_exited(pid, reason, now, &mut out),
+            Event::Exited {
+                pid,
+                reason,
+                killer,
+            } => self.on_exited(pid, reason, killer, now, &mut out),
             Event::Ready { pid } => self.on_ready(pid, now, &mut out),
             Event::Status { pid, text } => {
                 if let Some(w) = self.workers.get_mut(&pid) {
@@ -726,22 +805,39 @@ impl Supervisor {
         match self.phase {
             Phase::Starting => self.begin_stop(Some(line), now, out),
             Phase::Running => {
-                let slot = &mut self.slots[index];
-                let delay = slot.backoff.delay(Duration::ZERO);
-                slot.state = SlotState::Waiting { at: now + delay };
-                out.push(Action::Log(format!("{line}; retrying in {}", ms(delay))));
-                release_if_crash_looping(index, delay, out);
+                self.slots[index].can_start = false;
+                self.restart_later(index, false, line, "retrying", now, out)
             }
             Phase::Stopping { .. } | Phase::Done => out.push(Action::Log(line)),
         }
     }
 
-    fn on_exited(&mut self, pid: Pid, reason: ExitReason, now: Instant, out: &mut Vec<Action>) {
+    fn on_exited(
+        &mut self,
+        pid: Pid,
+        reason: ExitReason,
+        killer: Option<Cause>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let Some(mut worker) = self.workers.remove(&pid) else {
             return; // an orphan adopted as subreaper: reaping it was all that was owed
         };
-        let uptime = worker.uptime(now);
-        let line = worker.transition(WorkerState::Exited(reason), now);
+        let asked = matches!(worker.state, WorkerState::Stopping { .. });
+        let served = worker.served(now, self.settings.min_uptime);
+        let mut line = worker.transition(WorkerState::Exited(reason), now);
+        let cause = (!asked).then(|| Cause::of(reason, killer));
+        if let Some(cause) = &cause {
+            *self.deaths.entry(cause.label()).or_default() += 1;
+            if let Some(what) = cause.describe() {
+                line = format!("{line}: {what}");
+                if matches!(cause, Cause::OomKiller { .. }) && !self.settings.max_memory {
+                    line.push_str(
+                        " (--max-memory recycles a worker before the OOM killer strikes)",
+                    );
+                }
+            }
+        }
         let surge_step = self
             .rolling
             .as_mut()
@@ -770,6 +866,8 @@ impl Supervisor {
         };
         slot.state = SlotState::Empty;
         slot.last_exit = Some(reason);
+        slot.last_cause = cause.as_ref().and_then(|c| c.describe());
+        slot.can_start = worker.ready_at.is_some();
         if self
             .rolling
             .as_ref()
@@ -778,7 +876,10 @@ impl Supervisor {
             // The new generation died after it was ready: the pass stops here, and the slot
             // goes back to the generation that serves everywhere else.
             slot.generation = self.serving_generation;
-            let delay = slot.backoff.delay(uptime);
+            let delay = match served {
+                true => slot.backoff.after_service(),
+                false => slot.backoff.after_quick_death(),
+            };
             slot.state = SlotState::Waiting { at: now + delay };
             let why = format!(
                 "{line} after it was ready; slot {} restarts on generation {} in {}",
@@ -803,13 +904,106 @@ impl Supervisor {
                     out,
                 )
             }
-            Phase::Running => {
-                let delay = slot.backoff.delay(uptime);
-                slot.state = SlotState::Waiting { at: now + delay };
-                out.push(Action::Log(format!("{line}; restarting in {}", ms(delay))));
-                release_if_crash_looping(worker.slot, delay, out);
-            }
+            Phase::Running => self.restart_later(worker.slot, served, line, "restarting", now, out),
             Phase::Stopping { .. } | Phase::Done => out.push(Action::Log(line)),
+        }
+    }
+
+    /// Puts slot `index`, whose worker died (`line`) or could not be started, in backoff:
+    /// the base delay after a worker that served, else its crash loop's growing delay. But
+    /// never every slot in backoff while one of them can start: the last one keeps
+    /// restarting at the base delay, the port served between its crashes.
+    fn restart_later(
+        &mut self,
+        index: usize,
+        served: bool,
+        line: String,
+        verb: &str,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let slot = &mut self.slots[index];
+        let mut delay = match served {
+            true => slot.backoff.after_service(),
+            false => slot.backoff.after_quick_death(),
+        };
+        let was_kept = std::mem::take(&mut slot.kept_up);
+        slot.state = SlotState::Waiting { at: now + delay };
+        let dark =
+            |s: &Slot| matches!(s.state, SlotState::Waiting { at } if at > now + BACKOFF_MIN);
+        let mut note = None;
+        if self.slots.iter().all(dark) {
+            // Which slot stays up: this one if its worker became ready, else the one that
+            // can start and was due soonest.
+            let keep = match self.slots[index].can_start {
+                true => Some(index),
+                false => self
+                    .slots
+                    .iter()
+                    .filter(|s| s.can_start)
+                    .min_by_key(|s| match s.state {
+                        SlotState::Waiting { at } => at,
+                        _ => now,
+                    })
+                    .map(|s| s.index),
+            };
+            match keep {
+                Some(k) => {
+                    let s = &mut self.slots[k];
+                    // Said once, when it begins: its restarts say the rest.
+                    if !(s.kept_up || k == index && was_kept) {
+                        note = Some(format!(
+                            "worker {k}: every other slot is in backoff: it keeps restarting in \
+                             {} so that the port stays served",
+                            ms(BACKOFF_MIN)
+                        ));
+                    }
+                    s.kept_up = true;
+                    s.state = SlotState::Waiting {
+                        at: now + BACKOFF_MIN,
+                    };
+                    if k == index {
+                        delay = BACKOFF_MIN;
+                    }
+                }
+                None => {
+                    note = Some(
+                        "every slot is in backoff: no worker became ready since its slot's last \
+                         crash (the app cannot start)"
+                            .into(),
+                    )
+                }
+            }
+        }
+        out.push(Action::Log(format!("{line}; {verb} in {}", ms(delay))));
+        if let Some(note) = note {
+            out.push(Action::Log(note));
+        }
+        release_if_crash_looping(index, delay, out);
+        self.log_degraded(out);
+    }
+
+    /// Says in the log when the cluster becomes degraded, and when it no longer is.
+    fn log_degraded(&mut self, out: &mut Vec<Action>) {
+        // Cheap on every tick: the reasons are only written out when it changes. A stop
+        // ends the question (and says nothing about it).
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let degraded = self.slots.iter().any(|s| s.backoff.crash_looping());
+        match (degraded, self.degraded_logged) {
+            (true, false) => {
+                self.degraded_logged = true;
+                let why = self.degraded().unwrap_or_default();
+                out.push(Action::Log(format!("cluster degraded: {why}")));
+            }
+            (false, true) => {
+                self.degraded_logged = false;
+                out.push(Action::Log(
+                    "cluster no longer degraded: no slot crash-loops".into(),
+                ));
+            }
+            _ => {}
         }
     }
 
@@ -822,6 +1016,9 @@ impl Supervisor {
         }
         let line = worker.transition(WorkerState::Ready, now);
         let (index, generation, started) = (worker.slot, worker.generation, worker.started);
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.can_start = true;
+        }
         let surging = self
             .rolling
             .as_ref()
@@ -1095,6 +1292,23 @@ impl Supervisor {
         for pid in overdue {
             self.kill_worker(pid, now, out);
         }
+        // A crash-looping slot whose worker has now served for --min-uptime: the loop is over.
+        let min_uptime = self.settings.min_uptime;
+        for slot in &mut self.slots {
+            let Some(w) = slot.pid().and_then(|p| self.workers.get(&p)) else {
+                continue;
+            };
+            if slot.backoff.crash_looping() && w.served(now, min_uptime) {
+                slot.backoff.after_service();
+                slot.kept_up = false;
+                out.push(Action::Log(format!(
+                    "{w}: up {} after ready: slot {}'s crash loop is over",
+                    ms(min_uptime),
+                    slot.index
+                )));
+            }
+        }
+        self.log_degraded(out);
     }
 
     fn on_scale(&mut self, wanted: usize, now: Instant, out: &mut Vec<Action>) {
@@ -1444,6 +1658,7 @@ mod tests {
     const TERM: Signal = Signal::SIGTERM;
     const KILL: Signal = Signal::SIGKILL;
     const TIMEOUT: Duration = Duration::from_secs(30);
+    pub const MIN_UPTIME: Duration = Duration::from_secs(1);
 
     pub fn sup_with(workers: usize, ready: ReadyMode, batch: usize) -> (Supervisor, Instant) {
         let t0 = Instant::now();
@@ -1457,6 +1672,8 @@ mod tests {
                 ready_timeout: TIMEOUT,
                 rolling_batch: batch,
                 drain: false,
+                min_uptime: MIN_UPTIME,
+                max_memory: false,
             },
             t0,
         );
@@ -1485,6 +1702,7 @@ mod tests {
         Event::Exited {
             pid: pid(p),
             reason,
+            killer: None,
         }
     }
 
@@ -1738,7 +1956,7 @@ mod tests {
             error: "exec ./app: ENOENT".into(),
         };
         let out = s.step(failed, t);
-        assert!(logs(&out).ends_with("retrying in 200 ms"), "{out:?}");
+        assert!(logs(&out).contains("retrying in 200 ms"), "{out:?}");
         assert!(exit(&out).is_none());
     }
 
@@ -2189,6 +2407,242 @@ mod tests {
             s.slots()[0].pid(),
             Some(pid(100)),
             "the old worker serves on"
+        );
+    }
+}
+
+#[cfg(test)]
+mod crash_loop_tests {
+    //! Backoff for crash loops, not for deaths; never every slot in backoff by our hand.
+    use super::tests::*;
+    use super::*;
+
+    const KILL: Signal = Signal::SIGKILL;
+
+    fn releases(actions: &[Action]) -> Vec<usize> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ReleaseSockets { slot, .. } => Some(*slot),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Restarts `slot` (due by `t`) with pid `p`; makes it ready at once if `ready`.
+    fn restart(s: &mut Supervisor, slot: usize, p: i32, ready_too: bool, t: Instant) {
+        assert_eq!(
+            spawns(&s.step(Event::Tick, t)),
+            vec![(slot, 1)],
+            "slot {slot} due"
+        );
+        s.step(spawned(slot, 1, p), t);
+        if ready_too {
+            s.step(ready(p), t);
+        }
+    }
+
+    #[test]
+    fn a_worker_that_served_is_restarted_in_the_base_delay_however_often_it_is_killed() {
+        let (mut s, t0) = running(1);
+        let mut t = t0;
+        let mut p = 100;
+        for kill in 0..12 {
+            // Killed after serving 1.5 s, again and again (the kill storm of issue 25).
+            t += Duration::from_millis(1500);
+            let out = s.step(exited(p, ExitReason::signal(KILL)), t);
+            assert!(
+                logs(&out).contains("restarting in 100 ms"),
+                "kill {kill}: {out:?}"
+            );
+            assert!(releases(&out).is_empty(), "kill {kill}: the socket stays");
+            assert!(s.degraded().is_none(), "kill {kill}");
+            t += Duration::from_millis(100);
+            p = 200 + kill;
+            restart(&mut s, 0, p, true, t);
+        }
+        assert_eq!(s.deaths().get("unknown"), Some(&12), "{:?}", s.deaths());
+    }
+
+    #[test]
+    fn control_a_worker_dying_within_min_uptime_of_ready_backs_off_and_lets_go_of_its_socket() {
+        let (mut s, t0) = running(2);
+        let mut t = t0;
+        let mut p = 101;
+        let mut delays = Vec::new();
+        let mut released = None;
+        for crash in 1..=5 {
+            t += MIN_UPTIME / 2;
+            let out = s.step(exited(p, ExitReason::Code(1)), t);
+            let log = logs(&out);
+            let delay = log
+                .split("restarting in ")
+                .nth(1)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap();
+            delays.push(delay.to_string());
+            if !releases(&out).is_empty() {
+                released = Some(crash);
+            }
+            t = s.next_deadline().unwrap();
+            p = 200 + crash;
+            restart(&mut s, 1, p, true, t);
+        }
+        assert_eq!(delays, ["100 ms", "200 ms", "400 ms", "800 ms", "1.6 s"]);
+        assert_eq!(released, Some(5));
+        let why = s.degraded().expect("degraded");
+        assert!(
+            why.starts_with("slot 1 crash-loops (5 quick deaths in a row, last exit status 1 within --min-uptime of ready)"),
+            "{why}"
+        );
+        // Its worker now lives --min-uptime after ready: the loop is over, at that moment.
+        assert_eq!(s.next_deadline(), Some(t + MIN_UPTIME));
+        let out = s.step(Event::Tick, t + MIN_UPTIME);
+        let log = logs(&out);
+        assert!(log.contains("slot 1's crash loop is over"), "{log}");
+        assert!(log.contains("cluster no longer degraded"), "{log}");
+        assert!(s.degraded().is_none());
+        let out = s.step(exited(p, ExitReason::signal(KILL)), t + 10 * MIN_UPTIME);
+        assert!(logs(&out).contains("restarting in 100 ms"), "{out:?}");
+    }
+
+    #[test]
+    fn the_last_slot_out_of_backoff_keeps_restarting_at_the_base_delay() {
+        let (mut s, t0) = running(2);
+        // Every worker crashes 0.2 s after it is ready (a bad config read after ready);
+        // simulated in steps of 10 ms for 20 s.
+        let mut alive: BTreeMap<usize, (i32, Instant)> = [(0, (100, t0)), (1, (101, t0))].into();
+        let mut next = 300;
+        let mut all = String::new();
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(20) {
+            t += Duration::from_millis(10);
+            let mut out = s.step(Event::Tick, t);
+            for (slot, _) in spawns(&out.clone()) {
+                out.extend(s.step(spawned(slot, 1, next), t));
+                out.extend(s.step(ready(next), t));
+                alive.insert(slot, (next, t));
+                next += 1;
+            }
+            for (slot, (p, since)) in alive.clone() {
+                if t >= since + Duration::from_millis(200) {
+                    out.extend(s.step(exited(p, ExitReason::Code(1)), t));
+                    alive.remove(&slot);
+                }
+            }
+            let dark = s
+                .slots()
+                .iter()
+                .filter(|sl| matches!(sl.state, SlotState::Waiting { at } if at > t + BACKOFF_MIN))
+                .count();
+            all.push_str(&logs(&out));
+            all.push('\n');
+            assert!(dark < 2, "both slots in backoff at {:?}:\n{all}", t - t0);
+        }
+        assert!(
+            all.contains(
+                "worker 1: every other slot is in backoff: it keeps restarting in 100 ms so that \
+                 the port stays served"
+            ),
+            "{all}"
+        );
+        // Said when a slot begins to be the one kept (the two take turns while their
+        // delays are short), not at each of its restarts.
+        let said = all.matches("every other slot is in backoff").count();
+        assert!((1..10).contains(&said), "said {said} times:\n{all}");
+        assert!(s.slots()[1].kept_up && !s.slots()[0].kept_up);
+        let why = s.degraded().expect("degraded");
+        assert!(
+            why.contains("slot 0 crash-loops") && why.contains("slot 1 keeps restarting"),
+            "{why}"
+        );
+        // Slot 0 backs off to 30 s; slot 1 restarts every 100 ms + 200 ms it serves.
+        assert!(s.slots()[1].restarts > 50, "{}", s.slots()[1].restarts);
+        assert!(s.slots()[0].restarts < 15, "{}", s.slots()[0].restarts);
+    }
+
+    #[test]
+    fn control_workers_that_never_become_ready_all_back_off() {
+        let (mut s, t0) = running(2);
+        let mut t = t0 + Duration::from_millis(10);
+        // The app is broken now: every new worker exits 1 at once, before ready.
+        s.step(exited(100, ExitReason::Code(1)), t);
+        let out = s.step(exited(101, ExitReason::Code(1)), t);
+        assert!(releases(&out).is_empty());
+        let mut p = 200;
+        let mut all_dark = false;
+        let mut released = Vec::new();
+        for _ in 0..12 {
+            t = s.next_deadline().unwrap();
+            for (slot, _) in spawns(&s.step(Event::Tick, t)) {
+                s.step(spawned(slot, 1, p), t);
+                let out = s.step(exited(p, ExitReason::Code(1)), t);
+                released.extend(releases(&out));
+                all_dark |=
+                    logs(&out).contains("no worker became ready since its slot's last crash");
+                assert!(!logs(&out).contains("keeps restarting"), "{out:?}");
+                p += 1;
+            }
+        }
+        assert!(all_dark, "said that the app cannot start");
+        released.sort_unstable();
+        released.dedup();
+        assert_eq!(
+            released,
+            vec![0, 1],
+            "both crash-looping slots let go of their sockets"
+        );
+        assert!(s.degraded().is_some());
+    }
+
+    #[test]
+    fn deaths_are_counted_by_cause_and_stops_the_master_asked_for_are_not() {
+        let (mut s, t) = running(3);
+        let oom = Cause::OomKiller {
+            kernel: Some("Memory cgroup out of memory: Killed process 100 (python3)".into()),
+        };
+        let out = s.step(
+            Event::Exited {
+                pid: pid(100),
+                reason: ExitReason::signal(KILL),
+                killer: Some(oom),
+            },
+            t,
+        );
+        let log = logs(&out);
+        assert!(
+            log.contains("exited (signal SIGKILL) after 40 ms: killed by the OOM killer (kernel: Memory cgroup out of memory: Killed process 100 (python3)) (--max-memory recycles a worker before the OOM killer strikes); restarting in"),
+            "{log}"
+        );
+        assert_eq!(
+            s.slots()[0].last_cause.as_deref(),
+            Some("killed by the OOM killer (kernel: Memory cgroup out of memory: Killed process 100 (python3))")
+        );
+        s.step(exited(101, ExitReason::signal(Signal::SIGSEGV)), t);
+        let out = s.step(
+            Event::Exited {
+                pid: pid(102),
+                reason: ExitReason::signal(KILL),
+                killer: Some(Cause::OtherProcess),
+            },
+            t,
+        );
+        assert!(logs(&out).contains("killed by another process"), "{out:?}");
+        // Stopped by the master, and SIGKILLed by it after grace: no deaths.
+        let t = t + Duration::from_millis(100);
+        for (slot, _) in spawns(&s.step(Event::Tick, t)) {
+            s.step(spawned(slot, 1, 200 + slot as i32), t);
+        }
+        s.step(Event::StopNow, t);
+        for p in [200, 201, 202] {
+            s.step(exited(p, ExitReason::signal(KILL)), t);
+        }
+        let deaths: Vec<_> = s.deaths().iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(
+            deaths,
+            [("oom_killer", 1), ("other_process", 1), ("signal", 1)]
         );
     }
 }

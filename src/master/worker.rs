@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-/// First restart delay after a crash.
+/// The restart delay of a worker that served, whatever ended it, and the first delay of
+/// a crash loop: the base delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Restart delays double up to this.
+/// Restart delays of a crash loop double up to this.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A worker that stayed up this long resets its slot's backoff.
-pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 
 /// A rolling-restart generation; the first workers are generation 1.
 pub type Generation = u64;
@@ -105,6 +104,8 @@ pub struct Worker {
     pub stop_grace: Option<Duration>,
     /// Where it listens other than on the sockets it was given, if seen while starting.
     pub listens_elsewhere: Option<String>,
+    /// When it became ready.
+    pub ready_at: Option<Instant>,
 }
 
 impl Worker {
@@ -127,6 +128,7 @@ impl Worker {
             status: None,
             stop_grace: None,
             listens_elsewhere: None,
+            ready_at: None,
         }
     }
 
@@ -159,8 +161,18 @@ impl Worker {
             ),
             Exited(reason) => format!("{self}: exited ({reason}) after {up}"),
         };
+        if to == Ready {
+            self.ready_at = Some(now);
+        }
         self.state = to;
         line
+    }
+
+    /// Whether it served: ready for at least `min_uptime` by `now`. A worker that dies
+    /// sooner (or before it was ready) counts toward its slot's crash loop.
+    pub fn served(&self, now: Instant, min_uptime: Duration) -> bool {
+        self.ready_at
+            .is_some_and(|r| now.saturating_duration_since(r) >= min_uptime)
     }
 
     /// How long it has been running.
@@ -224,6 +236,13 @@ pub struct Slot {
     pub backoff: Backoff,
     /// Why its last worker was recycled (master/recycle.rs), if one was.
     pub last_recycle: Option<String>,
+    /// What killed its last worker, when the master can tell (master/deaths.rs).
+    pub last_cause: Option<String>,
+    /// Whether its last worker became ready: the app can start in it.
+    pub can_start: bool,
+    /// Restarting at the base delay although it crash-loops: every other slot is in
+    /// backoff, and the port must not go dark by the launcher's own hand.
+    pub kept_up: bool,
 }
 
 impl Slot {
@@ -238,6 +257,9 @@ impl Slot {
             last_exit: None,
             backoff: Backoff::default(),
             last_recycle: None,
+            last_cause: None,
+            can_start: false,
+            kept_up: false,
         }
     }
 
@@ -258,27 +280,49 @@ impl Slot {
     }
 }
 
-/// Exponential restart delay: 100 ms doubling to 30 s, reset after a 10 s run.
+/// A slot's restart delay: [`BACKOFF_MIN`] after a worker that served, whatever ended it;
+/// for quick deaths in a row (before ready, or within `--min-uptime` of it: a crash loop)
+/// 100 ms doubling to 30 s.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backoff {
     next: Duration,
+    /// Quick deaths in a row.
+    quick: u32,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: BACKOFF_MIN }
+        Backoff {
+            next: BACKOFF_MIN,
+            quick: 0,
+        }
     }
 }
 
 impl Backoff {
-    /// The delay before restarting a worker that ran for `uptime`, and doubles the next one.
-    pub fn delay(&mut self, uptime: Duration) -> Duration {
-        if uptime >= BACKOFF_RESET_AFTER {
-            self.next = BACKOFF_MIN;
-        }
+    /// The delay after a worker that served: the base delay, and the loop is over.
+    pub fn after_service(&mut self) -> Duration {
+        *self = Backoff::default();
+        BACKOFF_MIN
+    }
+
+    /// The delay after a quick death, and doubles the next one.
+    pub fn after_quick_death(&mut self) -> Duration {
+        self.quick += 1;
         let delay = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         delay
+    }
+
+    /// Quick deaths in a row.
+    pub fn quick_deaths(&self) -> u32 {
+        self.quick
+    }
+
+    /// Whether the slot crash-loops: its delay grew past the base one (two quick deaths in
+    /// a row, or more).
+    pub fn crash_looping(&self) -> bool {
+        self.quick >= 2
     }
 }
 
@@ -296,16 +340,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_caps_and_resets() {
+    fn backoff_doubles_for_quick_deaths_caps_and_resets_after_service() {
         let mut b = Backoff::default();
-        let short = Duration::from_millis(50);
-        let delays: Vec<_> = (0..11).map(|_| b.delay(short).as_millis()).collect();
+        let delays: Vec<_> = (0..11).map(|_| b.after_quick_death().as_millis()).collect();
         assert_eq!(
             delays,
             [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
         );
-        assert_eq!(b.delay(BACKOFF_RESET_AFTER), BACKOFF_MIN);
-        assert_eq!(b.delay(short), Duration::from_millis(200));
+        assert!(b.crash_looping());
+        assert_eq!(b.after_service(), BACKOFF_MIN);
+        assert!(!b.crash_looping());
+        assert_eq!(b.after_quick_death(), BACKOFF_MIN);
+        assert!(!b.crash_looping(), "one quick death is no loop");
+        assert_eq!(b.after_quick_death(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_worker_served_once_ready_for_min_uptime() {
+        let t0 = Instant::now();
+        let mut w = Worker::new(Pid::from_raw(42), 0, None, 1, t0);
+        let second = Duration::from_secs(1);
+        assert!(!w.served(t0 + 10 * second, second), "never ready");
+        w.transition(WorkerState::Ready, t0 + 5 * second);
+        assert!(!w.served(t0 + 5 * second + second / 2, second));
+        assert!(w.served(t0 + 6 * second, second));
     }
 
     #[test]

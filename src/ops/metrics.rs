@@ -238,6 +238,24 @@ pub fn render(status: &ClusterStatus) -> String {
             .collect(),
     );
     family(
+        "degraded",
+        "gauge",
+        "1 while a slot crash-loops (dies before ready or within --min-uptime of it, again and again); `status` says why.",
+        vec![(String::new(), status.degraded.is_some() as u8 as f64)],
+    );
+    family(
+        "worker_deaths_total",
+        "counter",
+        "Workers that died without the master asking, by cause: exit, signal, oom_killer, other_process (a SIGKILL from neither the master nor the OOM killer), unknown.",
+        crate::master::deaths::Cause::LABELS
+            .iter()
+            .map(|c| {
+                let n = status.worker_deaths.get(*c).copied().unwrap_or(0);
+                (format!(",cause=\"{c}\""), n as f64)
+            })
+            .collect(),
+    );
+    family(
         "worker_memory_bytes",
         "gauge",
         "Memory of the slot's worker's whole process tree (sum of PSS).",

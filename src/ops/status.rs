@@ -33,6 +33,11 @@ pub struct ClusterStatus {
     pub workers_configured: usize,
     /// Slots whose worker is ready.
     pub workers_ready: usize,
+    /// Why the cluster is degraded (slots crash-looping), if it is.
+    pub degraded: Option<String>,
+    /// Workers that died without being asked to, by cause: exit, signal, oom_killer,
+    /// other_process (a SIGKILL not from the master nor the OOM killer), unknown.
+    pub worker_deaths: std::collections::BTreeMap<String, u64>,
     /// The listening sockets, in fd order.
     pub binds: Vec<BindStatus>,
     /// `--ready`.
@@ -167,6 +172,8 @@ pub struct WorkerStatus {
     pub restarts: u32,
     /// How the slot's previous worker ended.
     pub last_exit: Option<String>,
+    /// Who killed it, for a SIGKILL the master did not send (`killed by the OOM killer`).
+    pub last_exit_cause: Option<String>,
     /// For a slot in backoff: seconds until its next worker starts.
     pub next_start_in_s: Option<f64>,
     /// The app's last sd_notify STATUS=.
@@ -217,6 +224,7 @@ impl ClusterStatus {
                     uptime_s: w.uptime(now).as_secs_f64(),
                     restarts: slot.map_or(0, |s| s.restarts),
                     last_exit: slot.and_then(|s| s.last_exit).map(|e| e.to_string()),
+                    last_exit_cause: slot.and_then(|s| s.last_cause.clone()),
                     next_start_in_s: None,
                     app_status: w.status.clone(),
                     memory_bytes: crate::master::recycle::tree_memory(w.pid),
@@ -254,6 +262,7 @@ impl ClusterStatus {
                     uptime_s: 0.0,
                     restarts: slot.restarts,
                     last_exit: slot.last_exit.map(|e| e.to_string()),
+                    last_exit_cause: slot.last_cause.clone(),
                     next_start_in_s: Some(at.saturating_duration_since(now).as_secs_f64()),
                     memory_bytes: 0,
                     last_recycle: slot.last_recycle.clone(),
@@ -289,6 +298,12 @@ impl ClusterStatus {
             }),
             workers_configured: supervisor.slots().len(),
             workers_ready,
+            degraded: supervisor.degraded(),
+            worker_deaths: supervisor
+                .deaths()
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             binds: config
                 .binds
                 .iter()
@@ -387,6 +402,20 @@ impl ClusterStatus {
             self.workers_ready,
             self.workers_configured
         );
+        match &self.degraded {
+            Some(why) => {
+                let _ = writeln!(out, "health: degraded: {why}");
+            }
+            None => out.push_str("health: ok\n"),
+        }
+        if !self.worker_deaths.is_empty() {
+            let deaths: Vec<String> = self
+                .worker_deaths
+                .iter()
+                .map(|(cause, n)| format!("{cause} {n}"))
+                .collect();
+            let _ = writeln!(out, "worker deaths: {}", deaths.join(", "));
+        }
         let _ = writeln!(out, "sockets: {}", binds.join(", "));
         let _ = writeln!(out, "ready: {}; migrate: {}", self.ready_mode, self.migrate);
         let mut steering = self.steering.clone();
@@ -518,6 +547,13 @@ impl ClusterStatus {
             );
             if let Some(why) = w.last_recycle.as_deref().filter(|_| w.serving) {
                 let _ = writeln!(out, "      slot {} last recycled: {why}", w.slot);
+            }
+            if let Some(cause) = w
+                .last_exit_cause
+                .as_deref()
+                .filter(|_| w.pid.is_none() || w.serving)
+            {
+                let _ = writeln!(out, "      slot {} last exit: {cause}", w.slot);
             }
         }
         out

@@ -590,6 +590,30 @@ fn metrics_parse_as_prometheus_text_and_follow_the_cluster() {
         sample(&m, "reuseport_cluster_generation", &cluster),
         Some(2.0)
     );
+    // The SIGKILL from here is a death by another process; one death is no crash loop.
+    assert_eq!(
+        sample(
+            &m,
+            "reuseport_cluster_worker_deaths_total",
+            &[("cause", "other_process")]
+        ),
+        Some(1.0)
+    );
+    for cause in ["exit", "signal", "oom_killer", "unknown"] {
+        assert_eq!(
+            sample(
+                &m,
+                "reuseport_cluster_worker_deaths_total",
+                &[("cause", cause)]
+            ),
+            Some(0.0),
+            "{cause}"
+        );
+    }
+    assert_eq!(
+        sample(&m, "reuseport_cluster_degraded", &cluster),
+        Some(0.0)
+    );
     // Nothing stalled: no queue was moved (the counter is there under every steering).
     assert_eq!(
         sample(&m, "reuseport_cluster_queues_moved_total", &cluster),

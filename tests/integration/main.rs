@@ -4,6 +4,7 @@
 //! `load_` put load on the machine; nextest runs them one at a time (.config/nextest.toml).
 
 mod bad_input;
+mod chaos;
 mod control;
 mod deploy;
 mod launcher;

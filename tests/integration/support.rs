@@ -801,6 +801,8 @@ pub fn load_lock() -> MachineLock {
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     ok: Arc<std::sync::atomic::AtomicU64>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<LoadStats>>,
 }
 
@@ -817,6 +819,8 @@ pub struct LoadStats {
     pub failed_new: u64,
     /// Of `failed`, those of the keep-alive clients.
     pub failed_keepalive: u64,
+    /// Of `failed`, connections refused (no socket listening on the port at all).
+    pub refused: u64,
 }
 
 impl LoadStats {
@@ -825,6 +829,7 @@ impl LoadStats {
         self.failed += other.failed;
         self.failed_new += other.failed_new;
         self.failed_keepalive += other.failed_keepalive;
+        self.refused += other.refused;
         self.errors.extend(
             other
                 .errors
@@ -862,12 +867,15 @@ impl Load {
     ) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let deadline = Instant::now() + limit;
         let threads = (0..conns)
             .map(|i| {
                 let stop = Arc::clone(&stop);
                 let ok = Arc::clone(&ok);
                 let count = move || ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (failed, refused) = (Arc::clone(&failed), Arc::clone(&refused));
                 std::thread::spawn(move || {
                     let running = || {
                         !stop.load(std::sync::atomic::Ordering::Relaxed)
@@ -876,6 +884,11 @@ impl Load {
                     let mut stats = LoadStats::default();
                     let fail = |stats: &mut LoadStats, e: String| {
                         stats.failed += 1;
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if e.contains("Connection refused") {
+                            stats.refused += 1;
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         if stats.errors.len() < 10 {
                             stats.errors.push(e);
                         }
@@ -949,12 +962,24 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, ok, threads }
+        Load {
+            stop,
+            ok,
+            failed,
+            refused,
+            threads,
+        }
     }
 
     /// Requests answered so far.
     pub fn ok_so_far(&self) -> u64 {
         self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests failed so far, and of them connections refused.
+    pub fn failed_so_far(&self) -> (u64, u64) {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&self.failed), load(&self.refused))
     }
 
     /// Stops the client and sums what its threads saw.
