@@ -5,7 +5,7 @@
 //! with no failed request, finish a request in flight across a rolling restart, and stop
 //! with exit 0; with `--ready notify`, only the preload can make a worker ready.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -98,6 +98,13 @@ fn get_path(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
+/// (slot, generation) of a `worker S (pid P, cpu C, gen G): stopping` line.
+fn told_to_stop(line: &str) -> Option<(String, String)> {
+    let rest = line.strip_prefix("worker ")?.strip_suffix("): stopping")?;
+    let (slot, rest) = rest.split_once(" (")?;
+    Some((slot.to_string(), rest.rsplit_once("gen ")?.1.to_string()))
+}
+
 fn pid_in(body: &str) -> Option<u32> {
     body.split("pid ")
         .nth(1)?
@@ -182,43 +189,55 @@ fn unchanged_app_with(cmd: &[&str], script: &str, slow_ms: u64) {
         "{pids:?} {processes:?}"
     );
 
-    // Three rolling restarts under load; the first with slow requests in flight.
+    // Three rolling restarts under load. As each slot's next worker starts, slow requests
+    // go out: the old workers still take every new connection, and one of them is told to
+    // stop before those requests are answered.
     let load = Load::start_with(c.addr(), 8, Duration::from_secs(120), true);
     assert!(
         wait_until(TIMEOUT, || load.ok_so_far() > 50),
         "the load runs"
     );
-    // Which slot each app process serves (under npm the app is the worker's grandchild).
-    let slot_of: std::collections::HashMap<u32, String> = app_processes(master, script)
-        .into_iter()
-        .filter_map(|p| Some((p, env_of(p).get("REUSEPORT_CLUSTER_WORKER")?.clone())))
-        .collect();
     let addr = c.addr();
-    c.signal(Signal::SIGHUP);
-    // While slot 0's next worker starts, the old workers take every new connection.
-    c.expect_log("gen 2): started");
-    let slow: Vec<_> = (0..4)
-        .map(|_| std::thread::spawn(move || (get_path(addr, "/slow"), Instant::now())))
-        .collect();
-    // When each slot's first worker was told to stop.
-    let mut stopped: std::collections::HashMap<String, Instant> = Default::default();
-    assert!(
-        wait_until(TIMEOUT, || {
-            for slot in ["0", "1"] {
-                let told = c.log().iter().any(|l| {
-                    l.starts_with(&format!("worker {slot} (")) && l.ends_with("gen 1): stopping")
-                });
-                if told {
-                    stopped.entry(slot.to_string()).or_insert_with(Instant::now);
-                }
-            }
-            c.log_contains("rolling restart to generation 2 done")
-        }),
-        "the first rolling restart ends"
-    );
-    for g in 3..5 {
+    // App process -> (slot, generation); under npm the app is the worker's grandchild.
+    let mut serves: HashMap<u32, (String, String)> = HashMap::new();
+    // (slot, generation) -> when its worker was first seen told to stop.
+    let mut stopped: HashMap<(String, String), Instant> = HashMap::new();
+    let mut slow = Vec::new();
+    for g in 2..5 {
         c.signal(Signal::SIGHUP);
-        c.expect_log(&format!("rolling restart to generation {g} done"));
+        let mut waves = 0;
+        let done = format!("rolling restart to generation {g} done");
+        assert!(
+            wait_until(TIMEOUT, || {
+                let log = c.log();
+                for told in log.iter().filter_map(|l| told_to_stop(l)) {
+                    stopped.entry(told).or_insert_with(Instant::now);
+                }
+                let started = |slot: usize| {
+                    log.iter().any(|l| {
+                        l.starts_with(&format!("worker {slot} ("))
+                            && l.ends_with(&format!("gen {g}): started"))
+                    })
+                };
+                while waves < 2 && started(waves) {
+                    for p in app_processes(master, script) {
+                        let env = env_of(p);
+                        if let (Some(s), Some(g)) = (
+                            env.get("REUSEPORT_CLUSTER_WORKER"),
+                            env.get("REUSEPORT_CLUSTER_GENERATION"),
+                        ) {
+                            serves.insert(p, (s.clone(), g.clone()));
+                        }
+                    }
+                    slow.extend((0..4).map(|_| {
+                        std::thread::spawn(move || (get_path(addr, "/slow"), Instant::now()))
+                    }));
+                    waves += 1;
+                }
+                log.iter().any(|l| l.starts_with(&done))
+            }),
+            "rolling restart to generation {g}"
+        );
     }
     let ok = load.ok_so_far();
     assert!(
@@ -235,14 +254,14 @@ fn unchanged_app_with(cmd: &[&str], script: &str, slow_ms: u64) {
         assert_eq!(status, 200, "{body}");
         assert!(body.starts_with("slow answer from pid"), "{body:?}");
         // Answered after its worker was told to stop?
-        let slot = pid_in(&body).and_then(|p| slot_of.get(&p));
-        answers.push((body.clone(), slot.cloned(), at));
-        across_a_stop += usize::from(slot.and_then(|s| stopped.get(s)).is_some_and(|t| *t < at));
+        let worker = pid_in(&body).and_then(|p| serves.get(&p));
+        answers.push((body.clone(), worker.cloned(), at));
+        across_a_stop += usize::from(worker.and_then(|w| stopped.get(w)).is_some_and(|t| *t < at));
     }
     assert!(
         across_a_stop > 0,
         "no slow request was in flight across a stop: answers {answers:?}, app processes \
-         {slot_of:?}, first stops {stopped:?}:\n{log}"
+         {serves:?}, stops {stopped:?}:\n{log}"
     );
     eprintln!(
         "{script}: {} ok, {} failed ({} new, {} keep-alive); {across_a_stop} slow requests \
@@ -635,5 +654,46 @@ fn every_listen_form_maps_a_binds_port_and_leaves_the_others_to_node() {
         assert_eq!(get(c.addrs[1]).unwrap().status, 200);
         c.signal(Signal::SIGTERM);
         assert_eq!(c.wait_exit(TIMEOUT), Some(0), "{}", c.log().join("\n"));
+    }
+}
+
+/// The drain on the stop signal, and its control: a request in flight when the worker is
+/// stopped gets its whole answer with the preload; without it, Node's default on SIGTERM
+/// (die at once) cuts it.
+#[test]
+fn a_request_in_flight_at_the_stop_is_answered_and_without_the_preload_it_is_cut() {
+    let Some(node) = node20() else { return };
+    for preload in [true, false] {
+        let bind = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["--workers", "1", "--bind", &bind, "--ready", "listening"];
+        if !preload {
+            args.push("--no-node-preload");
+        }
+        let script = app("fd3_no_handler.js");
+        args.extend(["--", &node, &script]);
+        let mut c = Cluster::start(&args);
+        let addr = c.addr();
+        let slow = std::thread::spawn(move || get_path(addr, "/slow"));
+        // The app has the request (it says so).
+        assert!(
+            wait_until(TIMEOUT, || c
+                .stdout_lines()
+                .iter()
+                .any(|l| l == "request /slow")),
+            "the slow request reached the app"
+        );
+        c.signal(Signal::SIGTERM);
+        let answer = slow.join().unwrap();
+        match preload {
+            true => assert!(
+                matches!(&answer, Ok((200, body)) if body.starts_with("slow answer")),
+                "{answer:?}"
+            ),
+            false => assert!(
+                !matches!(&answer, Ok((200, _))),
+                "control: without the preload the request was answered: {answer:?}"
+            ),
+        }
+        assert!(c.wait_exit(TIMEOUT).is_some());
     }
 }
