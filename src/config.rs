@@ -581,7 +581,7 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
 }
 
 /// Finds PROGRAM the way execvp would: a name with a slash is a path, else PATH is searched.
-fn resolve_program(program: &str, path_var: Option<&OsStr>) -> Result<PathBuf, Invalid> {
+pub fn resolve_program(program: &str, path_var: Option<&OsStr>) -> Result<PathBuf, Invalid> {
     if program.contains('/') {
         let path = PathBuf::from(program);
         check_executable(&path).map_err(|e| invalid!("--cmd: {program}: {e}"))?;

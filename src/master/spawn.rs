@@ -189,19 +189,21 @@ impl Spawner {
         let node_options = std::env::var("NODE_OPTIONS").ok();
         let port = std::env::var("PORT").ok();
         let stop_signal = config.stop_signal.as_str();
-        let node: Vec<(String, String)> = match (&config.node, config.node.path()) {
-            (crate::node::Preload::On { launch, .. }, Some(path)) => {
-                crate::node::env(&crate::node::NodeEnv {
-                    path,
-                    launch: *launch,
-                    binds: &config.binds,
-                    stop_signal,
-                    backlog: config.backlog,
-                    ready_socket: ready_socket.as_deref(),
-                    node_options: node_options.as_deref(),
-                    port: port.as_deref(),
-                })
-            }
+        let node: Vec<(String, String)> = match &config.node {
+            crate::node::Preload::On {
+                launch,
+                path: Some(path),
+                ..
+            } => crate::node::env(&crate::node::NodeEnv {
+                path,
+                launch: *launch,
+                binds: &config.binds,
+                stop_signal,
+                backlog: config.backlog,
+                ready_socket: ready_socket.as_deref(),
+                node_options: node_options.as_deref(),
+                port: port.as_deref(),
+            }),
             _ => Vec::new(),
         };
         // `--user`: the user's HOME, USER and LOGNAME, as runuser and systemd's User= set them.

@@ -150,14 +150,11 @@ pub fn dir() -> PathBuf {
 /// Writes the preload into `dir` (named by its content, so masters of different versions
 /// never share a file), readable by the workers' user; returns its path.
 pub fn install(dir: &Path, credentials: Option<&Credentials>) -> anyhow::Result<PathBuf> {
-    match std::fs::DirBuilder::new()
+    std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)
-    {
-        Ok(()) => {}
-        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
-    }
+        .with_context(|| format!("creating {}", dir.display()))?;
     // Someone else's directory, or one others may write to, could swap the file for code
     // every worker would run.
     let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
@@ -245,7 +242,7 @@ pub struct NodeEnv<'a> {
     pub backlog: u32,
     /// The master's ready socket (`@name`), when readiness uses notify.
     pub ready_socket: Option<&'a str>,
-    /// NODE_OPTIONS and PORT as the master was given them.
+    /// `NODE_OPTIONS` in the master's environment.
     pub node_options: Option<&'a str>,
     /// `PORT` in the master's environment.
     pub port: Option<&'a str>,

@@ -134,11 +134,8 @@ pub fn run(plan: &Plan) -> bool {
 
 /// Where Node is installed, whether the preload can be written for its workers.
 fn node_preload(say: &mut impl FnMut(Verdict, String)) {
-    let Some(node) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("node"))
-            .find(|p| p.is_file())
-    }) else {
+    let Ok(node) = crate::config::resolve_program("node", std::env::var_os("PATH").as_deref())
+    else {
         return say(Verdict::Ok, "node: not in PATH (a Node app's workers would get the preload that maps listen(PORT) to their socket)".into());
     };
     let dir = crate::node::dir();

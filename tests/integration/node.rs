@@ -6,8 +6,7 @@
 //! with exit 0; with `--ready notify`, only the preload can make a worker ready.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -79,23 +78,9 @@ fn app_processes(master: u32, script: &str) -> Vec<u32> {
 
 /// GET `path` on a new connection: (status, whole body), or the error.
 fn get_path(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status line in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    get_path_within(addr, path, Duration::from_secs(15))
+        .map(|r| (r.status, r.body))
+        .map_err(|e| e.to_string())
 }
 
 /// (slot, generation) of a `worker S (pid P, cpu C, gen G): stopping` line.
@@ -537,7 +522,8 @@ fn node_workers_of_another_user_get_the_preload_and_status_says_so() {
         eprintln!("skipped: --user needs root");
         return;
     }
-    let bind = format!("127.0.0.1:{}", free_port());
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
     let mut c = Cluster::start(&[
         "--workers",
         "2",
@@ -552,7 +538,7 @@ fn node_workers_of_another_user_get_the_preload_and_status_says_so() {
         "--",
         &node,
         &app("plain.js"),
-        &c_port(&bind),
+        &port.to_string(),
     ]);
     assert!(!c.log_contains("not ready after"), "{}", c.log().join("\n"));
     let worker = *c.workers().values().next().unwrap();
@@ -569,10 +555,6 @@ fn node_workers_of_another_user_get_the_preload_and_status_says_so() {
     assert!(text.contains("node preload: on (node; /run/"), "{text}");
     c.signal(Signal::SIGTERM);
     assert_eq!(c.wait_exit(TIMEOUT), Some(0));
-}
-
-fn c_port(bind: &str) -> String {
-    bind.rsplit(':').next().unwrap().to_string()
 }
 
 /// The forms of listen() Node accepts: a bind's port (with a host, or as a string in an

@@ -565,9 +565,20 @@ pub fn get(addr: SocketAddr) -> std::io::Result<Response> {
 
 /// GET / on a new connection, giving up after `timeout` without an answer.
 pub fn get_within(addr: SocketAddr, timeout: Duration) -> std::io::Result<Response> {
+    get_path_within(addr, "/", timeout)
+}
+
+/// GET `path` on a new connection, `Connection: close`, giving up after `timeout`.
+pub fn get_path_within(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse_response(&raw).ok_or_else(|| {
