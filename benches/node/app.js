@@ -1,16 +1,6 @@
-// The hello app of benches/compare.rs's by-hand launcher (and the steering bench): the
-// socket from LISTEN_FDS (fd 3) when set, else its own on PORT.
-const http = require('http');
-const body = `hello from ${process.pid}\n`;
-const server = http.createServer((req, res) => {
-  res.writeHead(200, {
-    'Content-Type': 'text/plain',
-    'Content-Length': Buffer.byteLength(body),
-    'X-Pid': String(process.pid),
-  });
-  res.end(body);
-});
-server.keepAliveTimeout = 65000;
+// The hello app of benches/compare.rs's by-hand launcher, the stalled-worker bench and the
+// kill storm's Node run: the socket from LISTEN_FDS (fd 3) when set, else its own on PORT.
+const server = require('./hello')();
 if (process.env.LISTEN_FDS) {
   // Pass the backlog: without one, node calls listen() again with 511.
   server.listen({ fd: 3 }, 1024);
